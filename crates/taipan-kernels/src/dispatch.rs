@@ -1,0 +1,123 @@
+//! The one table of kernel entry points, filled once from runtime CPU-feature detection.
+//!
+//! A portable binary picks the widest instruction set this CPU has; tests build every table the
+//! CPU supports and compare each against the scalar one.
+
+use crate::packed::{dot_tile_ref, ActRow, PackedRow};
+use std::sync::OnceLock;
+
+/// `out[r * acts.len() + t] = ws[r] · acts[t]`, at most 4 rows and 4 activation rows.
+pub type PackedTileFn = fn(&[PackedRow<'_>], &[ActRow<'_>], &mut [f32]);
+/// `out[r * xs.len() + t] = ws[r] · xs[t]`, at most 4 × 4, all slices of one length.
+pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
+
+/// Instruction-set levels with kernels of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+/// Kernel entry points for one instruction-set level.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub isa: Isa,
+    pub packed_tile: PackedTileFn,
+    pub f32_tile: F32TileFn,
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Kernels({:?})", self.isa)
+    }
+}
+
+fn f32_tile_ref(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
+    for (r, w) in ws.iter().enumerate() {
+        for (t, x) in xs.iter().enumerate() {
+            assert_eq!(w.len(), x.len());
+            out[r * xs.len() + t] = w.iter().zip(x.iter()).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+fn packed_tile_ref(ws: &[PackedRow<'_>], acts: &[ActRow<'_>], out: &mut [f32]) {
+    for (r, w) in ws.iter().enumerate() {
+        dot_tile_ref(w, acts, &mut out[r * acts.len()..(r + 1) * acts.len()]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_entry {
+    use super::*;
+    use crate::x86::{avx2, avx512};
+
+    pub fn packed_avx512(ws: &[PackedRow<'_>], acts: &[ActRow<'_>], out: &mut [f32]) {
+        // SAFETY: only installed in a table after detecting avx512f/bw/vnni.
+        unsafe { avx512::dot_tile_packed(ws, acts, out) }
+    }
+    pub fn f32_avx512(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
+        // SAFETY: only installed after detecting avx512f.
+        unsafe { avx512::dot_tile_f32(ws, xs, out) }
+    }
+    pub fn packed_avx2(ws: &[PackedRow<'_>], acts: &[ActRow<'_>], out: &mut [f32]) {
+        // SAFETY: only installed after detecting avx2 and fma.
+        unsafe { avx2::dot_tile_packed(ws, acts, out) }
+    }
+    pub fn f32_avx2(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
+        // SAFETY: only installed after detecting avx2 and fma.
+        unsafe { avx2::dot_tile_f32(ws, xs, out) }
+    }
+}
+
+impl Kernels {
+    /// The portable reference kernels.
+    pub fn scalar() -> Kernels {
+        Kernels { isa: Isa::Scalar, packed_tile: packed_tile_ref, f32_tile: f32_tile_ref }
+    }
+
+    /// The table for `isa`, if this CPU supports it.
+    pub fn for_isa(isa: Isa) -> Option<Kernels> {
+        match isa {
+            Isa::Scalar => Some(Self::scalar()),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(
+                Kernels { isa, packed_tile: x86_entry::packed_avx2, f32_tile: x86_entry::f32_avx2 },
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => (is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni"))
+            .then_some(Kernels {
+                isa,
+                packed_tile: x86_entry::packed_avx512,
+                f32_tile: x86_entry::f32_avx512,
+            }),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => None,
+        }
+    }
+
+    /// Every table this CPU can run, scalar first.
+    pub fn available() -> Vec<Kernels> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter_map(Self::for_isa).collect()
+    }
+
+    /// The fastest table for this CPU (detected once). `TAIPAN_ISA=scalar|avx2|avx512` overrides.
+    pub fn best() -> Kernels {
+        static BEST: OnceLock<Kernels> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let wanted = match std::env::var("TAIPAN_ISA").as_deref() {
+                Ok("scalar") => Some(Isa::Scalar),
+                Ok("avx2") => Some(Isa::Avx2),
+                Ok("avx512") => Some(Isa::Avx512Vnni),
+                _ => None,
+            };
+            if let Some(k) = wanted.and_then(Self::for_isa) {
+                return k;
+            }
+            Self::available().pop().unwrap_or_else(Self::scalar)
+        })
+    }
+}

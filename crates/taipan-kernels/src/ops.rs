@@ -1,0 +1,288 @@
+//! Elementwise and normalisation kernels, RoPE and causal attention.
+
+use crate::pool::ThreadPool;
+use std::cell::RefCell;
+
+/// `out = x / rms(x) · weight` over each row of `weight.len()` values, in place.
+///
+/// The sum of squares is accumulated in f64, as ggml does, so exact-mode outputs agree.
+pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let n = weight.len();
+    assert!(n > 0 && x.len() % n == 0, "rms_norm shape");
+    for row in x.chunks_exact_mut(n) {
+        let sum: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
+    }
+}
+
+/// `out = rms_norm(x)` into a separate buffer.
+pub fn rms_norm_into(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+    out.copy_from_slice(x);
+    rms_norm(out, weight, eps);
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Log-softmax into `out`, with the normaliser accumulated in f64.
+pub fn log_softmax(out: &mut [f32], x: &[f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = x.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v as f64 - lse) as f32;
+    }
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `gate = silu(gate) ⊙ up`, in place.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
+/// `x += y`.
+pub fn add_in_place(x: &mut [f32], y: &[f32]) {
+    assert_eq!(x.len(), y.len());
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Which dimensions RoPE rotates together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(2i, 2i+1)`: GGUF llama weights, whose q/k rows the converter permuted.
+    Adjacent,
+    /// Pairs `(i, i + d/2)`: Hugging Face checkpoints ("rotate half").
+    Half,
+}
+
+/// Cosines and sines of `pos · base^(−2i/d)`, grown on demand.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    pub dims: usize,
+    pub base: f32,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    positions: usize,
+}
+
+impl RopeTable {
+    pub fn new(dims: usize, base: f32, positions: usize) -> Self {
+        let mut t = RopeTable { dims, base, cos: vec![], sin: vec![], positions: 0 };
+        t.ensure(positions);
+        t
+    }
+
+    /// Makes positions `0..positions` available.
+    pub fn ensure(&mut self, positions: usize) {
+        let half = self.dims / 2;
+        for p in self.positions..positions {
+            for i in 0..half {
+                let freq = (self.base as f64).powf(-2.0 * i as f64 / self.dims as f64);
+                let angle = p as f64 * freq;
+                self.cos.push(angle.cos() as f32);
+                self.sin.push(angle.sin() as f32);
+            }
+        }
+        self.positions = self.positions.max(positions);
+    }
+
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    /// Rotates every head of `x` (`[heads, head_dim]`, the first `dims` of each head) for `pos`.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize, style: RopeStyle) {
+        assert!(pos < self.positions, "rope position {pos} beyond table");
+        let half = self.dims / 2;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        for head in x.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = match style {
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                    RopeStyle::Half => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Absolute position of the first query token.
+    pub start: usize,
+    /// Number of query tokens.
+    pub tokens: usize,
+    pub scale: f32,
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Causal attention of `tokens` queries against keys/values at positions `0..start + tokens`.
+///
+/// `q` and `out` are `[tokens, heads·head_dim]`; `k` and `v` are `[positions, kv_heads·head_dim]`
+/// and must already hold the new tokens. Query `i` sees positions `0..=start + i`.
+pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, pool: &ThreadPool) {
+    let qdim = s.heads * s.head_dim;
+    let kvdim = s.kv_heads * s.head_dim;
+    let total = s.start + s.tokens;
+    assert_eq!(q.len(), s.tokens * qdim);
+    assert_eq!(out.len(), s.tokens * qdim);
+    assert!(k.len() >= total * kvdim && v.len() >= total * kvdim, "kv cache too short");
+    assert!(s.heads % s.kv_heads == 0);
+    let group = s.heads / s.kv_heads;
+    let sink = crate::ops::SharedOut(out.as_mut_ptr());
+    pool.run(s.tokens * s.heads, &|job| {
+        let (t, h) = (job / s.heads, job % s.heads);
+        let kvh = h / group;
+        let seen = s.start + t + 1;
+        let qh = &q[t * qdim + h * s.head_dim..t * qdim + (h + 1) * s.head_dim];
+        SCORES.with(|cell| {
+            let mut scores = cell.borrow_mut();
+            scores.clear();
+            scores.extend((0..seen).map(|p| {
+                let kp = &k[p * kvdim + kvh * s.head_dim..p * kvdim + (kvh + 1) * s.head_dim];
+                dot(qh, kp) * s.scale
+            }));
+            softmax(&mut scores);
+            // SAFETY: each job owns the disjoint output slice of (t, h).
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(sink.at(t * qdim + h * s.head_dim), s.head_dim)
+            };
+            o.fill(0.0);
+            for (p, &w) in scores.iter().enumerate() {
+                let vp = &v[p * kvdim + kvh * s.head_dim..p * kvdim + (kvh + 1) * s.head_dim];
+                for (oi, &vi) in o.iter_mut().zip(vp) {
+                    *oi += w * vi;
+                }
+            }
+        });
+    });
+}
+
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: users write disjoint elements and wait for completion before reading.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `offset` must be in bounds of the buffer this pointer came from.
+    pub(crate) unsafe fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums so the compiler can vectorise without reassociation flags.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_rows() {
+        let mut x = vec![3.0, 4.0, 0.0, 0.0];
+        rms_norm(&mut x, &[1.0, 1.0], 1e-6);
+        let rms = (12.5f32 + 1e-6).sqrt();
+        assert!((x[0] - 3.0 / rms).abs() < 1e-6 && (x[1] - 4.0 / rms).abs() < 1e-6);
+        assert_eq!(&x[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut x = vec![1.0, 2.0, 3.0, -1000.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[2] > x[1] && x[1] > x[0] && x[3] == 0.0);
+    }
+
+    #[test]
+    fn rope_styles_rotate_their_pairs() {
+        let t = RopeTable::new(4, 10000.0, 8);
+        let mut a = vec![1.0, 0.0, 1.0, 0.0];
+        t.apply(&mut a, 4, 1, RopeStyle::Adjacent);
+        assert!((a[0] - 1f32.cos()).abs() < 1e-6 && (a[1] - 1f32.sin()).abs() < 1e-6);
+        let mut b = vec![1.0, 1.0, 0.0, 0.0];
+        t.apply(&mut b, 4, 1, RopeStyle::Half);
+        assert!((b[0] - 1f32.cos()).abs() < 1e-6 && (b[2] - 1f32.sin()).abs() < 1e-6);
+        // Position 0 is the identity; norms are preserved.
+        let mut c = vec![0.3, -0.7, 1.1, 2.0];
+        t.apply(&mut c, 4, 0, RopeStyle::Half);
+        assert_eq!(c, vec![0.3, -0.7, 1.1, 2.0]);
+    }
+
+    #[test]
+    fn attention_matches_naive() {
+        let pool = ThreadPool::new(2);
+        let (heads, kv_heads, hd, start, tokens) = (4, 2, 8, 3, 2);
+        let total = start + tokens;
+        let q: Vec<f32> = (0..tokens * heads * hd).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+        let k: Vec<f32> = (0..total * kv_heads * hd).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        let v: Vec<f32> = (0..total * kv_heads * hd).map(|i| ((i * 3 % 17) as f32 - 8.0) / 3.0).collect();
+        let shape = AttentionShape { heads, kv_heads, head_dim: hd, start, tokens, scale: 0.35 };
+        let mut out = vec![0f32; q.len()];
+        attention(&mut out, &q, &k, &v, shape, &pool);
+        for t in 0..tokens {
+            for h in 0..heads {
+                let kvh = h / 2;
+                let qh = &q[(t * heads + h) * hd..][..hd];
+                let mut w: Vec<f32> = (0..=start + t)
+                    .map(|p| qh.iter().zip(&k[(p * kv_heads + kvh) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() * 0.35)
+                    .collect();
+                softmax(&mut w);
+                for d in 0..hd {
+                    let want: f32 = w.iter().enumerate().map(|(p, wp)| wp * v[(p * kv_heads + kvh) * hd + d]).sum();
+                    assert!((out[(t * heads + h) * hd + d] - want).abs() < 1e-5);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The compute thread pool: one worker per extra core, the caller working too.
+//!
+//! A decode step runs a few hundred small parallel regions, so dispatch must cost about a
+//! microsecond: workers spin briefly on an atomic epoch before parking on a condvar. Tasks are
+//! claimed from a shared counter, so when another process takes a core, the threads that run pick
+//! up the remaining tasks; a worker that never woke up for a region is simply not waited for
+//! (it must join the region before it may take a task, and the caller closes it when done).
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const CLOSED: u64 = 1 << 31;
+const ACTIVE_MASK: u64 = CLOSED - 1;
+/// How long an idle worker spins before it parks.
+const SPIN_FOR: Duration = Duration::from_micros(300);
+
+type Job = dyn Fn(usize) + Sync;
+
+struct Shared {
+    /// `epoch << 32 | closed << 31 | active workers`.
+    state: AtomicU64,
+    next_task: AtomicUsize,
+    n_tasks: AtomicUsize,
+    /// Written by the caller before an epoch opens, read by workers that joined it.
+    job: UnsafeCell<Option<*const Job>>,
+    sleepers: AtomicUsize,
+    lock: Mutex<bool>,
+    wake: Condvar,
+}
+
+// SAFETY: `job` is written only between regions (no worker has joined one), and read only by
+// workers that joined the current region, which the caller waits for before returning.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+/// A fixed set of compute threads.
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    epoch: std::cell::Cell<u64>,
+    busy: Mutex<()>,
+}
+
+// SAFETY: `epoch` is only touched while holding `busy`.
+unsafe impl Sync for ThreadPool {}
+
+impl ThreadPool {
+    /// A pool of `threads` threads in all (the caller counts as one).
+    pub fn new(threads: usize) -> Self {
+        let shared = Arc::new(Shared {
+            state: AtomicU64::new(0),
+            next_task: AtomicUsize::new(0),
+            n_tasks: AtomicUsize::new(0),
+            job: UnsafeCell::new(None),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(false),
+            wake: Condvar::new(),
+        });
+        let workers = (1..threads.max(1))
+            .map(|i| {
+                let s = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("taipan-compute-{i}"))
+                    .spawn(move || worker_loop(&s))
+                    .expect("spawning a compute thread")
+            })
+            .collect();
+        ThreadPool { shared, workers, epoch: std::cell::Cell::new(0), busy: Mutex::new(()) }
+    }
+
+    /// Threads in the pool, the caller included.
+    pub fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs `f(i)` for every `i` in `0..n_tasks`, spread over the pool; returns when all are done.
+    pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n_tasks == 0 {
+            return;
+        }
+        if self.workers.is_empty() || n_tasks == 1 {
+            (0..n_tasks).for_each(f);
+            return;
+        }
+        let _guard = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &*self.shared;
+        // SAFETY: no worker is inside a region (the previous one was closed and drained), so
+        // nobody reads `job` now. The lifetime is erased; we wait for every joined worker below.
+        unsafe {
+            let erased: *const Job = std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f);
+            *s.job.get() = Some(erased);
+        }
+        s.n_tasks.store(n_tasks, Ordering::Relaxed);
+        s.next_task.store(0, Ordering::Relaxed);
+        let epoch = self.epoch.get() + 1;
+        self.epoch.set(epoch);
+        s.state.store(epoch << 32, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        run_tasks(s, f);
+        s.state.fetch_or(CLOSED, Ordering::SeqCst);
+        let mut spins = 0u32;
+        while s.state.load(Ordering::Acquire) & ACTIVE_MASK != 0 {
+            spins += 1;
+            if spins < 10_000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Splits `0..n` into chunks of at least `min_chunk` items, about four per thread, and runs
+    /// `f(range)` for each.
+    pub fn for_chunks(&self, n: usize, min_chunk: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        let chunk = n.div_ceil(self.threads() * 4).max(min_chunk).max(1);
+        let tasks = n.div_ceil(chunk);
+        self.run(tasks, &|i| f(i * chunk..((i + 1) * chunk).min(n)));
+    }
+}
+
+fn run_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+    let n = s.n_tasks.load(Ordering::Relaxed);
+    loop {
+        let i = s.next_task.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        f(i);
+    }
+}
+
+fn worker_loop(s: &Shared) {
+    let mut seen_epoch = 0u64;
+    loop {
+        // Wait for a new region: spin, then park.
+        let started = Instant::now();
+        let mut state = s.state.load(Ordering::Acquire);
+        while state >> 32 == seen_epoch {
+            if started.elapsed() < SPIN_FOR {
+                std::hint::spin_loop();
+            } else {
+                let mut stop = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.sleepers.fetch_add(1, Ordering::SeqCst);
+                while s.state.load(Ordering::SeqCst) >> 32 == seen_epoch && !*stop {
+                    stop = s.wake.wait(stop).unwrap_or_else(|e| e.into_inner());
+                }
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
+                if *stop {
+                    return;
+                }
+            }
+            state = s.state.load(Ordering::Acquire);
+        }
+        seen_epoch = state >> 32;
+        // Join the region unless the caller already closed it.
+        loop {
+            if state >> 32 != seen_epoch || state & CLOSED != 0 {
+                break;
+            }
+            match s.state.compare_exchange_weak(state, state + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    // SAFETY: joined an open region, so `job` is set and outlives our use of it.
+                    let job = unsafe { (*s.job.get()).map(|p| &*p) };
+                    if let Some(job) = job {
+                        run_tasks(s, job);
+                    }
+                    s.state.fetch_sub(1, Ordering::AcqRel);
+                    break;
+                }
+                Err(now) => state = now,
+            }
+        }
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        {
+            let mut stop = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            *stop = true;
+            self.shared.wake.notify_all();
+        }
+        // A spinning worker parks within SPIN_FOR and then sees `stop`.
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once() {
+        let pool = ThreadPool::new(3);
+        for n in [1usize, 2, 7, 100, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(n, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn many_regions_in_a_row_and_after_parking() {
+        let pool = ThreadPool::new(2);
+        let total = AtomicUsize::new(0);
+        for round in 0..2000 {
+            pool.for_chunks(64, 1, &|r| {
+                total.fetch_add(r.len(), Ordering::Relaxed);
+            });
+            if round == 1000 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        assert_eq!(total.load(Ordering::Relaxed), 64 * 2000);
+    }
+
+    #[test]
+    fn drop_joins_parked_workers() {
+        let pool = ThreadPool::new(4);
+        pool.run(8, &|_| {});
+        std::thread::sleep(Duration::from_millis(2));
+        drop(pool);
+    }
+}

@@ -1,0 +1,280 @@
+//! Every SIMD kernel against its scalar reference, and every format's decoders against each other.
+
+use half::f16;
+use proptest::prelude::*;
+use taipan_kernels::formats::{dequantize, dot_ref, kquants, legacy, DType};
+use taipan_kernels::packed::{dot_packed_ref, ActRow, PackedMatrix};
+use taipan_kernels::quant::QuantizedActs;
+use taipan_kernels::{Compute, Kernels, MatmulMode, MatmulScratch, Matrix};
+
+const ALL: [DType; 11] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q8_0,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+];
+
+/// A small deterministic generator so that failures reproduce from the proptest seed.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() % 20001) as f32 / 10000.0 - 1.0
+    }
+}
+
+fn put_f16(b: &mut [u8], v: f32) {
+    b[..2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+}
+
+/// Random blocks of `dtype` for `n` elements, with finite, moderate scales.
+fn random_stored(dtype: DType, n: usize, rng: &mut Lcg) -> Vec<u8> {
+    let bytes = dtype.row_bytes(n).expect("whole blocks");
+    let mut data: Vec<u8> = (0..bytes).map(|_| rng.byte()).collect();
+    let bb = dtype.block_bytes();
+    for block in data.chunks_exact_mut(bb) {
+        match dtype {
+            DType::F32 => block.copy_from_slice(&rng.unit().to_le_bytes()),
+            DType::F16 => put_f16(block, rng.unit()),
+            DType::BF16 => block.copy_from_slice(&half::bf16::from_f32(rng.unit()).to_le_bytes()),
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => put_f16(block, rng.unit() * 0.1),
+            DType::Q4_1 | DType::Q5_1 => {
+                put_f16(block, rng.unit() * 0.1);
+                put_f16(&mut block[2..], rng.unit());
+            }
+            DType::Q4K | DType::Q5K => {
+                put_f16(block, rng.unit() * 0.01);
+                put_f16(&mut block[2..], rng.unit() * 0.01);
+            }
+            DType::Q6K => put_f16(&mut block[208..], rng.unit() * 0.01),
+        }
+    }
+    data
+}
+
+#[test]
+fn q4_0_known_values() {
+    let mut b = vec![0u8; 18];
+    put_f16(&mut b, 0.5);
+    b[2] = 0x9F; // element 0: 15 → 3.5; element 16: 9 → 0.5
+    let mut out = vec![0f32; 32];
+    dequantize(DType::Q4_0, &b, &mut out).unwrap();
+    assert_eq!(out[0], 3.5);
+    assert_eq!(out[16], 0.5);
+    assert_eq!(out[1], -4.0);
+}
+
+#[test]
+fn q8_0_and_q5_1_known_values() {
+    let mut b = vec![0u8; 34];
+    put_f16(&mut b, 0.25);
+    b[2] = (-128i8) as u8;
+    b[33] = 127;
+    let mut out = vec![0f32; 32];
+    dequantize(DType::Q8_0, &b, &mut out).unwrap();
+    assert_eq!((out[0], out[31], out[5]), (-32.0, 31.75, 0.0));
+
+    let mut b = vec![0u8; 24];
+    put_f16(&mut b, 2.0);
+    put_f16(&mut b[2..], -1.0);
+    b[4..8].copy_from_slice(&(1u32 | 1 << 17).to_le_bytes()); // fifth bit of elements 0 and 17
+    b[8] = 0x03; // element 0 low nibble 3 → 19; element 16 high nibble 0
+    b[9] = 0x20; // element 17 high nibble 2 → 18
+    dequantize(DType::Q5_1, &b, &mut out).unwrap();
+    assert_eq!((out[0], out[16], out[17], out[1]), (37.0, -1.0, 35.0, -1.0));
+}
+
+/// An independent element-by-element reading of the Q6_K layout (jamba-arch.md §7.4).
+fn q6k_element(b: &[u8], i: usize) -> f32 {
+    let d = f16::from_le_bytes([b[208], b[209]]).to_f32();
+    let (half, r) = (i / 128, i % 128);
+    let (quarter, l) = (r / 32, r % 32);
+    let ql = b[64 * half + l + if quarter % 2 == 1 { 32 } else { 0 }];
+    let low = if quarter < 2 { ql & 15 } else { ql >> 4 };
+    let high = (b[128 + 32 * half + l] >> (2 * quarter)) & 3;
+    let q = (low | (high << 4)) as i32 - 32;
+    let sc = b[192 + 8 * half + l / 16 + 2 * quarter] as i8;
+    d * sc as f32 * q as f32
+}
+
+/// An independent reading of Q4_K: per 64-element chunk, low nibbles then high nibbles.
+fn q4k_element(b: &[u8], i: usize) -> f32 {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+    let s = &b[4..16];
+    let sub = i / 32;
+    let (sc, m) = if sub < 4 {
+        (s[sub] & 63, s[sub + 4] & 63)
+    } else {
+        ((s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4), (s[sub + 4] >> 4) | ((s[sub] >> 6) << 4))
+    };
+    let byte = b[16 + 32 * (i / 64) + i % 32];
+    let q = if sub % 2 == 0 { byte & 15 } else { byte >> 4 };
+    d * sc as f32 * q as f32 - dmin * m as f32
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn k_quant_dequantizers_match_elementwise_readings(seed in any::<u64>()) {
+        let mut rng = Lcg(seed);
+        let b6 = random_stored(DType::Q6K, 256, &mut rng);
+        let mut out = vec![0f32; 256];
+        dequantize(DType::Q6K, &b6, &mut out).unwrap();
+        for (i, &v) in out.iter().enumerate() {
+            prop_assert_eq!(v, q6k_element(&b6, i));
+        }
+        let b4 = random_stored(DType::Q4K, 256, &mut rng);
+        dequantize(DType::Q4K, &b4, &mut out).unwrap();
+        for (i, &v) in out.iter().enumerate() {
+            prop_assert!((v - q4k_element(&b4, i)).abs() <= 1e-6 * v.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn level_decoding_equals_dequantization(seed in any::<u64>()) {
+        let mut rng = Lcg(seed);
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K] {
+            let n = 256;
+            let data = random_stored(dtype, n, &mut rng);
+            let mut want = vec![0f32; n];
+            dequantize(dtype, &data, &mut want).unwrap();
+            let levels: Vec<legacy::Levels32> = match dtype {
+                DType::Q4_0 => data.chunks_exact(18).map(legacy::levels_q4_0).collect(),
+                DType::Q4_1 => data.chunks_exact(20).map(legacy::levels_q4_1).collect(),
+                DType::Q5_0 => data.chunks_exact(22).map(legacy::levels_q5_0).collect(),
+                DType::Q5_1 => data.chunks_exact(24).map(legacy::levels_q5_1).collect(),
+                DType::Q8_0 => data.chunks_exact(34).map(legacy::levels_q8_0).collect(),
+                DType::Q4K => data.chunks_exact(144).flat_map(kquants::levels_q4_k).collect(),
+                _ => data.chunks_exact(176).flat_map(kquants::levels_q5_k).collect(),
+            };
+            for (b, l) in levels.iter().enumerate() {
+                for j in 0..32 {
+                    let got = l.d * l.level[j] as f32 + l.m;
+                    let w = want[32 * b + j];
+                    prop_assert!((got - w).abs() <= 1e-6 * w.abs().max(1.0), "{dtype} {b} {j}: {got} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_packed_tiles_equal_scalar(seed in any::<u64>(), rows in 1usize..7, tokens in 1usize..6, kblocks in 1usize..12) {
+        let mut rng = Lcg(seed);
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K] {
+            let cols = if dtype.block_elems() == 256 { 256 * kblocks.div_ceil(4) } else { 32 * kblocks };
+            let data = random_stored(dtype, rows * cols, &mut rng);
+            let m = PackedMatrix::from_blocks(dtype, &data, rows, cols).unwrap().unwrap();
+            let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit() * 3.0).collect();
+            let mut acts = QuantizedActs::new();
+            acts.quantize(&x, tokens, cols);
+            let mut want = vec![0f32; rows * tokens];
+            for r in 0..rows {
+                for t in 0..tokens {
+                    want[r * tokens + t] = dot_packed_ref(&m.row(r), &ActRow::of(&acts, t));
+                }
+            }
+            // The packed maths equals the f32 maths of the stored weights and quantized inputs.
+            let mut deq_x = vec![0f32; cols];
+            for t in 0..tokens {
+                for (j, v) in deq_x.iter_mut().enumerate() {
+                    *v = acts.row_qs(t)[j] as f32 * acts.row_d(t)[j / 32];
+                }
+                for r in 0..rows {
+                    let row = &data[r * data.len() / rows..(r + 1) * data.len() / rows];
+                    let exact = dot_ref(dtype, row, &deq_x).unwrap();
+                    let got = want[r * tokens + t];
+                    prop_assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "{dtype}: {got} vs {exact}");
+                }
+            }
+            for k in Kernels::available() {
+                let rs: Vec<_> = (0..rows.min(4)).map(|r| m.row(r)).collect();
+                let ts: Vec<_> = (0..tokens.min(4)).map(|t| ActRow::of(&acts, t)).collect();
+                let mut got = vec![0f32; rs.len() * ts.len()];
+                (k.packed_tile)(&rs, &ts, &mut got);
+                for r in 0..rs.len() {
+                    for t in 0..ts.len() {
+                        let w = want[r * tokens + t];
+                        let g = got[r * ts.len() + t];
+                        prop_assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{:?} {dtype}: {g} vs {w}", k.isa);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_equals_naive_for_every_kernel_table(seed in any::<u64>(), n in 1usize..40, tokens in 1usize..11) {
+        let mut rng = Lcg(seed);
+        let k = 96;
+        for dtype in ALL {
+            let cols = if dtype.block_elems() == 256 { 256 } else { k };
+            let data = random_stored(dtype, n * cols, &mut rng);
+            let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit()).collect();
+            let mut w32 = vec![0f32; n * cols];
+            dequantize(dtype, &data, &mut w32).unwrap();
+            for mode in [MatmulMode::Exact, MatmulMode::Fast] {
+                let m = Matrix::from_stored(dtype, &data, n, cols, mode).unwrap();
+                for kern in Kernels::available() {
+                    let c = Compute::with_kernels(2, kern);
+                    let mut out = vec![0f32; tokens * n];
+                    c.matmul(&mut out, &x, tokens, &m, &mut MatmulScratch::default());
+                    for t in 0..tokens {
+                        for r in 0..n {
+                            let exact: f32 = (0..cols).map(|j| w32[r * cols + j] * x[t * cols + j]).sum();
+                            let scale: f32 = (0..cols).map(|j| (w32[r * cols + j] * x[t * cols + j]).abs()).sum();
+                            let got = out[t * n + r];
+                            // 8-bit activations carry ~1/254 relative error per product.
+                            let tol = if matches!(m, Matrix::Packed(_)) { 0.01 * scale + 1e-4 } else { 1e-5 * scale + 1e-6 };
+                            prop_assert!((got - exact).abs() <= tol, "{dtype} {mode:?} {:?}: {got} vs {exact}", kern.isa);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn wrong_sizes_are_errors_not_panics() {
+    let mut out = vec![0f32; 32];
+    assert!(dequantize(DType::Q4_0, &[0u8; 17], &mut out).is_err());
+    assert!(dequantize(DType::Q4K, &[0u8; 144], &mut out).is_err());
+    assert!(PackedMatrix::from_blocks(DType::Q4_1, &[0u8; 20], 2, 32).unwrap().is_err());
+    assert!(PackedMatrix::from_blocks(DType::Q6K, &[0u8; 210], 1, 256).is_none());
+    assert_eq!(DType::from_ggml_id(99), None);
+    for d in ALL {
+        assert_eq!(DType::from_ggml_id(d.ggml_id()), Some(d));
+    }
+}
+
+#[test]
+fn activation_quantization_error_is_bounded() {
+    let mut rng = Lcg(7);
+    let x: Vec<f32> = (0..3 * 100).map(|_| rng.unit() * 5.0).collect();
+    let mut a = QuantizedActs::new();
+    a.quantize(&x, 3, 100);
+    assert_eq!(a.stride, 128);
+    for t in 0..3 {
+        for j in 0..100 {
+            let d = a.row_d(t)[j / 32];
+            let back = a.row_qs(t)[j] as f32 * d;
+            assert!((back - x[t * 100 + j]).abs() <= d * 0.5 + 1e-6);
+        }
+        assert!(a.row_qs(t)[100..].iter().all(|&q| q == 0));
+    }
+}
