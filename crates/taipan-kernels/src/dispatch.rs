@@ -3,13 +3,17 @@
 //! A portable binary picks the widest instruction set this CPU has; tests build every table the
 //! CPU supports and compare each against the scalar one.
 
-use crate::packed::{dot_tile_ref, ActRow, PackedRow};
+use crate::packed::{dot_group_ref, ActRow, PackedGroup};
 use std::sync::OnceLock;
 
-/// `out[r * acts.len() + t] = ws[r] · acts[t]`, at most 4 rows and 4 activation rows.
-pub type PackedTileFn = fn(&[PackedRow<'_>], &[ActRow<'_>], &mut [f32]);
+/// `out[r * acts.len() + t] = row r · acts[t]` for a group's 4 rows and 1 to 4 activation rows.
+pub type PackedTileFn = fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]);
 /// `out[r * xs.len() + t] = ws[r] · xs[t]`, at most 4 × 4, all slices of one length.
 pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
+
+/// One attention head: `out = softmax(scale · K q) · V` over `n` positions whose keys and values
+/// start every `stride` floats in `k` and `v`; `scores` is the caller's scratch.
+pub type AttendHeadFn = fn(&mut [f32], &[f32], &[f32], &[f32], usize, usize, f32, &mut Vec<f32>);
 
 /// Instruction-set levels with kernels of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +29,7 @@ pub struct Kernels {
     pub isa: Isa,
     pub packed_tile: PackedTileFn,
     pub f32_tile: F32TileFn,
+    pub attend_head: AttendHeadFn,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -42,10 +47,8 @@ fn f32_tile_ref(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
     }
 }
 
-fn packed_tile_ref(ws: &[PackedRow<'_>], acts: &[ActRow<'_>], out: &mut [f32]) {
-    for (r, w) in ws.iter().enumerate() {
-        dot_tile_ref(w, acts, &mut out[r * acts.len()..(r + 1) * acts.len()]);
-    }
+fn packed_tile_ref(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
+    dot_group_ref(w, acts, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -53,17 +56,22 @@ mod x86_entry {
     use super::*;
     use crate::x86::{avx2, avx512};
 
-    pub fn packed_avx512(ws: &[PackedRow<'_>], acts: &[ActRow<'_>], out: &mut [f32]) {
+    pub fn packed_avx512(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
         // SAFETY: only installed in a table after detecting avx512f/bw/vnni.
-        unsafe { avx512::dot_tile_packed(ws, acts, out) }
+        unsafe { avx512::dot_group_packed(w, acts, out) }
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_avx512(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], stride: usize, n: usize, scale: f32, scores: &mut Vec<f32>) {
+        // SAFETY: only installed after detecting avx512f.
+        unsafe { avx512::attend_head(out, q, k, v, stride, n, scale, scores) }
     }
     pub fn f32_avx512(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx512f.
         unsafe { avx512::dot_tile_f32(ws, xs, out) }
     }
-    pub fn packed_avx2(ws: &[PackedRow<'_>], acts: &[ActRow<'_>], out: &mut [f32]) {
+    pub fn packed_avx2(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx2 and fma.
-        unsafe { avx2::dot_tile_packed(ws, acts, out) }
+        unsafe { avx2::dot_group_packed(w, acts, out) }
     }
     pub fn f32_avx2(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx2 and fma.
@@ -74,7 +82,7 @@ mod x86_entry {
 impl Kernels {
     /// The portable reference kernels.
     pub fn scalar() -> Kernels {
-        Kernels { isa: Isa::Scalar, packed_tile: packed_tile_ref, f32_tile: f32_tile_ref }
+        Kernels { isa: Isa::Scalar, packed_tile: packed_tile_ref, f32_tile: f32_tile_ref, attend_head: crate::ops::attend_head_ref }
     }
 
     /// The table for `isa`, if this CPU supports it.
@@ -83,7 +91,7 @@ impl Kernels {
             Isa::Scalar => Some(Self::scalar()),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(
-                Kernels { isa, packed_tile: x86_entry::packed_avx2, f32_tile: x86_entry::f32_avx2 },
+                Kernels { isa, packed_tile: x86_entry::packed_avx2, f32_tile: x86_entry::f32_avx2, attend_head: crate::ops::attend_head_ref },
             ),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (is_x86_feature_detected!("avx512f")
@@ -93,6 +101,7 @@ impl Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx512,
                 f32_tile: x86_entry::f32_avx512,
+                attend_head: x86_entry::attend_avx512,
             }),
             #[cfg(not(target_arch = "x86_64"))]
             _ => None,

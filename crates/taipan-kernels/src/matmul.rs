@@ -7,7 +7,7 @@
 
 use crate::dispatch::Kernels;
 use crate::formats::{dequantize, DType, SizeMismatch};
-use crate::packed::{ActRow, PackedMatrix, PackedRow};
+use crate::packed::{ActRow, PackedMatrix, GROUP};
 use crate::pool::ThreadPool;
 use crate::quant::QuantizedActs;
 
@@ -116,12 +116,27 @@ impl Compute {
                 scratch.acts.quantize(x, tokens, k);
                 let acts = &scratch.acts;
                 let tile = self.kernels.packed_tile;
-                self.pool.for_chunks(n, 16, &|rows| {
-                    run_tiles(rows, tokens, n, &sink, |r0, r1, t0, t1, buf| {
-                        let ws: [PackedRow<'_>; 4] = std::array::from_fn(|i| m.row((r0 + i).min(r1 - 1)));
-                        let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, (t0 + i).min(t1 - 1)));
-                        tile(&ws[..r1 - r0], &xs[..t1 - t0], buf);
-                    })
+                self.pool.for_chunks(m.groups(), 2, &|groups| {
+                    let mut buf = [0f32; GROUP * 4];
+                    for tb in (0..tokens).step_by(TOKEN_BLOCK) {
+                        let tb_end = (tb + TOKEN_BLOCK).min(tokens);
+                        for g in groups.clone() {
+                            let group = m.group(g);
+                            let rows = (n - g * GROUP).min(GROUP);
+                            for t0 in (tb..tb_end).step_by(4) {
+                                let nt = (tb_end - t0).min(4);
+                                let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, t0 + i.min(nt - 1)));
+                                tile(&group, &xs[..nt], &mut buf[..GROUP * nt]);
+                                for r in 0..rows {
+                                    for j in 0..nt {
+                                        // SAFETY: row g·4+r belongs to this task's groups and
+                                        // t0+j < tokens, so the cell is in bounds and ours alone.
+                                        unsafe { *sink.at((t0 + j) * n + g * GROUP + r) = buf[r * nt + j] };
+                                    }
+                                }
+                            }
+                        }
+                    }
                 });
             }
             Matrix::Dense(m) => {
@@ -148,6 +163,15 @@ impl Compute {
 struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint (row, token) cells; the caller waits for all of them.
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `offset` must be in bounds and written by one task only.
+    unsafe fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
 
 /// Activation rows per cache block inside one task.
 const TOKEN_BLOCK: usize = 32;
@@ -176,7 +200,7 @@ fn run_tiles(
                     for j in 0..nt {
                         // SAFETY: (t0 + j, r0 + i) is inside this task's rows and the token range,
                         // so no other task writes it, and it is in bounds of `out` (checked shape).
-                        unsafe { *out.0.add((t0 + j) * n + r0 + i) = buf[i * nt + j] };
+                        unsafe { *out.at((t0 + j) * n + r0 + i) = buf[i * nt + j] };
                     }
                 }
                 t0 = t1;

@@ -1,5 +1,6 @@
 //! Elementwise and normalisation kernels, RoPE and causal attention.
 
+use crate::dispatch::Kernels;
 use crate::pool::ThreadPool;
 use std::cell::RefCell;
 
@@ -151,11 +152,37 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Scalar reference of one attention head: `out = softmax(scale · K q) · V` over `n` positions
+/// whose keys and values start every `stride` floats in `k` and `v`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_head_ref(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], stride: usize, n: usize, scale: f32, scores: &mut Vec<f32>) {
+    let hd = q.len();
+    assert!(out.len() == hd && n > 0);
+    assert!(k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd);
+    scores.clear();
+    scores.extend((0..n).map(|p| dot(q, &k[p * stride..p * stride + hd]) * scale));
+    softmax(scores);
+    out.fill(0.0);
+    for (p, &w) in scores.iter().enumerate() {
+        for (o, &x) in out.iter_mut().zip(&v[p * stride..p * stride + hd]) {
+            *o += w * x;
+        }
+    }
+}
+
 /// Causal attention of `tokens` queries against keys/values at positions `0..start + tokens`.
 ///
 /// `q` and `out` are `[tokens, heads·head_dim]`; `k` and `v` are `[positions, kv_heads·head_dim]`
 /// and must already hold the new tokens. Query `i` sees positions `0..=start + i`.
-pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, pool: &ThreadPool) {
+pub fn attention(
+    kernels: &Kernels,
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttentionShape,
+    pool: &ThreadPool,
+) {
     let qdim = s.heads * s.head_dim;
     let kvdim = s.kv_heads * s.head_dim;
     let total = s.start + s.tokens;
@@ -164,31 +191,18 @@ pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttentionS
     assert!(k.len() >= total * kvdim && v.len() >= total * kvdim, "kv cache too short");
     assert!(s.heads % s.kv_heads == 0);
     let group = s.heads / s.kv_heads;
-    let sink = crate::ops::SharedOut(out.as_mut_ptr());
+    let sink = SharedOut(out.as_mut_ptr());
+    let attend = kernels.attend_head;
     pool.run(s.tokens * s.heads, &|job| {
         let (t, h) = (job / s.heads, job % s.heads);
         let kvh = h / group;
         let seen = s.start + t + 1;
         let qh = &q[t * qdim + h * s.head_dim..t * qdim + (h + 1) * s.head_dim];
+        // SAFETY: each job owns the disjoint output slice of (t, h).
+        let o = unsafe { std::slice::from_raw_parts_mut(sink.at(t * qdim + h * s.head_dim), s.head_dim) };
         SCORES.with(|cell| {
             let mut scores = cell.borrow_mut();
-            scores.clear();
-            scores.extend((0..seen).map(|p| {
-                let kp = &k[p * kvdim + kvh * s.head_dim..p * kvdim + (kvh + 1) * s.head_dim];
-                dot(qh, kp) * s.scale
-            }));
-            softmax(&mut scores);
-            // SAFETY: each job owns the disjoint output slice of (t, h).
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(sink.at(t * qdim + h * s.head_dim), s.head_dim)
-            };
-            o.fill(0.0);
-            for (p, &w) in scores.iter().enumerate() {
-                let vp = &v[p * kvdim + kvh * s.head_dim..p * kvdim + (kvh + 1) * s.head_dim];
-                for (oi, &vi) in o.iter_mut().zip(vp) {
-                    *oi += w * vi;
-                }
-            }
+            attend(o, qh, &k[kvh * s.head_dim..], &v[kvh * s.head_dim..], kvdim, seen, s.scale, &mut scores);
         });
     });
 }
@@ -260,27 +274,30 @@ mod tests {
     }
 
     #[test]
-    fn attention_matches_naive() {
+    fn attention_matches_naive_for_every_kernel_table() {
         let pool = ThreadPool::new(2);
-        let (heads, kv_heads, hd, start, tokens) = (4, 2, 8, 3, 2);
+        let (heads, kv_heads, hd, start, tokens) = (4, 2, 32, 3, 2);
         let total = start + tokens;
         let q: Vec<f32> = (0..tokens * heads * hd).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
         let k: Vec<f32> = (0..total * kv_heads * hd).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
         let v: Vec<f32> = (0..total * kv_heads * hd).map(|i| ((i * 3 % 17) as f32 - 8.0) / 3.0).collect();
         let shape = AttentionShape { heads, kv_heads, head_dim: hd, start, tokens, scale: 0.35 };
-        let mut out = vec![0f32; q.len()];
-        attention(&mut out, &q, &k, &v, shape, &pool);
-        for t in 0..tokens {
-            for h in 0..heads {
-                let kvh = h / 2;
-                let qh = &q[(t * heads + h) * hd..][..hd];
-                let mut w: Vec<f32> = (0..=start + t)
-                    .map(|p| qh.iter().zip(&k[(p * kv_heads + kvh) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() * 0.35)
-                    .collect();
-                softmax(&mut w);
-                for d in 0..hd {
-                    let want: f32 = w.iter().enumerate().map(|(p, wp)| wp * v[(p * kv_heads + kvh) * hd + d]).sum();
-                    assert!((out[(t * heads + h) * hd + d] - want).abs() < 1e-5);
+        for kern in Kernels::available() {
+            let mut out = vec![0f32; q.len()];
+            attention(&kern, &mut out, &q, &k, &v, shape, &pool);
+            for t in 0..tokens {
+                for h in 0..heads {
+                    let kvh = h / 2;
+                    let qh = &q[(t * heads + h) * hd..][..hd];
+                    let mut w: Vec<f32> = (0..=start + t)
+                        .map(|p| qh.iter().zip(&k[(p * kv_heads + kvh) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() * 0.35)
+                        .collect();
+                    softmax(&mut w);
+                    for d in 0..hd {
+                        let want: f32 = w.iter().enumerate().map(|(p, wp)| wp * v[(p * kv_heads + kvh) * hd + d]).sum();
+                        let got = out[(t * heads + h) * hd + d];
+                        assert!((got - want).abs() < 1e-4, "{:?}: {got} vs {want}", kern.isa);
+                    }
                 }
             }
         }

@@ -22,7 +22,24 @@ pub enum LevelWidth {
     Byte,
 }
 
+impl LevelWidth {
+    /// Bytes of one row's levels for one block pair (64 elements).
+    pub fn pair_bytes(self) -> usize {
+        match self {
+            LevelWidth::Nibble => 32,
+            LevelWidth::Byte => 64,
+        }
+    }
+}
+
+/// Rows interleaved per group: a decode tile reads one group as a single sequential stream.
+pub const GROUP: usize = 4;
+
 /// A weight matrix `[rows, cols]` in packed integer form.
+///
+/// Rows are stored in groups of [`GROUP`] (the last group padded with zero rows). Within a group,
+/// for each block pair `p`: the four rows' levels (`pair_bytes` each), then their scales as
+/// `[row][2]` f32; after all pairs, the four rows' offsets as `[row][blocks]` f32.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     pub rows: usize,
@@ -30,12 +47,7 @@ pub struct PackedMatrix {
     /// Padded row length (multiple of 64).
     pub stride: usize,
     pub width: LevelWidth,
-    /// Levels, `row_bytes()` per row.
-    pub qs: Vec<u8>,
-    /// `[rows, stride/32]` block scales.
-    pub d: Vec<f32>,
-    /// `[rows, stride/32]` block offsets.
-    pub m: Vec<f32>,
+    pub data: Vec<u8>,
     /// The format it was packed from.
     pub source: DType,
 }
@@ -69,18 +81,9 @@ impl PackedMatrix {
             _ => LevelWidth::Byte,
         };
         let stride = padded_len(cols);
-        let nb = stride / QBLOCK;
-        let mut out = PackedMatrix {
-            rows,
-            cols,
-            stride,
-            width,
-            qs: vec![0; rows * packed_row_bytes(width, stride)],
-            d: vec![0.0; rows * nb],
-            m: vec![0.0; rows * nb],
-            source: dtype,
-        };
-        let mut levels = Vec::with_capacity(nb);
+        let mut out = PackedMatrix { rows, cols, stride, width, data: Vec::new(), source: dtype };
+        out.data = vec![0; out.groups() * out.group_bytes()];
+        let mut levels = Vec::with_capacity(out.blocks());
         for r in 0..rows {
             levels.clear();
             let src = &data[r * row_bytes..(r + 1) * row_bytes];
@@ -100,28 +103,25 @@ impl PackedMatrix {
     }
 
     fn write_row(&mut self, r: usize, levels: &[legacy::Levels32]) {
-        let nb = self.stride / QBLOCK;
-        let rb = self.row_bytes();
-        let qs = &mut self.qs[r * rb..(r + 1) * rb];
+        let (g, ri) = (r / GROUP, r % GROUP);
+        let lvl = self.width.pair_bytes();
         for (b, l) in levels.iter().enumerate() {
-            self.d[r * nb + b] = l.d;
-            self.m[r * nb + b] = l.m;
+            let chunk = g * self.group_bytes() + (b / 2) * self.pair_chunk();
+            let d_at = chunk + GROUP * lvl + ri * 8 + (b % 2) * 4;
+            self.data[d_at..d_at + 4].copy_from_slice(&l.d.to_le_bytes());
+            let m_at = self.m_offset(g) + (ri * self.blocks() + b) * 4;
+            self.data[m_at..m_at + 4].copy_from_slice(&l.m.to_le_bytes());
+            let dst = &mut self.data[chunk + ri * lvl..chunk + (ri + 1) * lvl];
             match self.width {
-                LevelWidth::Byte => qs[b * 32..b * 32 + 32].copy_from_slice(&l.level),
+                LevelWidth::Byte => dst[(b % 2) * 32..(b % 2) * 32 + 32].copy_from_slice(&l.level),
                 LevelWidth::Nibble => {
-                    let pair = &mut qs[(b / 2) * 32..(b / 2) * 32 + 32];
                     let shift = if b % 2 == 0 { 0 } else { 4 };
-                    for (dst, &v) in pair.iter_mut().zip(&l.level) {
-                        *dst |= v << shift;
+                    for (o, &v) in dst.iter_mut().zip(&l.level) {
+                        *o |= v << shift;
                     }
                 }
             }
         }
-    }
-
-    /// Bytes of levels per row.
-    pub fn row_bytes(&self) -> usize {
-        packed_row_bytes(self.width, self.stride)
     }
 
     /// Blocks per row (padded).
@@ -129,49 +129,64 @@ impl PackedMatrix {
         self.stride / QBLOCK
     }
 
+    /// Block pairs per row.
+    pub fn pairs(&self) -> usize {
+        self.stride / 64
+    }
+
+    /// Row groups (the last may be partly padding).
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(GROUP)
+    }
+
+    /// Bytes of one pair's data for a whole group: levels, then scales.
+    pub fn pair_chunk(&self) -> usize {
+        GROUP * self.width.pair_bytes() + GROUP * 2 * 4
+    }
+
+    /// Bytes of one group.
+    pub fn group_bytes(&self) -> usize {
+        self.pairs() * self.pair_chunk() + GROUP * self.blocks() * 4
+    }
+
+    fn m_offset(&self, g: usize) -> usize {
+        g * self.group_bytes() + self.pairs() * self.pair_chunk()
+    }
+
     /// Bytes held in memory.
     pub fn memory_bytes(&self) -> usize {
-        self.qs.len() + 4 * (self.d.len() + self.m.len())
+        self.data.len()
     }
 
-    /// The borrowed view of row `r` the kernels take.
-    pub fn row(&self, r: usize) -> PackedRow<'_> {
-        let nb = self.blocks();
-        let rb = self.row_bytes();
-        PackedRow {
-            width: self.width,
-            qs: &self.qs[r * rb..(r + 1) * rb],
-            d: &self.d[r * nb..(r + 1) * nb],
-            m: &self.m[r * nb..(r + 1) * nb],
-        }
+    /// One group's bytes, as the kernels take it.
+    pub fn group(&self, g: usize) -> PackedGroup<'_> {
+        let gb = self.group_bytes();
+        PackedGroup { width: self.width, blocks: self.blocks(), data: &self.data[g * gb..(g + 1) * gb] }
     }
 }
 
-fn packed_row_bytes(width: LevelWidth, stride: usize) -> usize {
-    match width {
-        LevelWidth::Nibble => stride / 2,
-        LevelWidth::Byte => stride,
-    }
-}
-
-/// One packed weight row.
+/// The packed data of [`GROUP`] rows.
 #[derive(Clone, Copy)]
-pub struct PackedRow<'a> {
+pub struct PackedGroup<'a> {
     pub width: LevelWidth,
-    pub qs: &'a [u8],
-    pub d: &'a [f32],
-    pub m: &'a [f32],
+    pub blocks: usize,
+    pub data: &'a [u8],
 }
 
-impl PackedRow<'_> {
-    /// The level of element `i`.
-    #[inline]
-    pub fn level(&self, i: usize) -> u8 {
+impl PackedGroup<'_> {
+    fn pair_chunk(&self) -> usize {
+        GROUP * self.width.pair_bytes() + GROUP * 8
+    }
+
+    /// Level of element `i` of row `r` of the group.
+    pub fn level(&self, r: usize, i: usize) -> u8 {
+        let lvl = self.width.pair_bytes();
+        let (p, within) = (i / 64, i % 64);
+        let base = p * self.pair_chunk() + r * lvl;
         match self.width {
-            LevelWidth::Byte => self.qs[i],
+            LevelWidth::Byte => self.data[base + within],
             LevelWidth::Nibble => {
-                let (pair, within) = (i / 64, i % 64);
-                let byte = self.qs[pair * 32 + within % 32];
+                let byte = self.data[base + within % 32];
                 if within < 32 {
                     byte & 0x0F
                 } else {
@@ -179,6 +194,21 @@ impl PackedRow<'_> {
                 }
             }
         }
+    }
+
+    fn f32_at(&self, at: usize) -> f32 {
+        f32::from_le_bytes([self.data[at], self.data[at + 1], self.data[at + 2], self.data[at + 3]])
+    }
+
+    /// Scale of block `b` of row `r`.
+    pub fn d(&self, r: usize, b: usize) -> f32 {
+        let lvl = self.width.pair_bytes();
+        self.f32_at((b / 2) * self.pair_chunk() + GROUP * lvl + r * 8 + (b % 2) * 4)
+    }
+
+    /// Offset of block `b` of row `r`.
+    pub fn m(&self, r: usize, b: usize) -> f32 {
+        self.f32_at((self.blocks / 2) * self.pair_chunk() + (r * self.blocks + b) * 4)
     }
 }
 
@@ -197,22 +227,24 @@ impl<'a> ActRow<'a> {
     }
 }
 
-/// Scalar reference: the dot product of one packed row with one activation row.
-pub fn dot_packed_ref(w: &PackedRow<'_>, a: &ActRow<'_>) -> f32 {
+/// Scalar reference: row `r` of a group dotted with one activation row.
+pub fn dot_packed_ref(w: &PackedGroup<'_>, r: usize, a: &ActRow<'_>) -> f32 {
     let mut total = 0f32;
-    for b in 0..w.d.len() {
+    for b in 0..w.blocks {
         let mut isum = 0i32;
         for j in 0..QBLOCK {
-            isum += w.level(b * QBLOCK + j) as i32 * a.qs[b * QBLOCK + j] as i32;
+            isum += w.level(r, b * QBLOCK + j) as i32 * a.qs[b * QBLOCK + j] as i32;
         }
-        total += w.d[b] * a.d[b] * isum as f32 + w.m[b] * a.s[b];
+        total += w.d(r, b) * a.d[b] * isum as f32 + w.m(r, b) * a.s[b];
     }
     total
 }
 
-/// Scalar reference tile: `out[t] = w · acts[t]`.
-pub fn dot_tile_ref(w: &PackedRow<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
-    for (o, a) in out.iter_mut().zip(acts) {
-        *o = dot_packed_ref(w, a);
+/// Scalar reference tile: `out[r * acts.len() + t] = row r · acts[t]` for the group's 4 rows.
+pub fn dot_group_ref(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
+    for r in 0..GROUP {
+        for (t, a) in acts.iter().enumerate() {
+            out[r * acts.len() + t] = dot_packed_ref(w, r, a);
+        }
     }
 }

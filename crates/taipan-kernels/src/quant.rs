@@ -101,7 +101,11 @@ fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     let mut sum = 0i32;
     for (j, o) in out.iter_mut().enumerate() {
         let q = match x.get(j) {
-            Some(v) => (v * id).round().clamp(-127.0, 127.0) as i8,
+            Some(v) => {
+                // Round half away from zero (as roundf) without a libm call.
+                let s = (v * id).clamp(-127.0, 127.0);
+                (s + 0.5f32.copysign(s)) as i8
+            }
             None => 0,
         };
         sum += q as i32;

@@ -3,7 +3,7 @@
 use half::f16;
 use proptest::prelude::*;
 use taipan_kernels::formats::{dequantize, dot_ref, kquants, legacy, DType};
-use taipan_kernels::packed::{dot_packed_ref, ActRow, PackedMatrix};
+use taipan_kernels::packed::{dot_packed_ref, ActRow, PackedMatrix, GROUP};
 use taipan_kernels::quant::QuantizedActs;
 use taipan_kernels::{Compute, Kernels, MatmulMode, MatmulScratch, Matrix};
 
@@ -185,7 +185,7 @@ proptest! {
             let mut want = vec![0f32; rows * tokens];
             for r in 0..rows {
                 for t in 0..tokens {
-                    want[r * tokens + t] = dot_packed_ref(&m.row(r), &ActRow::of(&acts, t));
+                    want[r * tokens + t] = dot_packed_ref(&m.group(r / GROUP), r % GROUP, &ActRow::of(&acts, t));
                 }
             }
             // The packed maths equals the f32 maths of the stored weights and quantized inputs.
@@ -202,15 +202,17 @@ proptest! {
                 }
             }
             for k in Kernels::available() {
-                let rs: Vec<_> = (0..rows.min(4)).map(|r| m.row(r)).collect();
-                let ts: Vec<_> = (0..tokens.min(4)).map(|t| ActRow::of(&acts, t)).collect();
-                let mut got = vec![0f32; rs.len() * ts.len()];
-                (k.packed_tile)(&rs, &ts, &mut got);
-                for r in 0..rs.len() {
-                    for t in 0..ts.len() {
-                        let w = want[r * tokens + t];
-                        let g = got[r * ts.len() + t];
-                        prop_assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{:?} {dtype}: {g} vs {w}", k.isa);
+                let nt = tokens.min(4);
+                let ts: Vec<_> = (0..nt).map(|t| ActRow::of(&acts, t)).collect();
+                for g in 0..m.groups() {
+                    let mut got = vec![0f32; GROUP * nt];
+                    (k.packed_tile)(&m.group(g), &ts, &mut got);
+                    for r in 0..GROUP.min(rows - g * GROUP) {
+                        for t in 0..nt {
+                            let w = want[(g * GROUP + r) * tokens + t];
+                            let v = got[r * nt + t];
+                            prop_assert!((v - w).abs() <= 1e-4 * (1.0 + w.abs()), "{:?} {dtype}: {v} vs {w}", k.isa);
+                        }
                     }
                 }
             }

@@ -1,1 +1,173 @@
-//! placeholder
+//! Models for taipan: weights from GGUF files, tokenizers, chat templates and the architectures'
+//! forward passes.
+//!
+//! The shaping decision: a loaded [`Model`] is immutable and holds weights only; everything that
+//! changes while a sequence runs (its KV cache, later its Mamba state) lives in a [`SeqState`]
+//! owned by the caller, so one model serves any number of sequences and the engine decides where
+//! their state lives.
+
+pub mod arch;
+pub mod chat;
+pub mod gguf;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+pub use chat::{ChatMessage, ChatTemplate, RenderOptions};
+pub use gguf::{GgufError, GgufFile};
+use taipan_kernels::{Compute, MatmulMode};
+pub use tokenizer::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error(transparent)]
+    Template(#[from] chat::TemplateError),
+    #[error("{path}: tensor '{tensor}': {message}")]
+    Tensor { path: PathBuf, tensor: String, message: String },
+    #[error("{path}: architecture '{arch}' is not supported (supported: llama)")]
+    UnsupportedArch { path: PathBuf, arch: String },
+    #[error("{0}")]
+    Input(String),
+}
+
+impl ModelError {
+    pub(crate) fn tensor(f: &GgufFile, tensor: &str, message: String) -> Self {
+        ModelError::Tensor { path: f.path.clone(), tensor: tensor.into(), message }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub mode: MatmulMode,
+}
+
+/// The architecture-specific weights.
+#[derive(Debug)]
+pub enum Arch {
+    Llama(arch::llama::Llama),
+}
+
+/// Per-sequence state an architecture needs between forward calls.
+#[derive(Debug, Clone)]
+pub enum SeqState {
+    Llama(arch::llama::KvCache),
+}
+
+impl SeqState {
+    /// Tokens processed so far.
+    pub fn len(&self) -> usize {
+        match self {
+            SeqState::Llama(c) => c.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets positions from `len` on (attention caches can rewind).
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            SeqState::Llama(c) => c.truncate(len),
+        }
+    }
+}
+
+/// Buffers for forward passes, reusable across sequences.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    llama: arch::llama::LlamaScratch,
+}
+
+impl Scratch {
+    /// Logits of the last forward call: `[rows, vocab]`.
+    pub fn logits(&self) -> &[f32] {
+        &self.llama.logits
+    }
+}
+
+/// A loaded model: weights, tokenizer and chat template.
+#[derive(Debug)]
+pub struct Model {
+    /// Name to serve it under (from `general.name`, else the file stem).
+    pub name: String,
+    pub path: PathBuf,
+    pub arch: Arch,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+}
+
+impl Model {
+    /// Loads a GGUF model file.
+    pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, ModelError> {
+        let file = GgufFile::open(path)?;
+        let arch_name = file.get_str("general.architecture")?.to_string();
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama(arch::llama::Llama::from_gguf(&file, "llama", opts.mode)?),
+            _ => return Err(ModelError::UnsupportedArch { path: path.into(), arch: arch_name }),
+        };
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let piece = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default()
+        };
+        let template = match file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+            Some(src) => Some(ChatTemplate::new(src, &piece(tokenizer.specials.bos), &piece(tokenizer.specials.eos))?),
+            None => None,
+        };
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let name = file.get("general.name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or(stem);
+        Ok(Model { name, path: path.into(), arch, tokenizer, template })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match &self.arch {
+            Arch::Llama(m) => m.config.vocab,
+        }
+    }
+
+    pub fn context_length(&self) -> usize {
+        match &self.arch {
+            Arch::Llama(m) => m.config.context,
+        }
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        match &self.arch {
+            Arch::Llama(m) => m.weight_bytes(),
+        }
+    }
+
+    pub fn new_state(&self) -> SeqState {
+        match &self.arch {
+            Arch::Llama(m) => SeqState::Llama(m.new_cache()),
+        }
+    }
+
+    /// Runs `tokens` after the state's current position. Logits land in `scratch.logits()`:
+    /// one row per token when `all_logits`, else the last token's only.
+    pub fn forward(
+        &self,
+        compute: &Compute,
+        tokens: &[u32],
+        state: &mut SeqState,
+        scratch: &mut Scratch,
+        all_logits: bool,
+    ) -> Result<(), ModelError> {
+        match (&self.arch, state) {
+            (Arch::Llama(m), SeqState::Llama(c)) => m.forward(compute, tokens, c, &mut scratch.llama, all_logits),
+        }
+    }
+
+    /// Renders a conversation with the model's chat template.
+    pub fn render_chat(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<String, ModelError> {
+        match &self.template {
+            Some(t) => Ok(t.render(messages, opts)?),
+            None => Err(ModelError::Input("the model has no chat template".into())),
+        }
+    }
+}

@@ -1,1 +1,356 @@
-fn main() {}
+//! The `taipan` command line: generate, chat, inspect, bench, perplexity.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use taipan_engine::{eval, generate, GenerateParams, SamplingParams};
+use taipan_kernels::{Compute, MatmulMode};
+use taipan_model::{ChatMessage, GgufFile, LoadOptions, Model, RenderOptions};
+
+/// File name of the default model inside the model folder.
+const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(name = "taipan", version, about = "Self-hosted LLM inference for Jamba and Llama-family models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt or a chat conversation, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Interactive chat in the terminal, keeping the conversation's history.
+    Chat(ChatArgs),
+    /// Show a GGUF file's metadata and tensors.
+    Inspect {
+        /// The GGUF file.
+        file: PathBuf,
+        /// Also list every tensor.
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// Measure prefill and decode speed.
+    Bench(BenchArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity {
+        /// The model (GGUF).
+        file: PathBuf,
+        /// The text file.
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Compute threads (default: all cores).
+    #[arg(short = 't', long, env = "TAIPAN_THREADS")]
+    threads: Option<usize>,
+    /// Exact maths: f32 activations against dequantized weights (slower, for verification).
+    #[arg(long)]
+    exact: bool,
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// Model file (GGUF). Default: $TAIPAN_MODEL, else the default model in $TAIPAN_MODEL_DIR
+    /// (default ~/.cache/taipan/models).
+    #[arg(short = 'm', long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The prompt. With --raw it is passed as is; otherwise it is one user message.
+    #[arg(short = 'p', long)]
+    prompt: Option<String>,
+    /// A JSON file with chat messages ([{"role": ..., "content": ...}]).
+    #[arg(long, conflicts_with = "prompt")]
+    messages: Option<PathBuf>,
+    /// Do not apply the chat template.
+    #[arg(long)]
+    raw: bool,
+    #[arg(short = 'n', long, default_value_t = 256)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print timing statistics to stderr.
+    #[arg(long)]
+    stats: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// A system message.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(short = 'n', long, default_value_t = 512)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    /// Repetitions (median reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Thread counts to measure, comma-separated.
+    #[arg(short = 't', long, value_delimiter = ',', default_value = "2")]
+    threads: Vec<usize>,
+    #[arg(long)]
+    exact: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn default_model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("TAIPAN_MODEL") {
+        return PathBuf::from(p);
+    }
+    let dir = std::env::var_os("TAIPAN_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        home.join(".cache/taipan/models")
+    });
+    dir.join(DEFAULT_MODEL_FILE)
+}
+
+fn resolve_model(arg: &ModelArg) -> PathBuf {
+    arg.model.clone().unwrap_or_else(default_model_path)
+}
+
+fn threads(n: Option<usize>) -> usize {
+    n.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
+}
+
+fn load(path: &Path, exact: bool) -> Result<Model> {
+    if !path.exists() {
+        bail!(
+            "model file {} not found; run scripts/get-model.sh to fetch the default model, or pass --model",
+            path.display()
+        );
+    }
+    let mode = if exact { MatmulMode::Exact } else { MatmulMode::Fast };
+    Model::load(path, LoadOptions { mode }).with_context(|| format!("loading {}", path.display()))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TAIPAN_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Chat(a) => cmd_chat(a),
+        Command::Inspect { file, tensors } => cmd_inspect(&file, tensors),
+        Command::Bench(a) => cmd_bench(a),
+        Command::Perplexity { file, text, ctx, run } => {
+            let model = load(&file, run.exact)?;
+            let compute = Compute::new(threads(run.threads));
+            let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+            let mut ids = model.tokenizer.encode(&text, false)?;
+            if model.tokenizer.specials.add_bos {
+                ids.splice(0..0, model.tokenizer.specials.bos);
+            }
+            let p = eval::perplexity(&model, &compute, &ids, ctx)?;
+            for (i, c) in p.chunk_ppl.iter().enumerate() {
+                println!("chunk {:>3}: {:.4}", i + 1, c);
+            }
+            println!("PPL = {:.4} over {} scored tokens ({:.1} tok/s)", p.ppl, p.scored_tokens, p.tokens_per_second);
+            Ok(())
+        }
+    }
+}
+
+fn read_messages(path: &Path) -> Result<Vec<ChatMessage>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let raw: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON array of messages", path.display()))?;
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut obj = match v {
+                serde_json::Value::Object(o) => o,
+                _ => bail!("{}: message {i} is not an object", path.display()),
+            };
+            let role = match obj.remove("role") {
+                Some(serde_json::Value::String(r)) => r,
+                _ => bail!("{}: message {i} has no string 'role'", path.display()),
+            };
+            let content = obj.remove("content").unwrap_or(serde_json::Value::Null);
+            Ok(ChatMessage { role, content, extra: obj })
+        })
+        .collect()
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let model = load(&resolve_model(&a.model), a.run.exact)?;
+    let compute = Compute::new(threads(a.run.threads));
+    let prompt_text = match (&a.prompt, &a.messages) {
+        (Some(p), _) if a.raw => p.clone(),
+        (Some(p), _) => model.render_chat(&[ChatMessage::new("user", p)], &RenderOptions { add_generation_prompt: true, ..Default::default() })?,
+        (None, Some(file)) => model.render_chat(&read_messages(file)?, &RenderOptions { add_generation_prompt: true, ..Default::default() })?,
+        (None, None) => {
+            let mut s = String::new();
+            std::io::stdin().lock().read_line(&mut s)?;
+            model.render_chat(&[ChatMessage::new("user", s.trim_end())], &RenderOptions { add_generation_prompt: true, ..Default::default() })?
+        }
+    };
+    let mut ids = model.tokenizer.encode(&prompt_text, true)?;
+    if a.raw && model.tokenizer.specials.add_bos {
+        ids.splice(0..0, model.tokenizer.specials.bos);
+    }
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed },
+        ignore_eos: false,
+    };
+    let mut out = std::io::stdout().lock();
+    let g = generate(&model, &compute, &ids, &params, |piece| {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    let _ = writeln!(out);
+    if a.stats {
+        eprintln!(
+            "prompt {} tokens, {:.1} tok/s; generated {} tokens, {:.1} tok/s; finish: {:?}",
+            g.prompt_tokens,
+            g.prefill_tok_s(),
+            g.tokens.len(),
+            g.decode_tok_s(),
+            g.finish
+        );
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let model = load(&resolve_model(&a.model), a.run.exact)?;
+    let compute = Compute::new(threads(a.run.threads));
+    let mut history = Vec::new();
+    if let Some(s) = &a.system {
+        history.push(ChatMessage::new("system", s));
+    }
+    let stdin = std::io::stdin();
+    let mut seed = a.seed;
+    eprintln!("taipan chat with {} — empty line or Ctrl-D to quit", model.name);
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        history.push(ChatMessage::new("user", line.trim_end()));
+        let prompt = model.render_chat(&history, &RenderOptions { add_generation_prompt: true, ..Default::default() })?;
+        let ids = model.tokenizer.encode(&prompt, true)?;
+        let params = GenerateParams {
+            max_tokens: a.max_tokens,
+            sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: 0, seed },
+            ignore_eos: false,
+        };
+        seed = seed.wrapping_add(1);
+        let mut out = std::io::stdout().lock();
+        let g = generate(&model, &compute, &ids, &params, |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })?;
+        let _ = writeln!(out);
+        history.push(ChatMessage::new("assistant", &g.text));
+    }
+    Ok(())
+}
+
+fn cmd_inspect(path: &Path, list_tensors: bool) -> Result<()> {
+    let f = GgufFile::open(path)?;
+    println!("file: {} ({} bytes, GGUF v{}, alignment {})", path.display(), f.file_len(), f.version, f.alignment);
+    println!("metadata ({} keys):", f.metadata.len());
+    for (k, v) in &f.metadata {
+        println!("  {k} = {}", v.display_short());
+    }
+    let mut by_type: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+    for t in &f.tensors {
+        let e = by_type.entry(t.dtype.name()).or_default();
+        e.0 += 1;
+        e.1 += t.bytes;
+    }
+    let total: u64 = f.tensors.iter().map(|t| t.bytes).sum();
+    let params: u64 = f.tensors.iter().map(|t| t.elements()).sum();
+    println!("tensors: {} ({} parameters, {} bytes)", f.tensors.len(), params, total);
+    for (ty, (n, bytes)) in by_type {
+        println!("  {ty:>5}: {n:>4} tensors, {bytes} bytes");
+    }
+    if list_tensors {
+        for t in &f.tensors {
+            println!("  {:<40} {:>5} {:?} {} bytes", t.name, t.dtype.name(), t.dims, t.bytes);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let path = resolve_model(&a.model);
+    let model = load(&path, a.exact)?;
+    let mut rows = Vec::new();
+    for &t in &a.threads {
+        let compute = Compute::new(t.max(1));
+        let r = eval::bench(&model, &compute, a.prompt, a.gen, a.reps.max(1))?;
+        rows.push((t, r, compute.kernels.isa));
+    }
+    if a.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(t, r, isa)| {
+                serde_json::json!({"model": path.display().to_string(), "threads": t, "isa": format!("{isa:?}"),
+                    "prompt_tokens": r.prompt_tokens, "gen_tokens": r.gen_tokens,
+                    "prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("model: {} ({} MB of weights in memory)", path.display(), model.weight_bytes() / 1_000_000);
+        println!("{:>7} {:>10} {:>16} {:>16}", "threads", "kernels", format!("prefill {} tok/s", a.prompt), format!("decode {} tok/s", a.gen));
+        for (t, r, isa) in rows {
+            println!("{t:>7} {:>10} {:>16.1} {:>16.1}", format!("{isa:?}"), r.prefill_tok_s, r.decode_tok_s);
+        }
+    }
+    Ok(())
+}

@@ -1,19 +1,19 @@
 //! AVX2 + FMA kernels, for x86 CPUs without AVX-512.
 
-use crate::packed::{ActRow, LevelWidth, PackedRow};
+use crate::packed::{ActRow, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
-/// Packed-row × activation tile, `out[r * acts.len() + t] = ws[r] · acts[t]`.
+/// Packed-group × activation tile, `out[r * acts.len() + t] = row r · acts[t]`.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; shapes as for the AVX-512 kernel.
+/// The CPU must support AVX2 and FMA. Shapes are asserted.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_tile_packed(ws: &[PackedRow<'_>], acts: &[ActRow<'_>], out: &mut [f32]) {
+pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
     let t_n = acts.len();
-    for (r, w) in ws.iter().enumerate() {
+    for r in 0..GROUP {
         for (t, a) in acts.iter().enumerate() {
             // SAFETY: forwarded contract.
-            out[r * t_n + t] = unsafe { dot_row(w, a) };
+            out[r * t_n + t] = unsafe { dot_row(w, r, a) };
         }
     }
 }
@@ -25,20 +25,23 @@ fn dot32_small(w: __m256i, a: __m256i) -> __m256i {
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_row(w: &PackedRow<'_>, a: &ActRow<'_>) -> f32 {
-    let nb = w.d.len();
+unsafe fn dot_row(w: &PackedGroup<'_>, r: usize, a: &ActRow<'_>) -> f32 {
+    let nb = w.blocks;
+    let lvl = w.width.pair_bytes();
+    let chunk = GROUP * lvl + GROUP * 8;
+    assert!(w.data.len() >= (nb / 2) * chunk + GROUP * nb * 4, "packed group too short");
     assert!(a.d.len() >= nb && a.s.len() >= nb && a.qs.len() >= 32 * nb);
     let low4 = _mm256_set1_epi8(0x0F);
     let mut acc = _mm256_setzero_ps();
     let mut offsets = 0f32;
     for b in 0..nb {
-        // SAFETY: `PackedMatrix` rows hold `nb` blocks of levels; activations were asserted above.
-        let (levels_dot, av) = unsafe {
+        let row = (b / 2) * chunk + r * lvl;
+        // SAFETY: `row + lvl <= (nb / 2) * chunk` and activations were asserted above.
+        let levels_dot = unsafe {
             let av = _mm256_loadu_si256(a.qs.as_ptr().add(32 * b) as *const __m256i);
-            let dot = match w.width {
+            match w.width {
                 LevelWidth::Nibble => {
-                    assert!(w.qs.len() >= 16 * nb);
-                    let raw = _mm256_loadu_si256(w.qs.as_ptr().add(32 * (b / 2)) as *const __m256i);
+                    let raw = _mm256_loadu_si256(w.data.as_ptr().add(row) as *const __m256i);
                     let lv = if b % 2 == 0 {
                         _mm256_and_si256(raw, low4)
                     } else {
@@ -47,20 +50,17 @@ unsafe fn dot_row(w: &PackedRow<'_>, a: &ActRow<'_>) -> f32 {
                     dot32_small(lv, av)
                 }
                 LevelWidth::Byte => {
-                    assert!(w.qs.len() >= 32 * nb);
                     // maddubs saturates at i16, so split 8-bit levels into nibbles.
-                    let raw = _mm256_loadu_si256(w.qs.as_ptr().add(32 * b) as *const __m256i);
+                    let raw = _mm256_loadu_si256(w.data.as_ptr().add(row + 32 * (b % 2)) as *const __m256i);
                     let lo = dot32_small(_mm256_and_si256(raw, low4), av);
                     let hi = dot32_small(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), av);
                     _mm256_add_epi32(lo, _mm256_slli_epi32(hi, 4))
                 }
-            };
-            (dot, av)
+            }
         };
-        let _ = av;
-        let scale = _mm256_set1_ps(w.d[b] * a.d[b]);
+        let scale = _mm256_set1_ps(w.d(r, b) * a.d[b]);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(levels_dot), scale, acc);
-        offsets += w.m[b] * a.s[b];
+        offsets += w.m(r, b) * a.s[b];
     }
     hsum256(acc) + offsets
 }

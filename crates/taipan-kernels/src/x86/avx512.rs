@@ -1,113 +1,86 @@
 //! AVX-512 kernels (F, BW, and VNNI for the integer dot products).
 
-use crate::packed::{ActRow, LevelWidth, PackedRow};
+use crate::packed::{ActRow, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
-/// Packed-row × activation tile: `out[r * acts.len() + t] = ws[r] · acts[t]`, up to 4×4.
+/// Packed-group × activation tile: `out[r * acts.len() + t] = row r · acts[t]` for the group's
+/// 4 rows and up to 4 activation rows.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F/BW/VNNI. All rows and activations must share one padded
-/// length (a multiple of 64), which `PackedMatrix` and `QuantizedActs` guarantee.
+/// The CPU must support AVX-512 F/BW/VNNI. Shapes are asserted.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn dot_tile_packed(ws: &[PackedRow<'_>], acts: &[ActRow<'_>], out: &mut [f32]) {
+pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
     // SAFETY: forwarded contract; the match only picks a monomorphized size.
     unsafe {
-        macro_rules! go {
-            ($r:literal, $t:literal) => {
-                if ws[0].width == LevelWidth::Nibble {
-                    tile::<$r, $t, true>(ws, acts, out)
-                } else {
-                    tile::<$r, $t, false>(ws, acts, out)
-                }
-            };
-        }
-        match (ws.len(), acts.len()) {
-            (1, 1) => go!(1, 1),
-            (1, 2) => go!(1, 2),
-            (1, 3) => go!(1, 3),
-            (1, 4) => go!(1, 4),
-            (2, 1) => go!(2, 1),
-            (2, 2) => go!(2, 2),
-            (2, 3) => go!(2, 3),
-            (2, 4) => go!(2, 4),
-            (3, 1) => go!(3, 1),
-            (4, 1) => go!(4, 1),
-            (r, t) => {
-                for (i, w) in ws.iter().enumerate() {
-                    for (j, a) in acts.iter().enumerate() {
-                        out[i * t + j] = {
-                            let mut one = [0f32];
-                            if w.width == LevelWidth::Nibble {
-                                tile::<1, 1, true>(std::slice::from_ref(w), std::slice::from_ref(a), &mut one)
-                            } else {
-                                tile::<1, 1, false>(std::slice::from_ref(w), std::slice::from_ref(a), &mut one)
-                            }
-                            one[0]
-                        };
-                    }
-                }
-                let _ = r;
-            }
+        match (w.width == LevelWidth::Nibble, acts.len()) {
+            (true, 1) => group_tile::<1, true>(w, acts, out),
+            (true, 2) => group_tile::<2, true>(w, acts, out),
+            (true, 3) => group_tile::<3, true>(w, acts, out),
+            (true, 4) => group_tile::<4, true>(w, acts, out),
+            (false, 1) => group_tile::<1, false>(w, acts, out),
+            (false, 2) => group_tile::<2, false>(w, acts, out),
+            (false, 3) => group_tile::<3, false>(w, acts, out),
+            (false, 4) => group_tile::<4, false>(w, acts, out),
+            (_, n) => panic!("packed tile takes 1 to 4 activation rows, got {n}"),
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile<const R: usize, const T: usize, const NIBBLE: bool>(
-    ws: &[PackedRow<'_>],
-    acts: &[ActRow<'_>],
-    out: &mut [f32],
-) {
-    let nb = ws[0].d.len();
+unsafe fn group_tile<const T: usize, const NIBBLE: bool>(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
+    const R: usize = GROUP;
+    let nb = w.blocks;
     let npairs = nb / 2;
-    for w in ws {
-        assert!(w.d.len() == nb && w.m.len() == nb);
-        assert!(w.qs.len() >= if NIBBLE { 32 * npairs } else { 64 * npairs });
-    }
+    let lvl = if NIBBLE { 32 } else { 64 };
+    let chunk = R * lvl + R * 8;
+    assert!(w.data.len() >= npairs * chunk + R * nb * 4, "packed group too short");
+    assert!(out.len() >= R * T);
     for a in acts {
         assert!(a.qs.len() >= 64 * npairs && a.d_lanes.len() >= 16 * npairs && a.s.len() >= nb);
     }
-    // Lanes 0-7 take the first block's scale, lanes 8-15 the second's.
-    let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    // Row r's two scales sit at lanes 2r, 2r+1 of the loaded scale vector; spread them over
+    // 8 lanes each, matching the two blocks of a pair in the product.
+    let spread: [__m512i; R] = std::array::from_fn(|r| {
+        let (a, b) = (2 * r as i32, 2 * r as i32 + 1);
+        _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
+    });
     let low4 = _mm256_set1_epi8(0x0F);
+    let base = w.data.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for p in 0..npairs {
-        let mut wv = [_mm512_setzero_si512(); R];
-        let mut wd = [_mm512_setzero_ps(); R];
-        for r in 0..R {
-            // SAFETY: bounds asserted above; unaligned loads.
-            unsafe {
-                wv[r] = if NIBBLE {
-                    let raw = _mm256_loadu_si256(ws[r].qs.as_ptr().add(32 * p) as *const __m256i);
+        // SAFETY: every read below stays within the asserted lengths.
+        unsafe {
+            let c = base.add(p * chunk);
+            let mut wv = [_mm512_setzero_si512(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = if NIBBLE {
+                    let raw = _mm256_loadu_si256(c.add(r * 32) as *const __m256i);
                     let lo = _mm256_and_si256(raw, low4);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
                     _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
                 } else {
-                    _mm512_loadu_si512(ws[r].qs.as_ptr().add(64 * p) as *const _)
+                    _mm512_loadu_si512(c.add(r * 64) as *const _)
                 };
-                let d2 = _mm_castsi128_ps(_mm_loadl_epi64(ws[r].d.as_ptr().add(2 * p) as *const __m128i));
-                wd[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d2));
             }
-        }
-        for t in 0..T {
-            // SAFETY: bounds asserted above.
-            let (a, ad) = unsafe {
-                (
-                    _mm512_loadu_si512(acts[t].qs.as_ptr().add(64 * p) as *const _),
-                    _mm512_loadu_ps(acts[t].d_lanes.as_ptr().add(16 * p)),
-                )
-            };
-            for r in 0..R {
-                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], a);
-                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), ad);
-                acc[r][t] = _mm512_fmadd_ps(f, wd[r], acc[r][t]);
+            let scales = _mm512_castps256_ps512(_mm256_loadu_ps(c.add(R * lvl) as *const f32));
+            let wd: [__m512; R] = std::array::from_fn(|r| _mm512_permutexvar_ps(spread[r], scales));
+            for t in 0..T {
+                let a = _mm512_loadu_si512(acts[t].qs.as_ptr().add(64 * p) as *const _);
+                let ad = _mm512_loadu_ps(acts[t].d_lanes.as_ptr().add(16 * p));
+                for r in 0..R {
+                    let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], a);
+                    let f = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), ad);
+                    acc[r][t] = _mm512_fmadd_ps(f, wd[r], acc[r][t]);
+                }
             }
         }
     }
+    // SAFETY: the offsets table follows the pairs, `R * nb` f32 values (asserted above).
+    let m = unsafe { base.add(npairs * chunk) as *const f32 };
     for r in 0..R {
         for t in 0..T {
-            // SAFETY: lengths asserted above; the tail uses masked loads.
-            let offsets = unsafe { dot_f32_raw(ws[r].m.as_ptr(), acts[t].s.as_ptr(), nb) };
+            // SAFETY: as above; `s` has `nb` values.
+            let offsets = unsafe { dot_f32_raw(m.add(r * nb), acts[t].s.as_ptr(), nb) };
             out[r * T + t] = _mm512_reduce_add_ps(acc[r][t]) + offsets;
         }
     }
@@ -188,6 +161,58 @@ unsafe fn tile_f32<const R: usize, const T: usize>(ws: &[&[f32]], xs: &[&[f32]],
     for r in 0..R {
         for t in 0..T {
             out[r * T + t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+}
+
+/// One attention head over `n` cached positions; see `crate::ops::attend_head_ref`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F. Shapes are asserted.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn attend_head(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], stride: usize, n: usize, scale: f32, scores: &mut Vec<f32>) {
+    let hd = q.len();
+    if hd % 16 != 0 || hd > 256 {
+        crate::ops::attend_head_ref(out, q, k, v, stride, n, scale, scores);
+        return;
+    }
+    assert!(out.len() == hd && n > 0);
+    assert!(k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd);
+    let chunks = hd / 16;
+    scores.clear();
+    scores.resize(n, 0.0);
+    // SAFETY: all loads are inside `q`, or inside `k`/`v` rows `p < n` (asserted above).
+    unsafe {
+        let mut qv = [_mm512_setzero_ps(); 16];
+        for (c, r) in qv.iter_mut().enumerate().take(chunks) {
+            *r = _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(16 * c)), _mm512_set1_ps(scale));
+        }
+        let mut max = f32::NEG_INFINITY;
+        for (p, s) in scores.iter_mut().enumerate() {
+            let kp = k.as_ptr().add(p * stride);
+            let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+            for (c, qc) in qv.iter().enumerate().take(chunks).skip(1) {
+                acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(kp.add(16 * c)), acc);
+            }
+            *s = _mm512_reduce_add_ps(acc);
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for (p, &s) in scores.iter().enumerate() {
+            let w = _mm512_set1_ps(s * inv);
+            let vp = v.as_ptr().add(p * stride);
+            for (c, a) in acc.iter_mut().enumerate().take(chunks) {
+                *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate().take(chunks) {
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *a);
         }
     }
 }

@@ -1,0 +1,3 @@
+//! Model architectures, one module each.
+
+pub mod llama;

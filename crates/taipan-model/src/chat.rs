@@ -1,0 +1,96 @@
+//! Chat templates: the model's own Jinja template rendered with `minijinja`.
+//!
+//! The environment mirrors Hugging Face's: `trim_blocks` and `lstrip_blocks`, Python string and
+//! dict methods (`.strip()`, `.items()`, via `minijinja-contrib`'s pycompat), `raise_exception`,
+//! and key order preserved end to end so that tool schemas render exactly as the client sent them.
+
+use minijinja::{Environment, ErrorKind, Value as Jv};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("chat template does not compile: {0}")]
+    Compile(String),
+    #[error("chat template failed to render: {0}")]
+    Render(String),
+}
+
+/// One chat message as the template sees it. Extra fields (tool calls, names) pass through.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: serde_json::Value,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: &str) -> Self {
+        ChatMessage { role: role.into(), content: content.into(), extra: Default::default() }
+    }
+}
+
+/// What a render needs beyond the messages.
+#[derive(Debug, Clone, Default)]
+pub struct RenderOptions {
+    pub add_generation_prompt: bool,
+    pub tools: Option<serde_json::Value>,
+    pub documents: Option<serde_json::Value>,
+    /// Any further template variables (e.g. Jamba's `knobs`).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A compiled chat template with the model's special-token strings.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    pub source: String,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChatTemplate({} bytes)", self.source.len())
+    }
+}
+
+fn raise_exception(message: String) -> Result<Jv, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
+        let mut env = Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| TemplateError::Compile(e.to_string()))?;
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat", source.to_string()).map_err(|e| TemplateError::Compile(format!("{e:#}")))?;
+        Ok(ChatTemplate { env, source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() })
+    }
+
+    /// Renders a conversation to the prompt text.
+    pub fn render(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<String, TemplateError> {
+        let tmpl = self.env.get_template("chat").map_err(|e| TemplateError::Render(e.to_string()))?;
+        let mut ctx = serde_json::Map::new();
+        for (k, v) in &opts.extra {
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("messages".into(), serde_json::to_value(messages).unwrap_or_default());
+        ctx.insert("add_generation_prompt".into(), opts.add_generation_prompt.into());
+        ctx.insert("bos_token".into(), self.bos_token.clone().into());
+        ctx.insert("eos_token".into(), self.eos_token.clone().into());
+        if let Some(t) = &opts.tools {
+            ctx.insert("tools".into(), t.clone());
+        }
+        if let Some(d) = &opts.documents {
+            ctx.insert("documents".into(), d.clone());
+        }
+        tmpl.render(minijinja::value::Serde(&ctx)).map_err(|e| TemplateError::Render(format!("{e:#}")))
+    }
+}

@@ -1,0 +1,255 @@
+//! Tokenizers, built with Hugging Face `tokenizers` from a `tokenizer.json` or from GGUF metadata.
+//!
+//! GGUF files carry the vocabulary as arrays (`tokenizer.ggml.*`). We translate them into the
+//! `tokenizer.json` form and let `tokenizers` do the work, so byte-level BPE (gpt2-style, with the
+//! pre-tokenizer named by `tokenizer.ggml.pre`) and SentencePiece-style vocabularies (`llama`,
+//! scores turned into merge ranks, byte fallback) share one well-tested implementation.
+
+use crate::gguf::{GgufError, GgufFile, Value};
+use serde_json::{json, Map, Value as Json};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{path}: tokenizer model '{model}' is not supported (expected gpt2 or llama)")]
+    UnsupportedModel { path: String, model: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("token id {0} is outside the vocabulary")]
+    UnknownId(u32),
+}
+
+/// Special-token ids a generator needs.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Every id that ends generation (eos, end-of-turn markers).
+    pub stop_ids: Vec<u32>,
+    /// Whether the model expects a BOS before a raw prompt.
+    pub add_bos: bool,
+}
+
+/// A text ↔ token-id codec.
+#[derive(Clone)]
+pub struct Tokenizer {
+    /// Recognises special-token text (`<|im_start|>`) as single ids.
+    special: tokenizers::Tokenizer,
+    /// Treats every string as plain text.
+    plain: tokenizers::Tokenizer,
+    pub specials: SpecialTokens,
+    vocab_size: usize,
+    /// Piece text per id, for display and logprobs.
+    pieces: Vec<String>,
+    control: Vec<bool>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokenizer({} tokens)", self.vocab_size)
+    }
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> TokenizerError {
+    TokenizerError::Invalid { path: path.display().to_string(), message: message.into() }
+}
+
+impl Tokenizer {
+    fn from_json(json: &Json, path: &Path, specials: SpecialTokens) -> Result<Self, TokenizerError> {
+        let text = json.to_string();
+        let special: tokenizers::Tokenizer =
+            text.parse().map_err(|e| invalid(path, format!("cannot build tokenizer: {e}")))?;
+        let mut plain = special.clone();
+        plain.set_encode_special_tokens(true);
+        let vocab_size = special.get_vocab_size(true);
+        let mut pieces = vec![String::new(); vocab_size];
+        let mut control = vec![false; vocab_size];
+        for (piece, id) in special.get_vocab(true) {
+            if let Some(slot) = pieces.get_mut(id as usize) {
+                *slot = piece;
+            }
+        }
+        for (id, added) in special.get_added_tokens_decoder() {
+            if added.special {
+                if let Some(c) = control.get_mut(id as usize) {
+                    *c = true;
+                }
+            }
+        }
+        Ok(Tokenizer { special, plain, specials, vocab_size, pieces, control })
+    }
+
+    /// Loads a Hugging Face `tokenizer.json`.
+    pub fn from_tokenizer_json(path: &Path, specials: SpecialTokens) -> Result<Self, TokenizerError> {
+        let text = std::fs::read_to_string(path).map_err(|e| invalid(path, e.to_string()))?;
+        let json: Json = serde_json::from_str(&text).map_err(|e| invalid(path, e.to_string()))?;
+        Self::from_json(&json, path, specials)
+    }
+
+    /// Builds the tokenizer a GGUF file describes.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, TokenizerError> {
+        let path = file.path.as_path();
+        let model = file.get_str("tokenizer.ggml.model")?;
+        let tokens = file.get_strings("tokenizer.ggml.tokens")?;
+        let types: Vec<u64> = match file.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(items)) => items.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(invalid(path, "tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length"));
+        }
+        let id = |key: &str| file.get(key).and_then(Value::as_u64).map(|v| v as u32);
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let eot = id("tokenizer.ggml.eot_token_id");
+        let eom = id("tokenizer.ggml.eom_token_id");
+        let mut stop_ids: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
+        stop_ids.dedup();
+        let default_add_bos = model == "llama";
+        let specials = SpecialTokens {
+            bos,
+            eos,
+            stop_ids,
+            add_bos: file.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(default_add_bos),
+        };
+        for &sid in specials.stop_ids.iter().chain(bos.iter()) {
+            if sid as usize >= tokens.len() {
+                return Err(invalid(path, format!("special token id {sid} is outside the vocabulary")));
+            }
+        }
+        // Control (3) and user-defined (4) tokens are matched whole, before the model runs.
+        let added: Vec<Json> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (_, &t))| t == 3 || t == 4)
+            .map(|(i, (tok, &t))| {
+                json!({"id": i, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": t == 3})
+            })
+            .collect();
+        let mut vocab = Map::new();
+        for (i, tok) in tokens.iter().enumerate() {
+            vocab.insert((*tok).to_string(), json!(i));
+        }
+        let json = match model {
+            "gpt2" => {
+                let merges = file.get_strings("tokenizer.ggml.merges")?;
+                let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+                let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
+                let pre_tokenizer = match pre {
+                    // SmolLM splits every digit on its own before the GPT-2 regex.
+                    "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+                        {"type": "Digits", "individual_digits": true}, byte_level]}),
+                    _ => byte_level,
+                };
+                json!({
+                    "version": "1.0", "truncation": null, "padding": null,
+                    "added_tokens": added, "normalizer": null, "pre_tokenizer": pre_tokenizer,
+                    "post_processor": null,
+                    "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+                    "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                              "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                              "ignore_merges": false, "vocab": vocab, "merges": merges}
+                })
+            }
+            "llama" => {
+                let scores: Vec<f64> = match file.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(items)) => items.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+                    _ => vec![0.0; tokens.len()],
+                };
+                let merges = merges_from_scores(&tokens, &types, &scores);
+                let unk = id("tokenizer.ggml.unknown_token_id").and_then(|u| tokens.get(u as usize).copied());
+                let add_space = file.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                let mut normalizers = vec![];
+                if add_space {
+                    normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+                }
+                normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+                let mut decoders = vec![
+                    json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if add_space {
+                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
+                json!({
+                    "version": "1.0", "truncation": null, "padding": null,
+                    "added_tokens": added,
+                    "normalizer": {"type": "Sequence", "normalizers": normalizers},
+                    "pre_tokenizer": null, "post_processor": null,
+                    "decoder": {"type": "Sequence", "decoders": decoders},
+                    "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                              "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                              "ignore_merges": false, "vocab": vocab, "merges": merges}
+                })
+            }
+            other => {
+                return Err(TokenizerError::UnsupportedModel { path: path.display().to_string(), model: other.into() })
+            }
+        };
+        Self::from_json(&json, path, specials)
+    }
+
+    /// Encodes text. With `parse_special`, special-token text becomes its single id. No BOS is added.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        let tk = if parse_special { &self.special } else { &self.plain };
+        let enc = tk
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Invalid { path: "tokenizer".into(), message: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text; special tokens appear as their text unless `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {
+            return Err(TokenizerError::UnknownId(bad));
+        }
+        self.special
+            .decode(ids, skip_special)
+            .map_err(|e| TokenizerError::Invalid { path: "tokenizer".into(), message: e.to_string() })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The vocabulary string of an id (byte-level form for BPE vocabularies).
+    pub fn piece(&self, id: u32) -> Option<&str> {
+        self.pieces.get(id as usize).map(String::as_str)
+    }
+
+    /// Whether an id is a special (control) token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.control.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// The id of a token given by its exact vocabulary string.
+    pub fn token_id(&self, piece: &str) -> Option<u32> {
+        self.special.token_to_id(piece)
+    }
+}
+
+/// Turns SentencePiece scores into BPE merges: a token that can be split into two vocabulary
+/// tokens gets a merge for each such split, ranked by the token's score (higher merges first).
+fn merges_from_scores(tokens: &[&str], types: &[u64], scores: &[f64]) -> Vec<String> {
+    let index: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().filter(|(i, _)| types[*i] == 1).map(|(i, t)| (*t, i)).collect();
+    let mut ranked: Vec<(f64, usize, usize, String)> = Vec::new();
+    for (i, tok) in tokens.iter().enumerate() {
+        if types[i] != 1 || tok.chars().count() < 2 {
+            continue;
+        }
+        for (split, _) in tok.char_indices().skip(1) {
+            let (a, b) = tok.split_at(split);
+            if let (Some(&ia), Some(&ib)) = (index.get(a), index.get(b)) {
+                ranked.push((scores.get(i).copied().unwrap_or(0.0), ia, ib, format!("{a} {b}")));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    ranked.into_iter().map(|r| r.3).collect()
+}
