@@ -65,9 +65,9 @@ pub struct BenchResult {
     pub decode_tok_s: f64,
 }
 
-/// Times a prefill of `prompt_tokens` and `gen_tokens` single-token decode steps after it,
-/// `reps` times (after one warm-up), reporting medians. Token ids are fixed and arbitrary:
-/// speed does not depend on them.
+/// Times a prefill of `prompt_tokens` from an empty state, and `gen_tokens` single-token decode
+/// steps from another empty state (llama-bench's `pp` and `tg`), `reps` times after one warm-up,
+/// reporting medians. Token ids are fixed and arbitrary: speed does not depend on them.
 pub fn bench(
     model: &Model,
     compute: &Compute,
@@ -85,6 +85,7 @@ pub fn bench(
         let t = Instant::now();
         model.forward(compute, &prompt, &mut state, &mut scratch, false)?;
         let p = t.elapsed().as_secs_f64();
+        let mut state = model.new_state();
         let mut next = (rep as u32 * 31 + 5) % vocab;
         let t = Instant::now();
         for _ in 0..gen_tokens {

@@ -76,7 +76,9 @@ fn teacher_forced_diffs(m: &Model, prompt: &Value, reference: &str) -> (Vec<f32>
     let lps = all_logprobs(m, &seq);
     let mut step_max = Vec::new();
     let mut pooled = Vec::new();
-    for (k, (top_ids, top_lps)) in r["top10_ids"].as_array().unwrap().iter().zip(r["top10_logprobs"].as_array().unwrap()).enumerate() {
+    for (k, (top_ids, top_lps)) in
+        r["top10_ids"].as_array().unwrap().iter().zip(r["top10_logprobs"].as_array().unwrap()).enumerate()
+    {
         let row = &lps[prompt_ids.len() - 1 + k];
         let mut worst = 0f32;
         for (id, want) in ids(top_ids).iter().zip(top_lps.as_array().unwrap()) {
@@ -126,7 +128,10 @@ fn chat_template_renders_like_jinja2() {
             .iter()
             .map(|msg| ChatMessage::new(msg["role"].as_str().unwrap(), msg["content"].as_str().unwrap()))
             .collect();
-        let opts = RenderOptions { add_generation_prompt: c["add_generation_prompt"].as_bool().unwrap(), ..Default::default() };
+        let opts = RenderOptions {
+            add_generation_prompt: c["add_generation_prompt"].as_bool().unwrap(),
+            ..Default::default()
+        };
         let text = m.render_chat(&messages, &opts).unwrap();
         assert_eq!(text, c["jinja2_render"].as_str().unwrap(), "{name}");
         assert_eq!(m.tokenizer.encode(&text, true).unwrap(), ids(&c["jinja2_prompt_ids"]), "{name}: ids");
@@ -150,7 +155,12 @@ fn tier1_exact_teacher_forced_top10_within_0_02_nats() {
     let m = model(MatmulMode::Exact);
     let mut overall = 0f32;
     for p in greedy()["prompts"].as_array().unwrap() {
-        let near: Vec<usize> = p["references"]["f32dq"]["near_tie_steps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let near: Vec<usize> = p["references"]["f32dq"]["near_tie_steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
         let (steps, _) = teacher_forced_diffs(m, p, "f32dq");
         for (k, d) in steps.iter().enumerate() {
             if !near.contains(&k) {
@@ -176,7 +186,8 @@ fn tier1_exact_greedy_identical_in_at_least_7_of_8() {
             continue;
         }
         let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-        let near: Vec<usize> = r["near_tie_steps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let near: Vec<usize> =
+            r["near_tie_steps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         assert!(near.contains(&first), "{}: diverges at step {first}, which is not a near tie", p["name"]);
     }
     eprintln!("tier 1 greedy: {identical}/8 identical");
@@ -232,7 +243,8 @@ fn tier2_fast_teacher_forced_within_bounds() {
         assert!(med <= 0.45, "{}: median of per-step maxima {med} > 0.45", p["name"]);
         pooled_all.extend(pooled);
     }
-    let (med, p99, max) = (quantile(&mut pooled_all, 0.5), quantile(&mut pooled_all, 0.99), quantile(&mut pooled_all, 1.0));
+    let (med, p99, max) =
+        (quantile(&mut pooled_all, 0.5), quantile(&mut pooled_all, 0.99), quantile(&mut pooled_all, 1.0));
     eprintln!("tier 2 pooled |Δ|: median {med:.3}, p99 {p99:.3}, max {max:.3}");
     assert!(med <= 0.15 && p99 <= 0.75 && max <= 2.0, "median {med}, p99 {p99}, max {max}");
 }
@@ -244,10 +256,21 @@ fn tier2_fast_greedy_identical_up_to_first_near_tie() {
     for p in greedy()["prompts"].as_array().unwrap() {
         let r = &p["references"]["q4_1"];
         let want = ids(&r["generated_ids"]);
-        let near = r["near_tie_steps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).min().unwrap_or(want.len());
+        let near = r["near_tie_steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .min()
+            .unwrap_or(want.len());
         let got = greedy_ids(m, &ids(&p["prompt_ids"]), near.min(want.len()), eos);
         let n = near.min(want.len());
-        assert_eq!(&got[..n.min(got.len())], &want[..n.min(got.len())], "{}: before first near tie (step {near})", p["name"]);
+        assert_eq!(
+            &got[..n.min(got.len())],
+            &want[..n.min(got.len())],
+            "{}: before first near tie (step {near})",
+            p["name"]
+        );
     }
 }
 
@@ -259,4 +282,48 @@ fn tier2_fast_last_position_vectors_within_1_nat() {
 #[test]
 fn tier2_fast_perplexity_within_one_percent() {
     ppl_check(MatmulMode::Fast, "q4_1", 0.01);
+}
+
+#[test]
+fn streaming_detokenizer_never_splits_characters() {
+    let m = model(MatmulMode::Fast);
+    let text = "Emoji 👩‍👩‍👧 and accents: café, naïve; 日本語のテキスト; done.";
+    let ids = m.tokenizer.encode(text, false).unwrap();
+    let mut dec = taipan_engine::IncrementalDecoder::new(true);
+    let mut out = String::new();
+    for &id in &ids {
+        let piece = dec.push(&m.tokenizer, id);
+        assert!(!piece.contains('\u{FFFD}'), "broken character in {piece:?}");
+        out.push_str(&piece);
+    }
+    out.push_str(&dec.flush(&m.tokenizer));
+    assert_eq!(out, text);
+}
+
+#[test]
+fn context_overflow_and_bad_ids_are_errors() {
+    let m = model(MatmulMode::Fast);
+    let mut state = m.new_state();
+    let mut scratch = Scratch::default();
+    assert!(m.forward(compute(), &[u32::MAX], &mut state, &mut scratch, false).is_err());
+    assert!(m.forward(compute(), &[], &mut state, &mut scratch, false).is_err());
+    let too_long = vec![1u32; m.context_length() + 1];
+    assert!(m.forward(compute(), &too_long, &mut state, &mut scratch, false).is_err());
+    assert_eq!(state.len(), 0, "a failed call leaves the state unchanged");
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot() {
+    let m = model(MatmulMode::Exact);
+    let ids: Vec<u32> = ids(&greedy()["prompts"][0]["prompt_ids"]);
+    let one = all_logprobs(m, &ids);
+    let mut state = m.new_state();
+    let mut scratch = Scratch::default();
+    for chunk in ids.chunks(5) {
+        m.forward(compute(), chunk, &mut state, &mut scratch, false).unwrap();
+    }
+    let mut last = vec![0f32; m.vocab_size()];
+    log_softmax(&mut last, scratch.logits());
+    let worst = last.iter().zip(one.last().unwrap()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "chunked prefill differs by {worst}");
 }

@@ -61,7 +61,16 @@ mod x86_entry {
         unsafe { avx512::dot_group_packed(w, acts, out) }
     }
     #[allow(clippy::too_many_arguments)]
-    pub fn attend_avx512(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], stride: usize, n: usize, scale: f32, scores: &mut Vec<f32>) {
+    pub fn attend_avx512(
+        out: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        stride: usize,
+        n: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+    ) {
         // SAFETY: only installed after detecting avx512f.
         unsafe { avx512::attend_head(out, q, k, v, stride, n, scale, scores) }
     }
@@ -82,7 +91,12 @@ mod x86_entry {
 impl Kernels {
     /// The portable reference kernels.
     pub fn scalar() -> Kernels {
-        Kernels { isa: Isa::Scalar, packed_tile: packed_tile_ref, f32_tile: f32_tile_ref, attend_head: crate::ops::attend_head_ref }
+        Kernels {
+            isa: Isa::Scalar,
+            packed_tile: packed_tile_ref,
+            f32_tile: f32_tile_ref,
+            attend_head: crate::ops::attend_head_ref,
+        }
     }
 
     /// The table for `isa`, if this CPU supports it.
@@ -90,9 +104,12 @@ impl Kernels {
         match isa {
             Isa::Scalar => Some(Self::scalar()),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(
-                Kernels { isa, packed_tile: x86_entry::packed_avx2, f32_tile: x86_entry::f32_avx2, attend_head: crate::ops::attend_head_ref },
-            ),
+            Isa::Avx2 => (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(Kernels {
+                isa,
+                packed_tile: x86_entry::packed_avx2,
+                f32_tile: x86_entry::f32_avx2,
+                attend_head: crate::ops::attend_head_ref,
+            }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 /// The sum of squares is accumulated in f64, as ggml does, so exact-mode outputs agree.
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     let n = weight.len();
-    assert!(n > 0 && x.len() % n == 0, "rms_norm shape");
+    assert!(n > 0 && x.len().is_multiple_of(n), "rms_norm shape");
     for row in x.chunks_exact_mut(n) {
         let sum: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
         let mean = (sum / n as f64) as f32;
@@ -155,7 +155,16 @@ thread_local! {
 /// Scalar reference of one attention head: `out = softmax(scale · K q) · V` over `n` positions
 /// whose keys and values start every `stride` floats in `k` and `v`.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_head_ref(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], stride: usize, n: usize, scale: f32, scores: &mut Vec<f32>) {
+pub fn attend_head_ref(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
     let hd = q.len();
     assert!(out.len() == hd && n > 0);
     assert!(k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd);
@@ -189,7 +198,7 @@ pub fn attention(
     assert_eq!(q.len(), s.tokens * qdim);
     assert_eq!(out.len(), s.tokens * qdim);
     assert!(k.len() >= total * kvdim && v.len() >= total * kvdim, "kv cache too short");
-    assert!(s.heads % s.kv_heads == 0);
+    assert!(s.heads.is_multiple_of(s.kv_heads));
     let group = s.heads / s.kv_heads;
     let sink = SharedOut(out.as_mut_ptr());
     let attend = kernels.attend_head;
@@ -290,7 +299,9 @@ mod tests {
                     let kvh = h / 2;
                     let qh = &q[(t * heads + h) * hd..][..hd];
                     let mut w: Vec<f32> = (0..=start + t)
-                        .map(|p| qh.iter().zip(&k[(p * kv_heads + kvh) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() * 0.35)
+                        .map(|p| {
+                            qh.iter().zip(&k[(p * kv_heads + kvh) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() * 0.35
+                        })
                         .collect();
                     softmax(&mut w);
                     for d in 0..hd {

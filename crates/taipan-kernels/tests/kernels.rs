@@ -122,7 +122,7 @@ fn q4k_element(b: &[u8], i: usize) -> f32 {
         ((s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4), (s[sub + 4] >> 4) | ((s[sub] >> 6) << 4))
     };
     let byte = b[16 + 32 * (i / 64) + i % 32];
-    let q = if sub % 2 == 0 { byte & 15 } else { byte >> 4 };
+    let q = if sub.is_multiple_of(2) { byte & 15 } else { byte >> 4 };
     d * sc as f32 * q as f32 - dmin * m as f32
 }
 

@@ -25,7 +25,9 @@ pub enum GgufError {
     Corrupt { path: PathBuf, what: String, message: String },
     #[error("{path}: tensor '{tensor}' has ggml type {type_id}, which taipan does not support")]
     UnknownType { path: PathBuf, tensor: String, type_id: u32 },
-    #[error("{path}: tensor '{tensor}' ({bytes} bytes at data offset {offset}) runs past the end of the file ({len} bytes)")]
+    #[error(
+        "{path}: tensor '{tensor}' ({bytes} bytes at data offset {offset}) runs past the end of the file ({len} bytes)"
+    )]
     TensorOutOfBounds { path: PathBuf, tensor: String, offset: u64, bytes: u64, len: u64 },
     #[error("{path}: metadata key '{key}' is missing")]
     MissingKey { path: PathBuf, key: String },
@@ -286,7 +288,9 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() => a,
-                _ => return Err(r.corrupt("metadata 'general.alignment'".into(), format!("{v:?} is not a power of two"))),
+                _ => {
+                    return Err(r.corrupt("metadata 'general.alignment'".into(), format!("{v:?} is not a power of two")))
+                }
             },
         };
         let mut tensors = Vec::new();
@@ -304,8 +308,11 @@ impl GgufFile {
             }
             let type_id = r.u32(&what)?;
             let offset = r.u64(&what)?;
-            let dtype = DType::from_ggml_id(type_id)
-                .ok_or_else(|| GgufError::UnknownType { path: path.clone(), tensor: name.clone(), type_id })?;
+            let dtype = DType::from_ggml_id(type_id).ok_or_else(|| GgufError::UnknownType {
+                path: path.clone(),
+                tensor: name.clone(),
+                type_id,
+            })?;
             let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
             let row = dims[0];
             let bytes = elements.and_then(|e| {
@@ -314,9 +321,8 @@ impl GgufFile {
                 }
                 (e / dtype.block_elems() as u64).checked_mul(dtype.block_bytes() as u64)
             });
-            let bytes = bytes.ok_or_else(|| {
-                r.corrupt(what(), format!("shape {dims:?} is not a whole number of {dtype} blocks"))
-            })?;
+            let bytes = bytes
+                .ok_or_else(|| r.corrupt(what(), format!("shape {dims:?} is not a whole number of {dtype} blocks")))?;
             if offset % alignment != 0 {
                 return Err(r.corrupt(what(), format!("offset {offset} is not aligned to {alignment}")));
             }
@@ -385,10 +391,7 @@ impl GgufFile {
     /// Array of strings (e.g. the vocabulary).
     pub fn get_strings(&self, key: &str) -> Result<Vec<&str>, GgufError> {
         let items = self.get_array(key)?;
-        items
-            .iter()
-            .map(|v| v.as_str().ok_or_else(|| self.wrong(key, v, "array of strings")))
-            .collect()
+        items.iter().map(|v| v.as_str().ok_or_else(|| self.wrong(key, v, "array of strings"))).collect()
     }
 
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo, GgufError> {

@@ -112,9 +112,7 @@ impl Model {
             _ => return Err(ModelError::UnsupportedArch { path: path.into(), arch: arch_name }),
         };
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let piece = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default()
-        };
+        let piece = |id: Option<u32>| id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default();
         let template = match file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
             Some(src) => Some(ChatTemplate::new(src, &piece(tokenizer.specials.bos), &piece(tokenizer.specials.eos))?),
             None => None,

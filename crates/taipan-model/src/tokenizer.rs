@@ -138,7 +138,8 @@ impl Tokenizer {
             "gpt2" => {
                 let merges = file.get_strings("tokenizer.ggml.merges")?;
                 let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-                let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
+                let byte_level =
+                    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
                 let pre_tokenizer = match pre {
                     // SmolLM splits every digit on its own before the GPT-2 regex.
                     "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [

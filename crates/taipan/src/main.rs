@@ -204,7 +204,8 @@ fn run(cli: Cli) -> Result<()> {
 
 fn read_messages(path: &Path) -> Result<Vec<ChatMessage>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let raw: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON array of messages", path.display()))?;
+    let raw: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON array of messages", path.display()))?;
     raw.into_iter()
         .enumerate()
         .map(|(i, v)| {
@@ -227,12 +228,19 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let compute = Compute::new(threads(a.run.threads));
     let prompt_text = match (&a.prompt, &a.messages) {
         (Some(p), _) if a.raw => p.clone(),
-        (Some(p), _) => model.render_chat(&[ChatMessage::new("user", p)], &RenderOptions { add_generation_prompt: true, ..Default::default() })?,
-        (None, Some(file)) => model.render_chat(&read_messages(file)?, &RenderOptions { add_generation_prompt: true, ..Default::default() })?,
+        (Some(p), _) => model.render_chat(
+            &[ChatMessage::new("user", p)],
+            &RenderOptions { add_generation_prompt: true, ..Default::default() },
+        )?,
+        (None, Some(file)) => model
+            .render_chat(&read_messages(file)?, &RenderOptions { add_generation_prompt: true, ..Default::default() })?,
         (None, None) => {
             let mut s = String::new();
             std::io::stdin().lock().read_line(&mut s)?;
-            model.render_chat(&[ChatMessage::new("user", s.trim_end())], &RenderOptions { add_generation_prompt: true, ..Default::default() })?
+            model.render_chat(
+                &[ChatMessage::new("user", s.trim_end())],
+                &RenderOptions { add_generation_prompt: true, ..Default::default() },
+            )?
         }
     };
     let mut ids = model.tokenizer.encode(&prompt_text, true)?;
@@ -280,7 +288,8 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             break;
         }
         history.push(ChatMessage::new("user", line.trim_end()));
-        let prompt = model.render_chat(&history, &RenderOptions { add_generation_prompt: true, ..Default::default() })?;
+        let prompt =
+            model.render_chat(&history, &RenderOptions { add_generation_prompt: true, ..Default::default() })?;
         let ids = model.tokenizer.encode(&prompt, true)?;
         let params = GenerateParams {
             max_tokens: a.max_tokens,
@@ -347,7 +356,13 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("model: {} ({} MB of weights in memory)", path.display(), model.weight_bytes() / 1_000_000);
-        println!("{:>7} {:>10} {:>16} {:>16}", "threads", "kernels", format!("prefill {} tok/s", a.prompt), format!("decode {} tok/s", a.gen));
+        println!(
+            "{:>7} {:>10} {:>16} {:>16}",
+            "threads",
+            "kernels",
+            format!("prefill {} tok/s", a.prompt),
+            format!("decode {} tok/s", a.gen)
+        );
         for (t, r, isa) in rows {
             println!("{t:>7} {:>10} {:>16.1} {:>16.1}", format!("{isa:?}"), r.prefill_tok_s, r.decode_tok_s);
         }

@@ -21,9 +21,9 @@ pub fn default_model() -> PathBuf {
     if let Some(p) = std::env::var_os("TAIPAN_MODEL") {
         return PathBuf::from(p);
     }
-    let dir = std::env::var_os("TAIPAN_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/taipan/models")
-    });
+    let dir = std::env::var_os("TAIPAN_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/taipan/models"));
     let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.exists(), "default model missing at {}: run scripts/get-model.sh", path.display());
     path

@@ -133,8 +133,8 @@ pub fn dequantize_q4_1(src: &[u8], out: &mut [f32]) {
 pub fn dequantize_q5_0(src: &[u8], out: &mut [f32]) {
     for (b, o) in src.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
         let l = levels_q5_0(b);
-        for j in 0..32 {
-            o[j] = (l.level[j] as i32 - 16) as f32 * l.d;
+        for (x, &q) in o.iter_mut().zip(&l.level) {
+            *x = (q as i32 - 16) as f32 * l.d;
         }
     }
 }
@@ -142,8 +142,8 @@ pub fn dequantize_q5_0(src: &[u8], out: &mut [f32]) {
 pub fn dequantize_q5_1(src: &[u8], out: &mut [f32]) {
     for (b, o) in src.chunks_exact(24).zip(out.chunks_exact_mut(32)) {
         let l = levels_q5_1(b);
-        for j in 0..32 {
-            o[j] = l.level[j] as f32 * l.d + l.m;
+        for (x, &q) in o.iter_mut().zip(&l.level) {
+            *x = q as f32 * l.d + l.m;
         }
     }
 }

@@ -91,11 +91,7 @@ pub unsafe fn dot_tile_f32(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
             while i + 8 <= n {
                 // SAFETY: `i + 8 <= n` for both slices.
                 unsafe {
-                    acc = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(w.as_ptr().add(i)),
-                        _mm256_loadu_ps(x.as_ptr().add(i)),
-                        acc,
-                    );
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(w.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i)), acc);
                 }
                 i += 8;
             }

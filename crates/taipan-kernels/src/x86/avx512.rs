@@ -170,9 +170,19 @@ unsafe fn tile_f32<const R: usize, const T: usize>(ws: &[&[f32]], xs: &[&[f32]],
 /// # Safety
 /// The CPU must support AVX-512 F. Shapes are asserted.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn attend_head(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], stride: usize, n: usize, scale: f32, scores: &mut Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attend_head(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
     let hd = q.len();
-    if hd % 16 != 0 || hd > 256 {
+    if !hd.is_multiple_of(16) || hd > 256 {
         crate::ops::attend_head_ref(out, q, k, v, stride, n, scale, scores);
         return;
     }

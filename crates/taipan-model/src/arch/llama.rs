@@ -53,14 +53,18 @@ impl LlamaConfig {
             vocab,
             context: f.get_u64(&key("context_length")).unwrap_or(4096) as usize,
         };
-        let bad = |message: String| GgufError::Corrupt { path: f.path.clone(), what: format!("{arch} hyper-parameters"), message };
-        if cfg.heads == 0 || cfg.kv_heads == 0 || cfg.heads % cfg.kv_heads != 0 {
+        let bad = |message: String| GgufError::Corrupt {
+            path: f.path.clone(),
+            what: format!("{arch} hyper-parameters"),
+            message,
+        };
+        if cfg.heads == 0 || cfg.kv_heads == 0 || !cfg.heads.is_multiple_of(cfg.kv_heads) {
             return Err(bad(format!("{} heads cannot be grouped over {} kv heads", cfg.heads, cfg.kv_heads)));
         }
         if cfg.layers == 0 || cfg.d_model == 0 || cfg.d_ff == 0 || cfg.head_dim == 0 || cfg.vocab == 0 {
             return Err(bad("a dimension is zero".into()));
         }
-        if cfg.rope_dims > cfg.head_dim || cfg.rope_dims % 2 != 0 {
+        if cfg.rope_dims > cfg.head_dim || !cfg.rope_dims.is_multiple_of(2) {
             return Err(bad(format!("rope dimension {} does not fit head size {}", cfg.rope_dims, cfg.head_dim)));
         }
         Ok(cfg)
@@ -181,7 +185,8 @@ fn load_stacked(f: &GgufFile, names: &[(&str, usize)], cols: usize, mode: Matmul
         let mut data = Vec::with_capacity(rows * cols);
         for (t, (_, r)) in infos.iter().zip(names) {
             let mut part = vec![0f32; r * cols];
-            formats::dequantize(t.dtype, f.tensor_data(t), &mut part).map_err(|e| ModelError::tensor(f, &t.name, e.to_string()))?;
+            formats::dequantize(t.dtype, f.tensor_data(t), &mut part)
+                .map_err(|e| ModelError::tensor(f, &t.name, e.to_string()))?;
             data.extend(part);
         }
         Ok(Matrix::from_f32(data, rows, cols))
@@ -194,7 +199,10 @@ impl Llama {
         let c = LlamaConfig::from_gguf(f, arch)?;
         let (d, qd, kvd) = (c.d_model, c.q_dim(), c.kv_dim());
         let emb = f.tensor_shaped("token_embd.weight", &[d as u64, c.vocab as u64])?;
-        let row_bytes = emb.dtype.row_bytes(d).ok_or_else(|| ModelError::tensor(f, "token_embd.weight", "row is not whole blocks".into()))?;
+        let row_bytes = emb
+            .dtype
+            .row_bytes(d)
+            .ok_or_else(|| ModelError::tensor(f, "token_embd.weight", "row is not whole blocks".into()))?;
         let embedding = Embedding { dtype: emb.dtype, data: f.tensor_data(emb).to_vec(), row_bytes };
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {

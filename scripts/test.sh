@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite: fetch the default model if missing, then every crate's tests in release
+# mode (the model tests run real forward passes, too slow unoptimised).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/get-model.sh
+cargo test --release --workspace --locked "$@"
