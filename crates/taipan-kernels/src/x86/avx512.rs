@@ -26,6 +26,9 @@ pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &m
     }
 }
 
+/// How many block pairs ahead the packed kernel prefetches.
+const PREFETCH_PAIRS: usize = 8;
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn group_tile<const T: usize, const NIBBLE: bool>(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
     const R: usize = GROUP;
@@ -51,6 +54,16 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool>(w: &PackedGroup<'_>, ac
         // SAFETY: every read below stays within the asserted lengths.
         unsafe {
             let c = base.add(p * chunk);
+            // Stay a few pairs ahead of the hardware prefetcher on this one sequential stream.
+            // (Only mat-vec is bound by memory; prefetches past the end are harmless hints.)
+            if T == 1 {
+                let ahead = c.wrapping_add(PREFETCH_PAIRS * chunk);
+                let mut line = 0;
+                while line < chunk {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+                    line += 64;
+                }
+            }
             let mut wv = [_mm512_setzero_si512(); R];
             for (r, v) in wv.iter_mut().enumerate() {
                 *v = if NIBBLE {
