@@ -4,10 +4,13 @@
 //! the server turns its results into JSON.
 
 pub mod detokenizer;
+pub mod engine;
 pub mod eval;
 pub mod generate;
 pub mod sampler;
+pub mod stop;
 
 pub use detokenizer::IncrementalDecoder;
+pub use engine::{EngineHandle, EngineStats, Event, EventSink, GenRequest, SubmitError, TokenLogprob};
 pub use generate::{generate, FinishReason, GenerateParams, Generation};
 pub use sampler::{Sampler, SamplingParams};
