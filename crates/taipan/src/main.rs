@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the AI21 Studio and OpenAI chat-completions APIs.
+    Serve(ServeArgs),
     /// Generate text from a prompt or a chat conversation, streamed to stdout.
     Generate(GenerateArgs),
     /// Interactive chat in the terminal, keeping the conversation's history.
@@ -45,6 +47,109 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+}
+
+/// `taipan serve` settings. Precedence: flags, then environment variables, then the TOML file
+/// (`--config`), then defaults.
+#[derive(Args)]
+struct ServeArgs {
+    /// Model file (GGUF). Default: the default model.
+    #[arg(short = 'm', long, env = "TAIPAN_MODEL")]
+    model: Option<PathBuf>,
+    /// Address to bind. Default 127.0.0.1 when no API key is configured, else 0.0.0.0.
+    #[arg(long, env = "TAIPAN_HOST")]
+    host: Option<String>,
+    /// Port (default 8080).
+    #[arg(short = 'p', long, env = "TAIPAN_PORT")]
+    port: Option<u16>,
+    /// Accepted API keys (comma-separated in the environment variable).
+    #[arg(long = "api-key", env = "TAIPAN_API_KEYS", value_delimiter = ',')]
+    api_keys: Vec<String>,
+    /// A file with one API key per line.
+    #[arg(long, env = "TAIPAN_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Names the model answers to (comma-separated); default: AI21's public model names.
+    #[arg(long = "alias", env = "TAIPAN_ALIASES", value_delimiter = ',')]
+    aliases: Vec<String>,
+    /// Compute threads (default: all cores).
+    #[arg(short = 't', long, env = "TAIPAN_THREADS")]
+    threads: Option<usize>,
+    /// Requests that may wait before new ones get 429 (default 64).
+    #[arg(long, env = "TAIPAN_MAX_QUEUE")]
+    max_queue: Option<usize>,
+    /// Largest accepted request body in bytes (default 10 MiB).
+    #[arg(long, env = "TAIPAN_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Seconds in-flight requests get after SIGTERM/SIGINT (default 30).
+    #[arg(long, env = "TAIPAN_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<u64>,
+    /// A TOML file with any of: model, host, port, api_keys, api_key_file, aliases, threads,
+    /// max_queue, max_body_bytes, shutdown_grace_secs.
+    #[arg(long, env = "TAIPAN_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    exact: bool,
+}
+
+/// The optional TOML configuration file.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    model: Option<PathBuf>,
+    host: Option<String>,
+    port: Option<u16>,
+    api_keys: Option<Vec<String>>,
+    api_key_file: Option<PathBuf>,
+    aliases: Option<Vec<String>>,
+    threads: Option<usize>,
+    max_queue: Option<usize>,
+    max_body_bytes: Option<usize>,
+    shutdown_grace_secs: Option<u64>,
+}
+
+fn read_keys(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading API key file {}", path.display()))?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect())
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    let file: FileConfig = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("{}: invalid configuration", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let mut api_keys = if a.api_keys.is_empty() { file.api_keys.clone().unwrap_or_default() } else { a.api_keys.clone() };
+    if let Some(p) = a.api_key_file.as_ref().or(file.api_key_file.as_ref()) {
+        api_keys.extend(read_keys(p)?);
+    }
+    api_keys.retain(|k| !k.is_empty());
+    let aliases = if a.aliases.is_empty() { file.aliases.clone() } else { Some(a.aliases.clone()) };
+    let host = a.host.or(file.host).unwrap_or_else(|| if api_keys.is_empty() { "127.0.0.1".into() } else { "0.0.0.0".into() });
+    let model_path = a.model.or(file.model).unwrap_or_else(default_model_path);
+    if !model_path.exists() {
+        bail!("model file {} not found; run scripts/get-model.sh to fetch the default model, or pass --model", model_path.display());
+    }
+    let config = taipan_server::ServerConfig {
+        host,
+        port: a.port.or(file.port).unwrap_or(8080),
+        model_path: model_path.clone(),
+        api_keys,
+        aliases,
+        max_body_bytes: a.max_body_bytes.or(file.max_body_bytes).unwrap_or(10 << 20),
+        max_queue: a.max_queue.or(file.max_queue).unwrap_or(64),
+        threads: threads(a.threads.or(file.threads)),
+        shutdown_grace_secs: a.shutdown_grace.or(file.shutdown_grace_secs).unwrap_or(30),
+    };
+    let mode = if a.exact { MatmulMode::Exact } else { MatmulMode::Fast };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(taipan_server::serve(
+        config,
+        move || Model::load(&model_path, LoadOptions { mode }).map_err(|e| format!("{e}")),
+        taipan_server::shutdown_signal(),
+    ))?;
+    Ok(())
 }
 
 #[derive(Args, Clone)]
@@ -180,6 +285,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(a) => cmd_serve(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
         Command::Inspect { file, tensors } => cmd_inspect(&file, tensors),

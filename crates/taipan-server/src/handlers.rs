@@ -1,0 +1,567 @@
+//! Route handlers: read, validate, submit to the engine, shape the answer.
+
+use crate::error::{dialect_of, HttpError};
+use crate::ids::{new_id, random_u64, unix_now};
+use crate::prompt::{chat_prompt, resolve_max_tokens};
+use crate::state::AppState;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use taipan_api::chat::{ChatRequest, AI21_MAX_TOKENS};
+use taipan_api::response::{self, ChoiceOut, LogprobEntry, OpenAiStream, Usage};
+use taipan_api::{parse_chat, parse_completion, ApiError, Dialect, ErrorKind, PromptInput};
+use taipan_engine::{EngineHandle, Event, EventSink, FinishReason, GenRequest, SamplingParams, SubmitError, TokenLogprob};
+use taipan_model::Model;
+use tokio::sync::mpsc;
+
+/// Forwards engine events to the request's task; notices when the client is gone.
+struct ChannelSink(mpsc::UnboundedSender<Event>);
+
+impl EventSink for ChannelSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.0.send(event).is_ok()
+    }
+    fn alive(&self) -> bool {
+        !self.0.is_closed()
+    }
+}
+
+type HttpResult<T> = Result<T, HttpError>;
+
+fn fail(dialect: Dialect, e: ApiError) -> HttpError {
+    HttpError::new(dialect, e)
+}
+
+fn engine(state: &AppState, dialect: Dialect) -> HttpResult<EngineHandle> {
+    state
+        .engine
+        .get()
+        .cloned()
+        .ok_or_else(|| fail(dialect, ApiError::new(ErrorKind::Unavailable, "the model is still loading; retry shortly")))
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>, dialect: Dialect, limit: usize) -> HttpResult<Bytes> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            fail(dialect, ApiError::new(ErrorKind::PayloadTooLarge, format!("request body exceeds the limit of {limit} bytes")))
+        } else {
+            fail(dialect, ApiError::invalid("body", format!("cannot read the request body: {e}")))
+        }
+    })
+}
+
+fn check_model(state: &AppState, name: &str, dialect: Dialect) -> HttpResult<()> {
+    let names = state.names.get().map(Vec::as_slice).unwrap_or(&[]);
+    if names.iter().any(|n| n == name) {
+        return Ok(());
+    }
+    Err(fail(
+        dialect,
+        ApiError {
+            kind: ErrorKind::UnknownModel,
+            field: Some("model".into()),
+            message: format!("model '{name}' is not served here; available: {}", names.join(", ")),
+        },
+    ))
+}
+
+fn submit(eng: &EngineHandle, req: GenRequest, dialect: Dialect) -> HttpResult<mpsc::UnboundedReceiver<Event>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    match eng.submit(req, Box::new(ChannelSink(tx))) {
+        Ok(()) => Ok(rx),
+        Err(SubmitError::QueueFull(_)) => Err(HttpError {
+            dialect,
+            error: ApiError::new(ErrorKind::Overloaded, "the server is busy: too many requests are waiting; retry shortly"),
+            retry_after: Some(1),
+        }),
+        Err(SubmitError::Stopped) => Err(fail(dialect, ApiError::new(ErrorKind::Unavailable, "the engine has stopped"))),
+    }
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn token_text(model: &Model, id: u32) -> String {
+    model.tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+fn logprob_entry(model: &Model, t: &TokenLogprob) -> LogprobEntry {
+    LogprobEntry {
+        token: token_text(model, t.id),
+        logprob: t.logprob,
+        top: t.top.iter().map(|&(id, lp)| (token_text(model, id), lp)).collect(),
+    }
+}
+
+fn json_response(body: String) -> Response {
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Server-sent events from a channel of already formatted `data:` payloads.
+fn sse_response(rx: mpsc::Receiver<String>) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|payload| (Ok::<_, Infallible>(Bytes::from(format!("data: {payload}\n\n"))), rx))
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+fn count(state: &AppState, resp: Response) -> Response {
+    state.http.count(resp.status().as_u16());
+    resp
+}
+
+pub async fn chat_ai21(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = chat(&state, body, Dialect::Ai21).await.unwrap_or_else(IntoResponse::into_response);
+    count(&state, r)
+}
+
+pub async fn chat_openai(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = chat(&state, body, Dialect::OpenAi).await.unwrap_or_else(IntoResponse::into_response);
+    count(&state, r)
+}
+
+async fn chat(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>, dialect: Dialect) -> HttpResult<Response> {
+    let bytes = read_body(body, dialect, state.config.max_body_bytes)?;
+    let req = parse_chat(&bytes, dialect).map_err(|e| fail(dialect, e))?;
+    let eng = engine(state, dialect)?;
+    check_model(state, &req.model, dialect)?;
+    let model = Arc::clone(&eng.model);
+    let req = Arc::new(req);
+    let prompt = {
+        let (model, req) = (Arc::clone(&model), Arc::clone(&req));
+        tokio::task::spawn_blocking(move || chat_prompt(&model, &req))
+            .await
+            .map_err(|e| fail(dialect, ApiError::new(ErrorKind::Internal, e.to_string())))?
+            .map_err(|e| fail(dialect, e))?
+    };
+    let cap = if dialect == Dialect::Ai21 { Some(AI21_MAX_TOKENS) } else { None };
+    let max_tokens =
+        resolve_max_tokens(prompt.len(), model.context_length(), req.max_tokens, cap).map_err(|e| fail(dialect, e))?;
+    let prompt_tokens = prompt.len();
+    let gen = GenRequest {
+        prompt,
+        n: req.n,
+        max_tokens,
+        min_tokens: req.min_tokens,
+        sampling: SamplingParams {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed.unwrap_or_else(random_u64),
+        },
+        stop: req.stop.clone(),
+        ignore_eos: req.ignore_eos,
+        logprobs: req.logprobs.then_some(req.top_logprobs),
+        prompt_logprobs: None,
+    };
+    let rx = submit(&eng, gen, dialect)?;
+    let id = new_id(if dialect == Dialect::Ai21 { "chat-" } else { "chatcmpl-" });
+    if req.stream {
+        let (tx, out) = mpsc::channel(64);
+        tokio::spawn(stream_chat(rx, tx, dialect, id, Arc::clone(&req), model, prompt_tokens));
+        return Ok(sse_response(out));
+    }
+    let choices = collect_choices(rx, req.n, &model, dialect).await?;
+    let usage = Usage { prompt_tokens, completion_tokens: choices.iter().map(|c| c.1).sum() };
+    let choices: Vec<ChoiceOut> = choices.into_iter().map(|c| c.0).collect();
+    Ok(json_response(match dialect {
+        Dialect::Ai21 => response::ai21_chat_response(&id, &choices, usage),
+        Dialect::OpenAi => response::openai_chat_response(&id, unix_now(), &req.model, &choices, usage),
+    }))
+}
+
+/// Waits for every choice; returns each with its completion-token count.
+async fn collect_choices(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    n: usize,
+    model: &Model,
+    dialect: Dialect,
+) -> HttpResult<Vec<(ChoiceOut, usize)>> {
+    let mut out: Vec<(ChoiceOut, usize)> = (0..n)
+        .map(|i| (ChoiceOut { index: i, text: String::new(), finish_reason: String::new(), logprobs: None }, 0))
+        .collect();
+    let mut done = 0;
+    while done < n {
+        match rx.recv().await {
+            Some(Event::Delta { choice, text, logprobs }) => {
+                let c = &mut out[choice].0;
+                c.text.push_str(&text);
+                if !logprobs.is_empty() {
+                    c.logprobs.get_or_insert_with(Vec::new).extend(logprobs.iter().map(|t| logprob_entry(model, t)));
+                }
+            }
+            Some(Event::Done { choice, finish, completion_tokens }) => {
+                out[choice].0.finish_reason = finish_str(finish).into();
+                out[choice].1 = completion_tokens;
+                done += 1;
+            }
+            Some(Event::PromptLogprobs(_)) => {}
+            Some(Event::Error(e)) => return Err(fail(dialect, ApiError::new(ErrorKind::Internal, e))),
+            None => return Err(fail(dialect, ApiError::new(ErrorKind::Internal, "the engine dropped the request"))),
+        }
+    }
+    Ok(out)
+}
+
+fn stream_error(message: &str) -> String {
+    json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}}).to_string()
+}
+
+async fn stream_chat(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    tx: mpsc::Sender<String>,
+    dialect: Dialect,
+    id: String,
+    req: Arc<ChatRequest>,
+    model: Arc<Model>,
+    prompt_tokens: usize,
+) {
+    let created = unix_now();
+    let oa = OpenAiStream { id: &id, created, model: &req.model, include_usage: req.include_usage };
+    let first: Vec<String> = match dialect {
+        Dialect::Ai21 => vec![response::ai21_chat_chunk(&id, json!({"role": "assistant"}), None, None)],
+        Dialect::OpenAi => {
+            (0..req.n).map(|i| oa.chat_chunk(i, json!({"role": "assistant", "content": ""}), None, None)).collect()
+        }
+    };
+    for f in first {
+        if tx.send(f).await.is_err() {
+            return;
+        }
+    }
+    let mut completion_tokens = 0;
+    let mut done = 0;
+    while done < req.n {
+        let payload = match rx.recv().await {
+            Some(Event::Delta { choice, text, logprobs }) => match dialect {
+                Dialect::Ai21 if text.is_empty() => continue,
+                Dialect::Ai21 => response::ai21_chat_chunk(&id, json!({"content": text}), None, None),
+                Dialect::OpenAi => {
+                    let lp: Vec<LogprobEntry> = logprobs.iter().map(|t| logprob_entry(&model, t)).collect();
+                    let lp = req.logprobs.then_some(lp.as_slice());
+                    oa.chat_chunk(choice, json!({"content": text}), None, lp)
+                }
+            },
+            Some(Event::Done { choice, finish, completion_tokens: c }) => {
+                completion_tokens += c;
+                done += 1;
+                match dialect {
+                    Dialect::Ai21 => response::ai21_chat_chunk(
+                        &id,
+                        json!({"content": ""}),
+                        Some(finish_str(finish)),
+                        Some(Usage { prompt_tokens, completion_tokens }),
+                    ),
+                    Dialect::OpenAi => oa.chat_chunk(choice, json!({}), Some(finish_str(finish)), None),
+                }
+            }
+            Some(Event::PromptLogprobs(_)) => continue,
+            Some(Event::Error(e)) => {
+                let _ = tx.send(stream_error(&e)).await;
+                let _ = tx.send("[DONE]".into()).await;
+                return;
+            }
+            None => {
+                let _ = tx.send(stream_error("the engine dropped the request")).await;
+                let _ = tx.send("[DONE]".into()).await;
+                return;
+            }
+        };
+        if tx.send(payload).await.is_err() {
+            return; // Client gone: dropping `rx` cancels the sequence.
+        }
+    }
+    if dialect == Dialect::OpenAi && req.include_usage {
+        let _ = tx.send(oa.usage_chunk("chat.completion.chunk", Usage { prompt_tokens, completion_tokens })).await;
+    }
+    let _ = tx.send("[DONE]".into()).await;
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = completions_inner(&state, body).await.unwrap_or_else(IntoResponse::into_response);
+    count(&state, r)
+}
+
+async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> HttpResult<Response> {
+    let d = Dialect::OpenAi;
+    let bytes = read_body(body, d, state.config.max_body_bytes)?;
+    let req = parse_completion(&bytes).map_err(|e| fail(d, e))?;
+    let eng = engine(state, d)?;
+    check_model(state, &req.model, d)?;
+    let model = Arc::clone(&eng.model);
+    // Tokenize every prompt first so that a bad one fails the request before any work starts.
+    let mut prompts = Vec::new();
+    for (i, p) in req.prompts.iter().enumerate() {
+        let (ids, text) = match p {
+            PromptInput::Text(t) => {
+                let mut ids = model.tokenizer.encode(t, true).map_err(|e| fail(d, ApiError::new(ErrorKind::Internal, e.to_string())))?;
+                if model.tokenizer.specials.add_bos {
+                    ids.splice(0..0, model.tokenizer.specials.bos);
+                }
+                (ids, t.clone())
+            }
+            PromptInput::Tokens(ids) => {
+                let text = model
+                    .tokenizer
+                    .decode(ids, false)
+                    .map_err(|e| fail(d, ApiError::invalid(format!("prompt.{i}"), e.to_string())))?;
+                (ids.clone(), text)
+            }
+        };
+        let max = resolve_max_tokens(ids.len(), model.context_length(), Some(req.max_tokens), None).map_err(|mut e| {
+            e.field = Some("prompt".into());
+            fail(d, e)
+        })?;
+        prompts.push((ids, text, max));
+    }
+    let id = new_id("cmpl-");
+    let created = unix_now();
+    let (tx, mut out_rx) = mpsc::channel::<String>(64);
+    let model_name = req.model.clone();
+    let req = Arc::new(req);
+    let tx_final = tx.clone();
+    let worker = {
+        let (req, model, eng) = (Arc::clone(&req), Arc::clone(&model), eng.clone());
+        let id = id.clone();
+        async move {
+            let oa = OpenAiStream { id: &id, created, model: &model_name, include_usage: req.include_usage };
+            let mut usage = Usage::default();
+            let mut results = Vec::new();
+            for (pi, (ids, text, max_tokens)) in prompts.into_iter().enumerate() {
+                let gen = GenRequest {
+                    prompt: ids.clone(),
+                    n: req.n,
+                    max_tokens,
+                    min_tokens: req.min_tokens,
+                    sampling: SamplingParams {
+                        temperature: req.temperature,
+                        top_p: req.top_p,
+                        top_k: req.top_k,
+                        seed: req.seed.unwrap_or_else(random_u64),
+                    },
+                    stop: req.stop.clone(),
+                    ignore_eos: req.ignore_eos,
+                    logprobs: req.logprobs,
+                    prompt_logprobs: (req.echo && req.logprobs.is_some()).then(|| req.logprobs.unwrap_or(0)),
+                };
+                let mut rx = submit(&eng, gen, d)?;
+                usage.prompt_tokens += ids.len();
+                let mut texts = vec![String::new(); req.n];
+                let mut lps: Vec<Vec<(String, Option<LogprobEntry>)>> = vec![Vec::new(); req.n];
+                let mut prompt_lp: Vec<(String, Option<LogprobEntry>)> = Vec::new();
+                let mut done = 0;
+                if req.echo && req.stream {
+                    for c in 0..req.n {
+                        let _ = tx.send(oa.completion_chunk(pi * req.n + c, &text, None, None)).await;
+                    }
+                }
+                while done < req.n {
+                    match rx.recv().await {
+                        Some(Event::PromptLogprobs(v)) => {
+                            prompt_lp = ids.iter().zip(v).map(|(&t, e)| (token_text(&model, t), e.map(|e| logprob_entry(&model, &e)))).collect();
+                        }
+                        Some(Event::Delta { choice, text: delta, logprobs }) => {
+                            let entries: Vec<(String, Option<LogprobEntry>)> =
+                                logprobs.iter().map(|t| (token_text(&model, t.id), Some(logprob_entry(&model, t)))).collect();
+                            if req.stream {
+                                let lp = req.logprobs.map(|_| response::completion_logprobs(&entries, texts[choice].len()));
+                                if tx.send(oa.completion_chunk(pi * req.n + choice, &delta, None, lp)).await.is_err() {
+                                    return Ok(None);
+                                }
+                            }
+                            texts[choice].push_str(&delta);
+                            lps[choice].extend(entries);
+                        }
+                        Some(Event::Done { choice, finish, completion_tokens }) => {
+                            usage.completion_tokens += completion_tokens;
+                            done += 1;
+                            if req.stream && tx.send(oa.completion_chunk(pi * req.n + choice, "", Some(finish_str(finish)), None)).await.is_err() {
+                                return Ok(None);
+                            }
+                            let mut full = std::mem::take(&mut texts[choice]);
+                            let mut entries = std::mem::take(&mut lps[choice]);
+                            if req.echo {
+                                full.insert_str(0, &text);
+                                let mut with_prompt = prompt_lp.clone();
+                                with_prompt.extend(entries);
+                                entries = with_prompt;
+                            }
+                            let lp = req.logprobs.map(|_| response::completion_logprobs(&entries, 0));
+                            results.push((pi * req.n + choice, full, finish_str(finish).to_string(), lp));
+                        }
+                        Some(Event::Error(e)) => return Err(fail(d, ApiError::new(ErrorKind::Internal, e))),
+                        None => return Err(fail(d, ApiError::new(ErrorKind::Internal, "the engine dropped the request"))),
+                    }
+                }
+            }
+            results.sort_by_key(|r| r.0);
+            Ok::<_, HttpError>(Some((results, usage)))
+        }
+    };
+    if req.stream {
+        let include_usage = req.include_usage;
+        let tx2 = tx_final;
+        let id2 = id.clone();
+        let model_name = req.model.clone();
+        tokio::spawn(async move {
+            match worker.await {
+                Ok(Some((_, usage))) => {
+                    if include_usage {
+                        let oa = OpenAiStream { id: &id2, created, model: &model_name, include_usage };
+                        let _ = tx2.send(oa.usage_chunk("text_completion", usage)).await;
+                    }
+                    let _ = tx2.send("[DONE]".into()).await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = tx2.send(stream_error(&e.error.message)).await;
+                    let _ = tx2.send("[DONE]".into()).await;
+                }
+            }
+        });
+        return Ok(sse_response(out_rx));
+    }
+    drop(tx_final);
+    let drain = tokio::spawn(async move { while out_rx.recv().await.is_some() {} });
+    let result = worker.await?;
+    drain.abort();
+    let (results, usage) = result.unwrap_or_default();
+    Ok(json_response(response::completion_response(&id, created, &req.model, &results, usage)))
+}
+
+pub async fn models_openai(State(state): State<Arc<AppState>>) -> Response {
+    let names = state.names.get().cloned().unwrap_or_default();
+    let data: Vec<Value> =
+        names.iter().map(|n| json!({"id": n, "object": "model", "created": state.created, "owned_by": "taipan"})).collect();
+    json_response(json!({"object": "list", "data": data}).to_string())
+}
+
+pub async fn models_ai21(State(state): State<Arc<AppState>>) -> Response {
+    let names = state.names.get().cloned().unwrap_or_default();
+    let ctx = state.engine.get().map(|e| e.model.context_length()).unwrap_or(0);
+    let data: Vec<Value> = names
+        .iter()
+        .map(|n| {
+            json!({"id": n, "name": n, "updated": state.created, "context_length": ctx, "quantization": "GGUF",
+                   "max_completion_tokens": AI21_MAX_TOKENS.min(ctx), "pricing": {"prompt": 0, "completion": 0}})
+        })
+        .collect();
+    json_response(json!({"data": data}).to_string())
+}
+
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.engine.get().is_some() {
+        json_response(json!({"status": "ok"}).to_string())
+    } else {
+        let mut r = (StatusCode::SERVICE_UNAVAILABLE, json!({"status": "loading"}).to_string()).into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    }
+}
+
+pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let d = Dialect::OpenAi;
+        let bytes = read_body(body, d, state.config.max_body_bytes)?;
+        let eng = engine(&state, d)?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| fail(d, ApiError::invalid("body", format!("invalid JSON: {e}"))))?;
+        let text = v.get("prompt").or_else(|| v.get("content")).and_then(Value::as_str);
+        let text = text.ok_or_else(|| fail(d, ApiError::invalid("prompt", "a string 'prompt' (or 'content') is required")))?;
+        let special = v.get("parse_special").and_then(Value::as_bool).unwrap_or(true);
+        let mut ids = eng.model.tokenizer.encode(text, special).map_err(|e| fail(d, ApiError::new(ErrorKind::Internal, e.to_string())))?;
+        let add = v.get("add_special_tokens").or_else(|| v.get("add_special")).and_then(Value::as_bool).unwrap_or(false);
+        if add && eng.model.tokenizer.specials.add_bos {
+            ids.splice(0..0, eng.model.tokenizer.specials.bos);
+        }
+        Ok::<_, HttpError>(json_response(
+            json!({"tokens": ids, "count": ids.len(), "max_model_len": eng.model.context_length()}).to_string(),
+        ))
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    count(&state, r)
+}
+
+pub async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let d = Dialect::OpenAi;
+        let bytes = read_body(body, d, state.config.max_body_bytes)?;
+        let eng = engine(&state, d)?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| fail(d, ApiError::invalid("body", format!("invalid JSON: {e}"))))?;
+        let ids: Option<Vec<u32>> = v
+            .get("tokens")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(|t| t.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32)).collect());
+        let ids = ids.ok_or_else(|| fail(d, ApiError::invalid("tokens", "a list of token ids is required")))?;
+        let text = eng.model.tokenizer.decode(&ids, false).map_err(|e| fail(d, ApiError::invalid("tokens", e.to_string())))?;
+        Ok::<_, HttpError>(json_response(json!({"prompt": text, "content": text}).to_string()))
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    count(&state, r)
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in lines {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let h = &state.http;
+    metric(
+        "taipan_http_responses_total",
+        "counter",
+        "HTTP responses of the API routes by class.",
+        vec![
+            ("{class=\"2xx\"}".into(), h.ok.load(Ordering::Relaxed)),
+            ("{class=\"4xx\"}".into(), h.client_errors.load(Ordering::Relaxed)),
+            ("{class=\"429\"}".into(), h.rejected_busy.load(Ordering::Relaxed)),
+            ("{class=\"5xx\"}".into(), h.server_errors.load(Ordering::Relaxed)),
+        ],
+    );
+    if let Some(e) = state.engine.get() {
+        let s = &e.stats;
+        let gauge = |v: usize| vec![(String::new(), v as u64)];
+        let counter = |a: &std::sync::atomic::AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed))];
+        metric("taipan_queue_length", "gauge", "Requests waiting for the engine.", gauge(s.queued.load(Ordering::Relaxed)));
+        metric("taipan_running_requests", "gauge", "Requests being generated.", gauge(s.running.load(Ordering::Relaxed)));
+        metric("taipan_requests_finished_total", "counter", "Requests generated to the end.", counter(&s.requests_finished));
+        metric("taipan_requests_cancelled_total", "counter", "Requests dropped because the client left.", counter(&s.requests_cancelled));
+        metric("taipan_prompt_tokens_total", "counter", "Prompt tokens processed.", counter(&s.prompt_tokens));
+        metric("taipan_generated_tokens_total", "counter", "Tokens generated.", counter(&s.generated_tokens));
+        let _ = writeln!(
+            out,
+            "# HELP taipan_time_to_first_token_seconds Time from arrival to first token.\n# TYPE taipan_time_to_first_token_seconds summary\ntaipan_time_to_first_token_seconds_sum {}\ntaipan_time_to_first_token_seconds_count {}",
+            s.ttft_us_sum.load(Ordering::Relaxed) as f64 / 1e6,
+            s.ttft_count.load(Ordering::Relaxed)
+        );
+    }
+    let mut r = (StatusCode::OK, out).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    r
+}
+
+pub async fn not_found(uri: Uri) -> Response {
+    let d = dialect_of(uri.path());
+    HttpError::new(d, ApiError::new(ErrorKind::NotFound, format!("no route for {}", uri.path()))).into_response()
+}

@@ -1,0 +1,142 @@
+//! The HTTP face of taipan: AI21 Studio (`/studio/v1/...`) and OpenAI (`/v1/...`) routes over one
+//! engine, with API-key auth, SSE streaming, health, metrics and graceful shutdown.
+//!
+//! The shaping decision: handlers stay thin — read the body, validate it with `taipan-api`, build
+//! the prompt off the async runtime, submit to the engine thread, and map its events to the
+//! dialect's JSON. Status codes are chosen in exactly one place ([`error::HttpError`]). No model
+//! maths runs on tokio.
+
+pub mod auth;
+pub mod error;
+mod handlers;
+mod ids;
+mod prompt;
+mod state;
+
+pub use state::{AppState, ServerConfig};
+
+use axum::body::Body;
+use axum::http::{Request, Uri};
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+
+/// All routes, with auth and the body-size limit applied.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/studio/v1/chat/completions", post(handlers::chat_ai21))
+        .route("/v1/chat/completions", post(handlers::chat_openai))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/models", get(handlers::models_openai))
+        .route("/studio/v1/models", get(handlers::models_ai21))
+        .route("/tokenize", post(handlers::tokenize))
+        .route("/detokenize", post(handlers::detokenize))
+        .route("/v1/tokenize", post(handlers::tokenize))
+        .route("/v1/detokenize", post(handlers::detokenize))
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), auth::require_key))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Collapses repeated slashes and drops one trailing slash, so that clients that join base URLs
+/// carelessly (`.../studio/v1//chat/completions`) still reach their route.
+pub fn normalize_path(mut req: Request<Body>) -> Request<Body> {
+    let path = req.uri().path();
+    if !path.contains("//") && !(path.len() > 1 && path.ends_with('/')) {
+        return req;
+    }
+    let mut clean = String::with_capacity(path.len());
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        clean.push('/');
+        clean.push_str(part);
+    }
+    if clean.is_empty() {
+        clean.push('/');
+    }
+    if let Some(q) = req.uri().query() {
+        clean.push('?');
+        clean.push_str(q);
+    }
+    if let Ok(uri) = clean.parse::<Uri>() {
+        *req.uri_mut() = uri;
+    }
+    req
+}
+
+/// Binds, loads the model in the background (answering 503 until it is ready), and serves until
+/// `shutdown` resolves; in-flight requests then get `config.shutdown_grace_secs` to finish.
+pub async fn serve<F>(
+    config: ServerConfig,
+    load: impl FnOnce() -> Result<taipan_model::Model, String> + Send + 'static,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, "listening");
+    eprintln!("taipan: listening on http://{local} (model loading)");
+    let state = Arc::new(AppState::new(config.clone()));
+    {
+        let state = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || match load() {
+            Ok(model) => {
+                let model = Arc::new(model);
+                let engine = taipan_engine::engine::start(model, state.config.threads, state.config.max_queue);
+                state.set_engine(engine);
+                let names = state.names.get().cloned().unwrap_or_default();
+                eprintln!("taipan: model ready; serving it as: {}", names.join(", "));
+                if state.config.aliases.is_none() {
+                    eprintln!("taipan: AI21 public model names route to the loaded model (configure aliases to change)");
+                }
+                if state.config.api_keys.is_empty() {
+                    eprintln!("taipan: no API keys configured: authentication is off");
+                }
+            }
+            Err(e) => {
+                eprintln!("taipan: cannot load the model: {e}");
+                std::process::exit(1);
+            }
+        });
+    }
+    let app = tower::ServiceBuilder::new().map_request(normalize_path).service(router(state));
+    let grace = config.shutdown_grace_secs;
+    let signal = async move {
+        shutdown.await;
+        eprintln!("taipan: shutting down; in-flight requests have {grace} s to finish");
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(grace)).await;
+            eprintln!("taipan: grace period over, exiting");
+            std::process::exit(0);
+        });
+    };
+    axum::serve(listener, tower::make::Shared::new(app)).with_graceful_shutdown(signal).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
