@@ -197,7 +197,10 @@ fn parse_messages(o: &Obj, dialect: Dialect) -> Result<Vec<Message>, ApiError> {
                             let name = c.pointer("/function/name").and_then(Value::as_str);
                             let args = c.pointer("/function/arguments");
                             if name.is_none() {
-                                return Err(ApiError::invalid(format!("messages.{i}.tool_calls.{j}.function.name"), "field required"));
+                                return Err(ApiError::invalid(
+                                    format!("messages.{i}.tool_calls.{j}.function.name"),
+                                    "field required",
+                                ));
                             }
                             if !matches!(args, Some(Value::String(_))) {
                                 return Err(ApiError::invalid(
@@ -254,7 +257,10 @@ fn parse_tools(o: &Obj) -> Result<Vec<Value>, ApiError> {
         }
         if let Some(p) = t.pointer("/function/parameters") {
             if !p.is_object() {
-                return Err(ApiError::invalid(format!("tools.{i}.function.parameters"), "parameters must be an object"));
+                return Err(ApiError::invalid(
+                    format!("tools.{i}.function.parameters"),
+                    "parameters must be an object",
+                ));
             }
         }
     }
@@ -280,7 +286,10 @@ fn parse_documents(o: &Obj) -> Result<Vec<Value>, ApiError> {
             None | Some(Value::Null) => {}
             Some(Value::Object(m)) => {
                 if let Some((k, _)) = m.iter().find(|(_, v)| !v.is_string()) {
-                    return Err(ApiError::invalid(format!("documents.{i}.metadata.{k}"), "metadata values must be strings"));
+                    return Err(ApiError::invalid(
+                        format!("documents.{i}.metadata.{k}"),
+                        "metadata values must be strings",
+                    ));
                 }
             }
             Some(Value::Array(pairs)) => {
@@ -293,7 +302,12 @@ fn parse_documents(o: &Obj) -> Result<Vec<Value>, ApiError> {
                     }
                 }
             }
-            Some(_) => return Err(ApiError::invalid(format!("documents.{i}.metadata"), "metadata must be an object of strings")),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    format!("documents.{i}.metadata"),
+                    "metadata must be an object of strings",
+                ))
+            }
         }
     }
     Ok(items.clone())
@@ -310,7 +324,8 @@ fn parse_response_format(o: &Obj, dialect: Dialect) -> Result<ResponseFormat, Ap
             _ => Err(ApiError::invalid("response_format.json_schema.schema", "a JSON schema object is required")),
         },
         _ => {
-            let allowed = if dialect == Dialect::OpenAi { "text, json_object or json_schema" } else { "text or json_object" };
+            let allowed =
+                if dialect == Dialect::OpenAi { "text, json_object or json_schema" } else { "text or json_object" };
             Err(ApiError::invalid("response_format.type", format!("response_format.type must be {allowed}")))
         }
     }
@@ -326,9 +341,11 @@ mod tests {
 
     #[test]
     fn seed_request_parses_with_ai21_defaults() {
-        let r = ai21(r#"{"model":"jamba-1.5-large","messages":[{"role":"system","content":"S"},{"role":"user","content":"allo"},
+        let r = ai21(
+            r#"{"model":"jamba-1.5-large","messages":[{"role":"system","content":"S"},{"role":"user","content":"allo"},
             {"role":"assistant","content":"Hello!"},{"role":"user","content":"what"}],"documents":[],"tools":[],"n":1,
-            "max_tokens":2048,"temperature":0.4,"top_p":1,"stop":[],"stream":false}"#)
+            "max_tokens":2048,"temperature":0.4,"top_p":1,"stop":[],"stream":false}"#,
+        )
         .unwrap();
         assert_eq!(r.messages.len(), 4);
         assert_eq!((r.n, r.max_tokens, r.temperature, r.top_p, r.stream), (1, Some(2048), 0.4, 1.0, false));
@@ -354,8 +371,14 @@ mod tests {
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":[1]}"#, "stop.0"),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2,"stream":true}"#, "n"),
             (r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#, "messages.0.tool_call_id"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"documents":[{"id":"1"}]}"#, "documents.0.content"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#, "response_format.type"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"documents":[{"id":"1"}]}"#,
+                "documents.0.content",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,
+                "response_format.type",
+            ),
             (r#"[1,2]"#, "body"),
             (r#"{"model":"#, "body"),
         ];

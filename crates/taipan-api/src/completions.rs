@@ -57,16 +57,18 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     let prompts = match present(&o, "prompt") {
         None => return Err(ApiError::invalid("prompt", "field required")),
         Some(Value::String(s)) => vec![PromptInput::Text(s.clone())],
-        Some(Value::Array(items)) if items.is_empty() => return Err(ApiError::invalid("prompt", "prompt must not be empty")),
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(ApiError::invalid("prompt", "prompt must not be empty"))
+        }
         Some(Value::Array(items)) => match &items[0] {
             Value::Number(_) => vec![PromptInput::Tokens(token_list(items, "prompt")?)],
             Value::String(_) => items
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    v.as_str()
-                        .map(|s| PromptInput::Text(s.to_string()))
-                        .ok_or_else(|| ApiError::invalid(format!("prompt.{i}"), "prompt list entries must all be strings"))
+                    v.as_str().map(|s| PromptInput::Text(s.to_string())).ok_or_else(|| {
+                        ApiError::invalid(format!("prompt.{i}"), "prompt list entries must all be strings")
+                    })
                 })
                 .collect::<Result<_, _>>()?,
             Value::Array(_) => items
@@ -115,7 +117,10 @@ mod tests {
     #[test]
     fn prompt_forms() {
         let r = parse_completion(br#"{"model":"m","prompt":"hi","logprobs":2,"echo":true}"#).unwrap();
-        assert_eq!((r.prompts.clone(), r.logprobs, r.echo, r.max_tokens), (vec![PromptInput::Text("hi".into())], Some(2), true, 16));
+        assert_eq!(
+            (r.prompts.clone(), r.logprobs, r.echo, r.max_tokens),
+            (vec![PromptInput::Text("hi".into())], Some(2), true, 16)
+        );
         let r = parse_completion(br#"{"model":"m","prompt":[1,2,3]}"#).unwrap();
         assert_eq!(r.prompts, vec![PromptInput::Tokens(vec![1, 2, 3])]);
         let r = parse_completion(br#"{"model":"m","prompt":[[1],[2,3]]}"#).unwrap();

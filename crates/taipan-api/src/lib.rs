@@ -11,9 +11,9 @@
 pub mod chat;
 pub mod completions;
 pub mod error;
+mod fields;
 pub mod pyjson;
 pub mod response;
-mod fields;
 
 pub use chat::{parse_chat, ChatRequest, ResponseFormat};
 pub use completions::{parse_completion, CompletionRequest, PromptInput};

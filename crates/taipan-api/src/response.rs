@@ -59,10 +59,7 @@ pub fn ai21_chat_response(id: &str, choices: &[ChoiceOut], usage: Usage) -> Stri
 pub fn ai21_chat_chunk(id: &str, delta: Value, finish_reason: Option<&str>, usage: Option<Usage>) -> String {
     let mut o = Map::new();
     o.insert("id".into(), id.into());
-    o.insert(
-        "choices".into(),
-        json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]),
-    );
+    o.insert("choices".into(), json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]));
     if let Some(u) = usage {
         o.insert("usage".into(), u.to_json());
     }
@@ -74,7 +71,10 @@ pub fn openai_chat_response(id: &str, created: u64, model: &str, choices: &[Choi
     let choices: Vec<Value> = choices
         .iter()
         .map(|c| {
-            let logprobs = c.logprobs.as_ref().map(|l| json!({"content": l.iter().map(openai_logprob).collect::<Vec<_>>(), "refusal": null}));
+            let logprobs = c
+                .logprobs
+                .as_ref()
+                .map(|l| json!({"content": l.iter().map(openai_logprob).collect::<Vec<_>>(), "refusal": null}));
             json!({"index": c.index,
                    "message": {"role": "assistant", "content": c.text, "refusal": null, "tool_calls": null},
                    "logprobs": logprobs, "finish_reason": c.finish_reason})
@@ -106,10 +106,20 @@ impl OpenAiStream<'_> {
     }
 
     /// A chat chunk for one choice.
-    pub fn chat_chunk(&self, index: usize, delta: Value, finish_reason: Option<&str>, logprobs: Option<&[LogprobEntry]>) -> String {
+    pub fn chat_chunk(
+        &self,
+        index: usize,
+        delta: Value,
+        finish_reason: Option<&str>,
+        logprobs: Option<&[LogprobEntry]>,
+    ) -> String {
         let mut o = self.base("chat.completion.chunk");
-        let lp = logprobs.map(|l| json!({"content": l.iter().map(openai_logprob).collect::<Vec<_>>(), "refusal": null}));
-        o.insert("choices".into(), json!([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]));
+        let lp =
+            logprobs.map(|l| json!({"content": l.iter().map(openai_logprob).collect::<Vec<_>>(), "refusal": null}));
+        o.insert(
+            "choices".into(),
+            json!([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]),
+        );
         if self.include_usage {
             o.insert("usage".into(), Value::Null);
         }
@@ -125,9 +135,18 @@ impl OpenAiStream<'_> {
     }
 
     /// A legacy-completions chunk for one choice.
-    pub fn completion_chunk(&self, index: usize, text: &str, finish_reason: Option<&str>, logprobs: Option<Value>) -> String {
+    pub fn completion_chunk(
+        &self,
+        index: usize,
+        text: &str,
+        finish_reason: Option<&str>,
+        logprobs: Option<Value>,
+    ) -> String {
         let mut o = self.base("text_completion");
-        o.insert("choices".into(), json!([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]));
+        o.insert(
+            "choices".into(),
+            json!([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]),
+        );
         if self.include_usage {
             o.insert("usage".into(), Value::Null);
         }
@@ -166,7 +185,13 @@ pub fn completion_logprobs(entries: &[(String, Option<LogprobEntry>)], offset: u
 }
 
 /// Legacy completions response.
-pub fn completion_response(id: &str, created: u64, model: &str, choices: &[(usize, String, String, Option<Value>)], usage: Usage) -> String {
+pub fn completion_response(
+    id: &str,
+    created: u64,
+    model: &str,
+    choices: &[(usize, String, String, Option<Value>)],
+    usage: Usage,
+) -> String {
     let choices: Vec<Value> = choices
         .iter()
         .map(|(i, text, finish, lp)| json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish}))
@@ -196,7 +221,12 @@ mod tests {
             r#"{"id": "chat-a", "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": null, "finish_reason": null}]}"#
         );
         assert_eq!(
-            ai21_chat_chunk("chat-a", json!({"content": ""}), Some("stop"), Some(Usage { prompt_tokens: 40, completion_tokens: 216 })),
+            ai21_chat_chunk(
+                "chat-a",
+                json!({"content": ""}),
+                Some("stop"),
+                Some(Usage { prompt_tokens: 40, completion_tokens: 216 })
+            ),
             r#"{"id": "chat-a", "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "stop"}], "usage": {"prompt_tokens": 40, "completion_tokens": 216, "total_tokens": 256}}"#
         );
     }
@@ -206,7 +236,10 @@ mod tests {
         let s = OpenAiStream { id: "chatcmpl-1", created: 5, model: "m", include_usage: true };
         let c: Value = serde_json::from_str(&s.chat_chunk(0, json!({"content": "x"}), None, None)).unwrap();
         assert!(c["usage"].is_null() && c.get("usage").is_some());
-        let u: Value = serde_json::from_str(&s.usage_chunk("chat.completion.chunk", Usage { prompt_tokens: 1, completion_tokens: 2 })).unwrap();
+        let u: Value = serde_json::from_str(
+            &s.usage_chunk("chat.completion.chunk", Usage { prompt_tokens: 1, completion_tokens: 2 }),
+        )
+        .unwrap();
         assert_eq!(u["choices"], json!([]));
         assert_eq!(u["usage"]["total_tokens"], 3);
     }

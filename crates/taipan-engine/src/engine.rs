@@ -201,7 +201,16 @@ impl Runner {
         for choice in 0..req.n.max(1) {
             let st = if choice + 1 < req.n { state.clone() } else { std::mem::replace(&mut state, model.new_state()) };
             let params = SamplingParams { seed: req.sampling.seed.wrapping_add(choice as u64), ..req.sampling };
-            let outcome = self.run_choice(&job.request, choice, st, &first_logits, params, &mut *job.sink, &mut first_token, job.received);
+            let outcome = self.run_choice(
+                &job.request,
+                choice,
+                st,
+                &first_logits,
+                params,
+                &mut *job.sink,
+                &mut first_token,
+                job.received,
+            );
             match outcome {
                 Ok(true) => {}
                 Ok(false) => {

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use taipan_api::chat::{ChatRequest, AI21_MAX_TOKENS};
 use taipan_api::response::{self, ChoiceOut, LogprobEntry, OpenAiStream, Usage};
 use taipan_api::{parse_chat, parse_completion, ApiError, Dialect, ErrorKind, PromptInput};
-use taipan_engine::{EngineHandle, Event, EventSink, FinishReason, GenRequest, SamplingParams, SubmitError, TokenLogprob};
+use taipan_engine::{
+    EngineHandle, Event, EventSink, FinishReason, GenRequest, SamplingParams, SubmitError, TokenLogprob,
+};
 use taipan_model::Model;
 use tokio::sync::mpsc;
 
@@ -40,17 +42,18 @@ fn fail(dialect: Dialect, e: ApiError) -> HttpError {
 }
 
 fn engine(state: &AppState, dialect: Dialect) -> HttpResult<EngineHandle> {
-    state
-        .engine
-        .get()
-        .cloned()
-        .ok_or_else(|| fail(dialect, ApiError::new(ErrorKind::Unavailable, "the model is still loading; retry shortly")))
+    state.engine.get().cloned().ok_or_else(|| {
+        fail(dialect, ApiError::new(ErrorKind::Unavailable, "the model is still loading; retry shortly"))
+    })
 }
 
 fn read_body(body: Result<Bytes, BytesRejection>, dialect: Dialect, limit: usize) -> HttpResult<Bytes> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            fail(dialect, ApiError::new(ErrorKind::PayloadTooLarge, format!("request body exceeds the limit of {limit} bytes")))
+            fail(
+                dialect,
+                ApiError::new(ErrorKind::PayloadTooLarge, format!("request body exceeds the limit of {limit} bytes")),
+            )
         } else {
             fail(dialect, ApiError::invalid("body", format!("cannot read the request body: {e}")))
         }
@@ -78,10 +81,15 @@ fn submit(eng: &EngineHandle, req: GenRequest, dialect: Dialect) -> HttpResult<m
         Ok(()) => Ok(rx),
         Err(SubmitError::QueueFull(_)) => Err(HttpError {
             dialect,
-            error: ApiError::new(ErrorKind::Overloaded, "the server is busy: too many requests are waiting; retry shortly"),
+            error: ApiError::new(
+                ErrorKind::Overloaded,
+                "the server is busy: too many requests are waiting; retry shortly",
+            ),
             retry_after: Some(1),
         }),
-        Err(SubmitError::Stopped) => Err(fail(dialect, ApiError::new(ErrorKind::Unavailable, "the engine has stopped"))),
+        Err(SubmitError::Stopped) => {
+            Err(fail(dialect, ApiError::new(ErrorKind::Unavailable, "the engine has stopped")))
+        }
     }
 }
 
@@ -312,7 +320,10 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
     for (i, p) in req.prompts.iter().enumerate() {
         let (ids, text) = match p {
             PromptInput::Text(t) => {
-                let mut ids = model.tokenizer.encode(t, true).map_err(|e| fail(d, ApiError::new(ErrorKind::Internal, e.to_string())))?;
+                let mut ids = model
+                    .tokenizer
+                    .encode(t, true)
+                    .map_err(|e| fail(d, ApiError::new(ErrorKind::Internal, e.to_string())))?;
                 if model.tokenizer.specials.add_bos {
                     ids.splice(0..0, model.tokenizer.specials.bos);
                 }
@@ -326,10 +337,11 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
                 (ids.clone(), text)
             }
         };
-        let max = resolve_max_tokens(ids.len(), model.context_length(), Some(req.max_tokens), None).map_err(|mut e| {
-            e.field = Some("prompt".into());
-            fail(d, e)
-        })?;
+        let max =
+            resolve_max_tokens(ids.len(), model.context_length(), Some(req.max_tokens), None).map_err(|mut e| {
+                e.field = Some("prompt".into());
+                fail(d, e)
+            })?;
         prompts.push((ids, text, max));
     }
     let id = new_id("cmpl-");
@@ -376,13 +388,20 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
                 while done < req.n {
                     match rx.recv().await {
                         Some(Event::PromptLogprobs(v)) => {
-                            prompt_lp = ids.iter().zip(v).map(|(&t, e)| (token_text(&model, t), e.map(|e| logprob_entry(&model, &e)))).collect();
+                            prompt_lp = ids
+                                .iter()
+                                .zip(v)
+                                .map(|(&t, e)| (token_text(&model, t), e.map(|e| logprob_entry(&model, &e))))
+                                .collect();
                         }
                         Some(Event::Delta { choice, text: delta, logprobs }) => {
-                            let entries: Vec<(String, Option<LogprobEntry>)> =
-                                logprobs.iter().map(|t| (token_text(&model, t.id), Some(logprob_entry(&model, t)))).collect();
+                            let entries: Vec<(String, Option<LogprobEntry>)> = logprobs
+                                .iter()
+                                .map(|t| (token_text(&model, t.id), Some(logprob_entry(&model, t))))
+                                .collect();
                             if req.stream {
-                                let lp = req.logprobs.map(|_| response::completion_logprobs(&entries, texts[choice].len()));
+                                let lp =
+                                    req.logprobs.map(|_| response::completion_logprobs(&entries, texts[choice].len()));
                                 if tx.send(oa.completion_chunk(pi * req.n + choice, &delta, None, lp)).await.is_err() {
                                     return Ok(None);
                                 }
@@ -393,7 +412,12 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
                         Some(Event::Done { choice, finish, completion_tokens }) => {
                             usage.completion_tokens += completion_tokens;
                             done += 1;
-                            if req.stream && tx.send(oa.completion_chunk(pi * req.n + choice, "", Some(finish_str(finish)), None)).await.is_err() {
+                            if req.stream
+                                && tx
+                                    .send(oa.completion_chunk(pi * req.n + choice, "", Some(finish_str(finish)), None))
+                                    .await
+                                    .is_err()
+                            {
                                 return Ok(None);
                             }
                             let mut full = std::mem::take(&mut texts[choice]);
@@ -408,7 +432,9 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
                             results.push((pi * req.n + choice, full, finish_str(finish).to_string(), lp));
                         }
                         Some(Event::Error(e)) => return Err(fail(d, ApiError::new(ErrorKind::Internal, e))),
-                        None => return Err(fail(d, ApiError::new(ErrorKind::Internal, "the engine dropped the request"))),
+                        None => {
+                            return Err(fail(d, ApiError::new(ErrorKind::Internal, "the engine dropped the request")))
+                        }
                     }
                 }
             }
@@ -449,8 +475,10 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
 
 pub async fn models_openai(State(state): State<Arc<AppState>>) -> Response {
     let names = state.names.get().cloned().unwrap_or_default();
-    let data: Vec<Value> =
-        names.iter().map(|n| json!({"id": n, "object": "model", "created": state.created, "owned_by": "taipan"})).collect();
+    let data: Vec<Value> = names
+        .iter()
+        .map(|n| json!({"id": n, "object": "model", "created": state.created, "owned_by": "taipan"}))
+        .collect();
     json_response(json!({"object": "list", "data": data}).to_string())
 }
 
@@ -482,12 +510,19 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, By
         let d = Dialect::OpenAi;
         let bytes = read_body(body, d, state.config.max_body_bytes)?;
         let eng = engine(&state, d)?;
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| fail(d, ApiError::invalid("body", format!("invalid JSON: {e}"))))?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| fail(d, ApiError::invalid("body", format!("invalid JSON: {e}"))))?;
         let text = v.get("prompt").or_else(|| v.get("content")).and_then(Value::as_str);
-        let text = text.ok_or_else(|| fail(d, ApiError::invalid("prompt", "a string 'prompt' (or 'content') is required")))?;
+        let text =
+            text.ok_or_else(|| fail(d, ApiError::invalid("prompt", "a string 'prompt' (or 'content') is required")))?;
         let special = v.get("parse_special").and_then(Value::as_bool).unwrap_or(true);
-        let mut ids = eng.model.tokenizer.encode(text, special).map_err(|e| fail(d, ApiError::new(ErrorKind::Internal, e.to_string())))?;
-        let add = v.get("add_special_tokens").or_else(|| v.get("add_special")).and_then(Value::as_bool).unwrap_or(false);
+        let mut ids = eng
+            .model
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| fail(d, ApiError::new(ErrorKind::Internal, e.to_string())))?;
+        let add =
+            v.get("add_special_tokens").or_else(|| v.get("add_special")).and_then(Value::as_bool).unwrap_or(false);
         if add && eng.model.tokenizer.specials.add_bos {
             ids.splice(0..0, eng.model.tokenizer.specials.bos);
         }
@@ -505,13 +540,15 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, 
         let d = Dialect::OpenAi;
         let bytes = read_body(body, d, state.config.max_body_bytes)?;
         let eng = engine(&state, d)?;
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| fail(d, ApiError::invalid("body", format!("invalid JSON: {e}"))))?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| fail(d, ApiError::invalid("body", format!("invalid JSON: {e}"))))?;
         let ids: Option<Vec<u32>> = v
             .get("tokens")
             .and_then(Value::as_array)
             .and_then(|a| a.iter().map(|t| t.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32)).collect());
         let ids = ids.ok_or_else(|| fail(d, ApiError::invalid("tokens", "a list of token ids is required")))?;
-        let text = eng.model.tokenizer.decode(&ids, false).map_err(|e| fail(d, ApiError::invalid("tokens", e.to_string())))?;
+        let text =
+            eng.model.tokenizer.decode(&ids, false).map_err(|e| fail(d, ApiError::invalid("tokens", e.to_string())))?;
         Ok::<_, HttpError>(json_response(json!({"prompt": text, "content": text}).to_string()))
     }
     .await
@@ -543,10 +580,30 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let s = &e.stats;
         let gauge = |v: usize| vec![(String::new(), v as u64)];
         let counter = |a: &std::sync::atomic::AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed))];
-        metric("taipan_queue_length", "gauge", "Requests waiting for the engine.", gauge(s.queued.load(Ordering::Relaxed)));
-        metric("taipan_running_requests", "gauge", "Requests being generated.", gauge(s.running.load(Ordering::Relaxed)));
-        metric("taipan_requests_finished_total", "counter", "Requests generated to the end.", counter(&s.requests_finished));
-        metric("taipan_requests_cancelled_total", "counter", "Requests dropped because the client left.", counter(&s.requests_cancelled));
+        metric(
+            "taipan_queue_length",
+            "gauge",
+            "Requests waiting for the engine.",
+            gauge(s.queued.load(Ordering::Relaxed)),
+        );
+        metric(
+            "taipan_running_requests",
+            "gauge",
+            "Requests being generated.",
+            gauge(s.running.load(Ordering::Relaxed)),
+        );
+        metric(
+            "taipan_requests_finished_total",
+            "counter",
+            "Requests generated to the end.",
+            counter(&s.requests_finished),
+        );
+        metric(
+            "taipan_requests_cancelled_total",
+            "counter",
+            "Requests dropped because the client left.",
+            counter(&s.requests_cancelled),
+        );
         metric("taipan_prompt_tokens_total", "counter", "Prompt tokens processed.", counter(&s.prompt_tokens));
         metric("taipan_generated_tokens_total", "counter", "Tokens generated.", counter(&s.generated_tokens));
         let _ = writeln!(

@@ -46,7 +46,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// carelessly (`.../studio/v1//chat/completions`) still reach their route.
 pub fn normalize_path(mut req: Request<Body>) -> Request<Body> {
     let path = req.uri().path();
-    if !path.contains("//") && !(path.len() > 1 && path.ends_with('/')) {
+    let sloppy = path.contains("//") || (path.len() > 1 && path.ends_with('/'));
+    if !sloppy {
         return req;
     }
     let mut clean = String::with_capacity(path.len());
@@ -93,7 +94,9 @@ where
                 let names = state.names.get().cloned().unwrap_or_default();
                 eprintln!("taipan: model ready; serving it as: {}", names.join(", "));
                 if state.config.aliases.is_none() {
-                    eprintln!("taipan: AI21 public model names route to the loaded model (configure aliases to change)");
+                    eprintln!(
+                        "taipan: AI21 public model names route to the loaded model (configure aliases to change)"
+                    );
                 }
                 if state.config.api_keys.is_empty() {
                     eprintln!("taipan: no API keys configured: authentication is off");

@@ -93,7 +93,13 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: ServerConfig) -> Self {
-        AppState { config, engine: OnceLock::new(), names: OnceLock::new(), http: HttpStats::default(), created: crate::ids::unix_now() }
+        AppState {
+            config,
+            engine: OnceLock::new(),
+            names: OnceLock::new(),
+            http: HttpStats::default(),
+            created: crate::ids::unix_now(),
+        }
     }
 
     /// Installs the loaded engine; from now on requests are served.

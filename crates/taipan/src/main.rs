@@ -120,16 +120,21 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
         None => FileConfig::default(),
     };
-    let mut api_keys = if a.api_keys.is_empty() { file.api_keys.clone().unwrap_or_default() } else { a.api_keys.clone() };
+    let mut api_keys =
+        if a.api_keys.is_empty() { file.api_keys.clone().unwrap_or_default() } else { a.api_keys.clone() };
     if let Some(p) = a.api_key_file.as_ref().or(file.api_key_file.as_ref()) {
         api_keys.extend(read_keys(p)?);
     }
     api_keys.retain(|k| !k.is_empty());
     let aliases = if a.aliases.is_empty() { file.aliases.clone() } else { Some(a.aliases.clone()) };
-    let host = a.host.or(file.host).unwrap_or_else(|| if api_keys.is_empty() { "127.0.0.1".into() } else { "0.0.0.0".into() });
+    let host =
+        a.host.or(file.host).unwrap_or_else(|| if api_keys.is_empty() { "127.0.0.1".into() } else { "0.0.0.0".into() });
     let model_path = a.model.or(file.model).unwrap_or_else(default_model_path);
     if !model_path.exists() {
-        bail!("model file {} not found; run scripts/get-model.sh to fetch the default model, or pass --model", model_path.display());
+        bail!(
+            "model file {} not found; run scripts/get-model.sh to fetch the default model, or pass --model",
+            model_path.display()
+        );
     }
     let config = taipan_server::ServerConfig {
         host,
@@ -365,12 +370,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     })?;
     let _ = writeln!(out);
     if a.stats {
+        let steps = g.tokens.len().saturating_sub(1).max(1);
         eprintln!(
-            "prompt {} tokens, {:.1} tok/s; generated {} tokens, {:.1} tok/s; finish: {:?}",
+            "prompt {} tokens in {:.2} ms ({:.1} tok/s); generated {} tokens, {:.1} tok/s ({:.2} ms per decode step); finish: {:?}",
             g.prompt_tokens,
+            g.prefill_time.as_secs_f64() * 1e3,
             g.prefill_tok_s(),
             g.tokens.len(),
             g.decode_tok_s(),
+            g.decode_time.as_secs_f64() * 1e3 / steps as f64,
             g.finish
         );
     }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# End-to-end tests: real `taipan serve` processes driven by the official ai21 and openai Python
+# SDKs and raw HTTP. Installs the pinned SDKs into .venv-e2e on first use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv-e2e
+if [ ! -x "$VENV/bin/pytest" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+fi
+cargo build --release --locked -p taipan
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e "$@"
