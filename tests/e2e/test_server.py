@@ -312,3 +312,45 @@ def test_graceful_shutdown_exits_zero():
     s = Server()
     assert httpx.get(s.base + "/health").status_code == 200
     assert s.stop() == 0
+
+
+def test_tools_documents_and_tool_messages_are_accepted(server):
+    from ai21.models.chat import AssistantMessage, ToolMessage, UserMessage
+    from ai21.models.chat.document_schema import DocumentSchema
+    client = ai21_client(server)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [
+        UserMessage(content="What is the weather in Paris?"),
+        AssistantMessage(content=None, tool_calls=[{"id": "call_1", "type": "function",
+                                                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]),
+        ToolMessage(content="18 C", tool_call_id="call_1"),
+    ]
+    r = client.chat.completions.create(model="jamba-mini", messages=messages, tools=tools, max_tokens=8,
+                                       documents=[DocumentSchema(content="Paris is in France.", metadata={"topic": "geo"})],
+                                       response_format={"type": "text"})
+    assert r.choices[0].message.role == "assistant"
+    bad = httpx.post(server.base + "/studio/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"model": "jamba-mini", "messages": USER, "tools": [{"type": "retrieval"}]})
+    assert bad.status_code == 422 and "tools" in bad.json()["detail"][0]["loc"]
+
+
+def test_full_queue_answers_429_with_retry_after():
+    import concurrent.futures
+    s = Server("--max-queue", "1")
+    try:
+        body = {"model": "jamba-mini", "messages": USER, "max_tokens": 64, "ignore_eos": True}
+
+        def call(_):
+            r = httpx.post(s.base + "/v1/chat/completions", json=body, timeout=120)
+            return r.status_code, r.headers.get("retry-after"), r.json()
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(call, range(8)))
+        codes = [c for c, _, _ in results]
+        assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+        for code, retry, body in results:
+            if code == 429:
+                assert retry is not None and body["error"]["type"] == "rate_limit_error"
+    finally:
+        assert s.stop() == 0

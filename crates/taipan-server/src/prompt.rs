@@ -13,7 +13,8 @@ fn template_message(m: &Message) -> ChatMessage {
     if let Some(id) = &m.tool_call_id {
         extra.insert("tool_call_id".into(), Value::from(id.as_str()));
     }
-    ChatMessage { role: m.role.clone(), content: m.content.clone().map(Value::from).unwrap_or(Value::Null), extra }
+    // Templates concatenate content as a string; a tool-call-only assistant turn has none.
+    ChatMessage { role: m.role.clone(), content: Value::from(m.content.clone().unwrap_or_default()), extra }
 }
 
 /// Renders and tokenizes the conversation.
