@@ -11,9 +11,9 @@ pub type PackedTileFn = fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]);
 /// `out[r * xs.len() + t] = ws[r] · xs[t]`, at most 4 × 4, all slices of one length.
 pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
 
-/// One attention head: `out = softmax(scale · K q) · V` over `n` positions whose keys and values
-/// start every `stride` floats in `k` and `v`; `scores` is the caller's scratch.
-pub type AttendHeadFn = fn(&mut [f32], &[f32], &[f32], &[f32], usize, usize, f32, &mut Vec<f32>);
+/// One attention head: `out = softmax(scale · K q) · V` over positions `0..n` of a paged KV view;
+/// `scores` is the caller's scratch.
+pub type AttendHeadFn = fn(&mut [f32], &[f32], &crate::ops::KvView<'_>, usize, f32, &mut Vec<f32>);
 
 /// Instruction-set levels with kernels of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,19 +60,16 @@ mod x86_entry {
         // SAFETY: only installed in a table after detecting avx512f/bw/vnni.
         unsafe { avx512::dot_group_packed(w, acts, out) }
     }
-    #[allow(clippy::too_many_arguments)]
     pub fn attend_avx512(
         out: &mut [f32],
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        stride: usize,
+        kv: &crate::ops::KvView<'_>,
         n: usize,
         scale: f32,
         scores: &mut Vec<f32>,
     ) {
         // SAFETY: only installed after detecting avx512f.
-        unsafe { avx512::attend_head(out, q, k, v, stride, n, scale, scores) }
+        unsafe { avx512::attend_head(out, q, kv, n, scale, scores) }
     }
     pub fn f32_avx512(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx512f.

@@ -135,84 +135,136 @@ impl RopeTable {
     }
 }
 
-/// Shapes of one attention call.
+/// Keys and values of one layer in a paged pool, as one sequence and one KV head see them.
+///
+/// The pool stores `[blocks, block_size, stride]` floats for K and for V; position `p` of the
+/// sequence lives in block `blocks[p / block_size]`, row `p % block_size`, at `offset` within the row.
+#[derive(Clone, Copy, Debug)]
+pub struct KvView<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub blocks: &'a [u32],
+    pub block_size: usize,
+    pub stride: usize,
+    pub offset: usize,
+}
+
+impl KvView<'_> {
+    /// Float index of position `p`'s key (and value) for this head.
+    #[inline]
+    pub fn at(&self, p: usize) -> usize {
+        (self.blocks[p / self.block_size] as usize * self.block_size + p % self.block_size) * self.stride + self.offset
+    }
+
+    /// Panics unless positions `0..n` are inside the pool for a head of `hd` floats.
+    pub fn check(&self, n: usize, hd: usize) {
+        assert!(n <= self.blocks.len() * self.block_size, "block table too short for {n} positions");
+        assert!(self.offset + hd <= self.stride, "head outside the row");
+        let rows = self.k.len().min(self.v.len()) / self.stride;
+        let needed = n.div_ceil(self.block_size);
+        for &b in &self.blocks[..needed] {
+            assert!((b as usize + 1) * self.block_size <= rows, "block {b} outside the pool");
+        }
+    }
+}
+
+/// Scalar reference of one attention head: `out = softmax(scale · K q) · V` over positions `0..n`.
+pub fn attend_head_ref(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize, scale: f32, scores: &mut Vec<f32>) {
+    let hd = q.len();
+    assert!(out.len() == hd && n > 0);
+    kv.check(n, hd);
+    scores.clear();
+    scores.extend((0..n).map(|p| {
+        let at = kv.at(p);
+        dot(q, &kv.k[at..at + hd]) * scale
+    }));
+    softmax(scores);
+    out.fill(0.0);
+    for (p, &w) in scores.iter().enumerate() {
+        let at = kv.at(p);
+        for (o, &x) in out.iter_mut().zip(&kv.v[at..at + hd]) {
+            *o += w * x;
+        }
+    }
+}
+
+/// Shapes shared by every sequence of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// Absolute position of the first query token.
-    pub start: usize,
-    /// Number of query tokens.
-    pub tokens: usize,
     pub scale: f32,
+}
+
+/// One sequence's part of a batched attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSeq<'a> {
+    /// Row of its first query in `q`/`out`.
+    pub first_row: usize,
+    /// Query tokens (its new tokens this step).
+    pub tokens: usize,
+    /// Absolute position of its first query token; query `i` sees positions `0..=start + i`.
+    pub start: usize,
+    /// Its block table (keys and values of the new tokens already written).
+    pub blocks: &'a [u32],
+}
+
+/// Paged pool storage of one layer.
+#[derive(Clone, Copy, Debug)]
+pub struct KvLayer<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub block_size: usize,
 }
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Scalar reference of one attention head: `out = softmax(scale · K q) · V` over `n` positions
-/// whose keys and values start every `stride` floats in `k` and `v`.
-#[allow(clippy::too_many_arguments)]
-pub fn attend_head_ref(
-    out: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    stride: usize,
-    n: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-) {
-    let hd = q.len();
-    assert!(out.len() == hd && n > 0);
-    assert!(k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd);
-    scores.clear();
-    scores.extend((0..n).map(|p| dot(q, &k[p * stride..p * stride + hd]) * scale));
-    softmax(scores);
-    out.fill(0.0);
-    for (p, &w) in scores.iter().enumerate() {
-        for (o, &x) in out.iter_mut().zip(&v[p * stride..p * stride + hd]) {
-            *o += w * x;
-        }
-    }
-}
-
-/// Causal attention of `tokens` queries against keys/values at positions `0..start + tokens`.
+/// Causal attention for a batch of sequences over a paged KV pool.
 ///
-/// `q` and `out` are `[tokens, heads·head_dim]`; `k` and `v` are `[positions, kv_heads·head_dim]`
-/// and must already hold the new tokens. Query `i` sees positions `0..=start + i`.
+/// `q` and `out` are `[rows, heads·head_dim]` with each sequence's queries at its `first_row`.
 pub fn attention(
     kernels: &Kernels,
     out: &mut [f32],
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    kv: KvLayer<'_>,
+    seqs: &[AttnSeq<'_>],
     s: AttentionShape,
     pool: &ThreadPool,
 ) {
     let qdim = s.heads * s.head_dim;
     let kvdim = s.kv_heads * s.head_dim;
-    let total = s.start + s.tokens;
-    assert_eq!(q.len(), s.tokens * qdim);
-    assert_eq!(out.len(), s.tokens * qdim);
-    assert!(k.len() >= total * kvdim && v.len() >= total * kvdim, "kv cache too short");
     assert!(s.heads.is_multiple_of(s.kv_heads));
+    assert_eq!(q.len(), out.len());
+    let rows: usize = seqs.iter().map(|x| x.tokens).sum();
+    assert!(q.len() >= rows * qdim);
+    for x in seqs {
+        assert!((x.first_row + x.tokens) * qdim <= q.len());
+    }
     let group = s.heads / s.kv_heads;
     let sink = SharedOut(out.as_mut_ptr());
     let attend = kernels.attend_head;
-    pool.run(s.tokens * s.heads, &|job| {
-        let (t, h) = (job / s.heads, job % s.heads);
+    // Jobs are (sequence, token, head) triples numbered in sequence order.
+    let mut starts = Vec::with_capacity(seqs.len() + 1);
+    let mut total = 0;
+    for x in seqs {
+        starts.push(total);
+        total += x.tokens * s.heads;
+    }
+    pool.run(total, &|job| {
+        let si = starts.partition_point(|&st| st <= job) - 1;
+        let x = &seqs[si];
+        let local = job - starts[si];
+        let (t, h) = (local / s.heads, local % s.heads);
+        let row = x.first_row + t;
         let kvh = h / group;
-        let seen = s.start + t + 1;
-        let qh = &q[t * qdim + h * s.head_dim..t * qdim + (h + 1) * s.head_dim];
-        // SAFETY: each job owns the disjoint output slice of (t, h).
-        let o = unsafe { std::slice::from_raw_parts_mut(sink.at(t * qdim + h * s.head_dim), s.head_dim) };
-        SCORES.with(|cell| {
-            let mut scores = cell.borrow_mut();
-            attend(o, qh, &k[kvh * s.head_dim..], &v[kvh * s.head_dim..], kvdim, seen, s.scale, &mut scores);
-        });
+        let view = KvView { k: kv.k, v: kv.v, blocks: x.blocks, block_size: kv.block_size, stride: kvdim, offset: kvh * s.head_dim };
+        let qh = &q[row * qdim + h * s.head_dim..row * qdim + (h + 1) * s.head_dim];
+        // SAFETY: each job owns the disjoint output slice of (row, h).
+        let o = unsafe { std::slice::from_raw_parts_mut(sink.at(row * qdim + h * s.head_dim), s.head_dim) };
+        SCORES.with(|cell| attend(o, qh, &view, x.start + t + 1, s.scale, &mut cell.borrow_mut()));
     });
 }
 
@@ -283,31 +335,40 @@ mod tests {
     }
 
     #[test]
-    fn attention_matches_naive_for_every_kernel_table() {
+    fn paged_attention_matches_naive_for_every_kernel_table() {
         let pool = ThreadPool::new(2);
-        let (heads, kv_heads, hd, start, tokens) = (4, 2, 32, 3, 2);
-        let total = start + tokens;
-        let q: Vec<f32> = (0..tokens * heads * hd).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-        let k: Vec<f32> = (0..total * kv_heads * hd).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
-        let v: Vec<f32> = (0..total * kv_heads * hd).map(|i| ((i * 3 % 17) as f32 - 8.0) / 3.0).collect();
-        let shape = AttentionShape { heads, kv_heads, head_dim: hd, start, tokens, scale: 0.35 };
+        let (heads, kv_heads, hd, bs) = (4, 2, 32, 4);
+        let kvdim = kv_heads * hd;
+        let n_blocks = 8;
+        let k: Vec<f32> = (0..n_blocks * bs * kvdim).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        let v: Vec<f32> = (0..n_blocks * bs * kvdim).map(|i| ((i * 3 % 17) as f32 - 8.0) / 3.0).collect();
+        // Two sequences with scattered blocks: 2 queries at positions 5,6 and 1 query at position 9.
+        let tables: [Vec<u32>; 2] = [vec![6, 1], vec![3, 0, 7]];
+        let seqs = [
+            AttnSeq { first_row: 0, tokens: 2, start: 5, blocks: &tables[0] },
+            AttnSeq { first_row: 2, tokens: 1, start: 9, blocks: &tables[1] },
+        ];
+        let q: Vec<f32> = (0..3 * heads * hd).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+        let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 0.35 };
         for kern in Kernels::available() {
             let mut out = vec![0f32; q.len()];
-            attention(&kern, &mut out, &q, &k, &v, shape, &pool);
-            for t in 0..tokens {
-                for h in 0..heads {
-                    let kvh = h / 2;
-                    let qh = &q[(t * heads + h) * hd..][..hd];
-                    let mut w: Vec<f32> = (0..=start + t)
-                        .map(|p| {
-                            qh.iter().zip(&k[(p * kv_heads + kvh) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() * 0.35
-                        })
-                        .collect();
-                    softmax(&mut w);
-                    for d in 0..hd {
-                        let want: f32 = w.iter().enumerate().map(|(p, wp)| wp * v[(p * kv_heads + kvh) * hd + d]).sum();
-                        let got = out[(t * heads + h) * hd + d];
-                        assert!((got - want).abs() < 1e-4, "{:?}: {got} vs {want}", kern.isa);
+            attention(&kern, &mut out, &q, KvLayer { k: &k, v: &v, block_size: bs }, &seqs, shape, &pool);
+            for x in &seqs {
+                for t in 0..x.tokens {
+                    let row = x.first_row + t;
+                    for h in 0..heads {
+                        let kvh = h / 2;
+                        let at = |p: usize| (x.blocks[p / bs] as usize * bs + p % bs) * kvdim + kvh * hd;
+                        let qh = &q[(row * heads + h) * hd..][..hd];
+                        let mut w: Vec<f32> = (0..=x.start + t)
+                            .map(|p| qh.iter().zip(&k[at(p)..at(p) + hd]).map(|(a, b)| a * b).sum::<f32>() * 0.35)
+                            .collect();
+                        softmax(&mut w);
+                        for d in 0..hd {
+                            let want: f32 = w.iter().enumerate().map(|(p, wp)| wp * v[at(p) + d]).sum();
+                            let got = out[(row * heads + h) * hd + d];
+                            assert!((got - want).abs() < 1e-4, "{:?}: {got} vs {want}", kern.isa);
+                        }
                     }
                 }
             }

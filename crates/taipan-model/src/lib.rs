@@ -9,12 +9,14 @@
 pub mod arch;
 pub mod chat;
 pub mod gguf;
+pub mod kv;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
 pub use chat::{ChatMessage, ChatTemplate, RenderOptions};
 pub use gguf::{GgufError, GgufFile};
+pub use kv::{BatchItem, KvPool, Logits};
 use taipan_kernels::{Compute, MatmulMode};
 pub use tokenizer::Tokenizer;
 
@@ -158,6 +160,34 @@ impl Model {
     ) -> Result<(), ModelError> {
         match (&self.arch, state) {
             (Arch::Llama(m), SeqState::Llama(c)) => m.forward(compute, tokens, c, &mut scratch.llama, all_logits),
+        }
+    }
+
+    /// A paged KV pool of `blocks` blocks of `block_size` positions for this model.
+    pub fn new_pool(&self, block_size: usize, blocks: usize) -> KvPool {
+        match &self.arch {
+            Arch::Llama(m) => m.new_pool(block_size, blocks),
+        }
+    }
+
+    /// Bytes of KV cache one position takes (all layers).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        match &self.arch {
+            Arch::Llama(m) => 2 * m.config.layers * m.config.kv_dim() * 4,
+        }
+    }
+
+    /// One forward pass over a batch of sequences sharing `pool`; see
+    /// [`arch::llama::Llama::forward_batch`].
+    pub fn forward_batch(
+        &self,
+        compute: &Compute,
+        items: &[BatchItem<'_>],
+        pool: &mut KvPool,
+        scratch: &mut Scratch,
+    ) -> Result<(), ModelError> {
+        match &self.arch {
+            Arch::Llama(m) => m.forward_batch(compute, items, pool, &mut scratch.llama),
         }
     }
 

@@ -1,5 +1,6 @@
 //! AVX-512 kernels (F, BW, and VNNI for the integer dot products).
 
+use crate::ops::KvView;
 use crate::packed::{ActRow, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
@@ -178,33 +179,23 @@ unsafe fn tile_f32<const R: usize, const T: usize>(ws: &[&[f32]], xs: &[&[f32]],
     }
 }
 
-/// One attention head over `n` cached positions; see `crate::ops::attend_head_ref`.
+/// One attention head over positions `0..n` of a paged KV view; see `crate::ops::attend_head_ref`.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F. Shapes are asserted.
+/// The CPU must support AVX-512 F. Shapes are checked.
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn attend_head(
-    out: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    stride: usize,
-    n: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-) {
+pub unsafe fn attend_head(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize, scale: f32, scores: &mut Vec<f32>) {
     let hd = q.len();
     if !hd.is_multiple_of(16) || hd > 256 {
-        crate::ops::attend_head_ref(out, q, k, v, stride, n, scale, scores);
+        crate::ops::attend_head_ref(out, q, kv, n, scale, scores);
         return;
     }
     assert!(out.len() == hd && n > 0);
-    assert!(k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd);
+    kv.check(n, hd);
     let chunks = hd / 16;
     scores.clear();
     scores.resize(n, 0.0);
-    // SAFETY: all loads are inside `q`, or inside `k`/`v` rows `p < n` (asserted above).
+    // SAFETY: `check` proved every position's row lies inside `kv.k` and `kv.v`.
     unsafe {
         let mut qv = [_mm512_setzero_ps(); 16];
         for (c, r) in qv.iter_mut().enumerate().take(chunks) {
@@ -212,7 +203,7 @@ pub unsafe fn attend_head(
         }
         let mut max = f32::NEG_INFINITY;
         for (p, s) in scores.iter_mut().enumerate() {
-            let kp = k.as_ptr().add(p * stride);
+            let kp = kv.k.as_ptr().add(kv.at(p));
             let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
             for (c, qc) in qv.iter().enumerate().take(chunks).skip(1) {
                 acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(kp.add(16 * c)), acc);
@@ -229,7 +220,7 @@ pub unsafe fn attend_head(
         let mut acc = [_mm512_setzero_ps(); 16];
         for (p, &s) in scores.iter().enumerate() {
             let w = _mm512_set1_ps(s * inv);
-            let vp = v.as_ptr().add(p * stride);
+            let vp = kv.v.as_ptr().add(kv.at(p));
             for (c, a) in acc.iter_mut().enumerate().take(chunks) {
                 *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), *a);
             }

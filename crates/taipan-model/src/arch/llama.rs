@@ -9,7 +9,8 @@
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 use crate::ModelError;
 use taipan_kernels::matmul::MatmulScratch;
-use taipan_kernels::ops::{self, AttentionShape, RopeStyle, RopeTable};
+use crate::kv::{BatchItem, KvPool, Logits};
+use taipan_kernels::ops::{self, AttentionShape, AttnSeq, KvLayer, RopeStyle, RopeTable};
 use taipan_kernels::{formats, Compute, DType, MatmulMode, Matrix};
 
 /// Validated hyper-parameters.
@@ -70,10 +71,10 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    fn q_dim(&self) -> usize {
+    pub fn q_dim(&self) -> usize {
         self.heads * self.head_dim
     }
-    fn kv_dim(&self) -> usize {
+    pub fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
     }
 }
@@ -118,15 +119,18 @@ pub struct Llama {
     pub mode: MatmulMode,
 }
 
-/// Per-sequence attention state: keys and values of every position seen so far.
-#[derive(Debug, Default, Clone)]
+/// A single sequence's attention state in a private, growable pool.
+#[derive(Debug, Clone)]
 pub struct KvCache {
-    /// Per layer `[positions, kv_dim]`.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    pool: KvPool,
+    /// Always `0..pool.blocks()`: the private pool is laid out in order.
+    table: Vec<u32>,
     /// Positions filled.
     pub len: usize,
 }
+
+/// Block size of private single-sequence caches.
+const PRIVATE_BLOCK: usize = 64;
 
 impl KvCache {
     /// Drops positions from `len` on, so the sequence can continue from there.
@@ -136,13 +140,17 @@ impl KvCache {
 
     /// Bytes held.
     pub fn memory_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.capacity() * 4).sum()
+        self.pool.blocks() * self.pool.block_bytes()
     }
 }
 
 /// Buffers of one forward pass, kept between calls.
 #[derive(Debug, Default)]
 pub struct LlamaScratch {
+    /// Position of every row of the batch.
+    positions: Vec<usize>,
+    /// Rows whose logits are wanted.
+    logit_rows: Vec<usize>,
     x: Vec<f32>,
     h: Vec<f32>,
     qkv: Vec<f32>,
@@ -222,9 +230,14 @@ impl Llama {
         Ok(Llama { out_norm: load_f32(f, "output_norm.weight", d)?, config: c, embedding, layers, output, rope, mode })
     }
 
-    /// A fresh, empty sequence state.
+    /// A fresh, empty single-sequence state.
     pub fn new_cache(&self) -> KvCache {
-        KvCache { k: vec![Vec::new(); self.config.layers], v: vec![Vec::new(); self.config.layers], len: 0 }
+        KvCache { pool: self.new_pool(PRIVATE_BLOCK, 0), table: Vec::new(), len: 0 }
+    }
+
+    /// A paged pool of `blocks` blocks for this model.
+    pub fn new_pool(&self, block_size: usize, blocks: usize) -> KvPool {
+        KvPool::new(self.config.layers, self.config.kv_dim(), block_size, blocks)
     }
 
     /// Bytes of weights held in memory.
@@ -248,25 +261,74 @@ impl Llama {
         scratch: &mut LlamaScratch,
         all_logits: bool,
     ) -> Result<(), ModelError> {
-        let c = self.config.clone();
-        let t_n = tokens.len();
-        let start = cache.len;
-        if t_n == 0 {
-            return Err(ModelError::Input("no tokens to run".into()));
-        }
-        if start + t_n > c.context {
+        let needed = cache.len + tokens.len();
+        if needed > self.config.context {
             return Err(ModelError::Input(format!(
-                "sequence of {} tokens exceeds the context length {}",
-                start + t_n,
-                c.context
+                "sequence of {needed} tokens exceeds the context length {}",
+                self.config.context
             )));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
+        let blocks = needed.div_ceil(PRIVATE_BLOCK);
+        if blocks > cache.pool.blocks() {
+            cache.pool.grow(blocks.next_power_of_two().min(self.config.context.div_ceil(PRIVATE_BLOCK)).max(blocks));
+            cache.table = (0..cache.pool.blocks() as u32).collect();
         }
+        let item = BatchItem {
+            tokens,
+            start: cache.len,
+            blocks: &cache.table,
+            logits: if all_logits { Logits::All } else { Logits::Last },
+        };
+        self.forward_batch(compute, &[item], &mut cache.pool, scratch)?;
+        cache.len = needed;
+        Ok(())
+    }
+
+    /// One forward pass over several sequences at once: every weight matrix is read once for all
+    /// their tokens. Keys and values of the new tokens are written to `pool` through each item's
+    /// block table. Logits land in `scratch.logits`, one row per wanted token, in item order.
+    pub fn forward_batch(
+        &self,
+        compute: &Compute,
+        items: &[BatchItem<'_>],
+        pool: &mut KvPool,
+        scratch: &mut LlamaScratch,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        if pool.kv_dim != c.kv_dim() || pool.layers != c.layers {
+            return Err(ModelError::Input("KV pool was made for another model".into()));
+        }
+        let bs = pool.block_size;
+        for it in items {
+            let end = it.start + it.tokens.len();
+            if it.tokens.is_empty() {
+                return Err(ModelError::Input("no tokens to run".into()));
+            }
+            if end > c.context {
+                return Err(ModelError::Input(format!("sequence of {end} tokens exceeds the context length {}", c.context)));
+            }
+            if it.blocks.len() * bs < end || it.blocks[..end.div_ceil(bs)].iter().any(|&b| b as usize >= pool.blocks()) {
+                return Err(ModelError::Input("block table does not cover the sequence".into()));
+            }
+            if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= c.vocab) {
+                return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
+            }
+        }
+        let t_n: usize = items.iter().map(|it| it.tokens.len()).sum();
         let (d, qd, kvd, ff) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff);
         let qkv_w = qd + 2 * kvd;
         let s = scratch;
+        s.positions.clear();
+        s.logit_rows.clear();
+        for it in items {
+            let first = s.positions.len();
+            s.positions.extend(it.start..it.start + it.tokens.len());
+            match it.logits {
+                Logits::None => {}
+                Logits::Last => s.logit_rows.push(s.positions.len() - 1),
+                Logits::All => s.logit_rows.extend(first..s.positions.len()),
+            }
+        }
         grow(&mut s.x, t_n * d);
         grow(&mut s.h, t_n * d);
         grow(&mut s.qkv, t_n * qkv_w);
@@ -276,12 +338,23 @@ impl Llama {
         grow(&mut s.gate_up, t_n * 2 * ff);
         grow(&mut s.act, t_n * ff);
         let x = &mut s.x[..t_n * d];
-        for (t, &tok) in tokens.iter().enumerate() {
+        for (t, &tok) in items.iter().flat_map(|it| it.tokens).enumerate() {
             let row = &self.embedding.data[tok as usize * self.embedding.row_bytes..][..self.embedding.row_bytes];
             formats::dequantize(self.embedding.dtype, row, &mut x[t * d..(t + 1) * d])
                 .map_err(|e| ModelError::Input(e.to_string()))?;
         }
-        let needed = start + t_n;
+        let mut attn_seqs = Vec::with_capacity(items.len());
+        let mut row = 0;
+        for it in items {
+            attn_seqs.push(AttnSeq { first_row: row, tokens: it.tokens.len(), start: it.start, blocks: it.blocks });
+            row += it.tokens.len();
+        }
+        let shape = AttentionShape {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             let h = &mut s.h[..t_n * d];
             for t in 0..t_n {
@@ -289,31 +362,22 @@ impl Llama {
             }
             let qkv = &mut s.qkv[..t_n * qkv_w];
             compute.matmul(qkv, h, t_n, &layer.wqkv, &mut s.mm);
-            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
-            if kc.len() < needed * kvd {
-                let cap = needed.next_power_of_two().min(c.context) * kvd;
-                kc.resize(cap.max(needed * kvd), 0.0);
-                vc.resize(cap.max(needed * kvd), 0.0);
-            }
             let q = &mut s.q[..t_n * qd];
-            for t in 0..t_n {
-                let pos = start + t;
-                let row = &mut qkv[t * qkv_w..(t + 1) * qkv_w];
-                self.rope.apply(&mut row[..qd + kvd], c.head_dim, pos, RopeStyle::Adjacent);
-                q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
-                kc[pos * kvd..(pos + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
-                vc[pos * kvd..(pos + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+            for ((t, &pos), it_row) in s.positions.iter().enumerate().zip(qkv.chunks_exact_mut(qkv_w)) {
+                self.rope.apply(&mut it_row[..qd + kvd], c.head_dim, pos, RopeStyle::Adjacent);
+                q[t * qd..(t + 1) * qd].copy_from_slice(&it_row[..qd]);
             }
-            let shape = AttentionShape {
-                heads: c.heads,
-                kv_heads: c.kv_heads,
-                head_dim: c.head_dim,
-                start,
-                tokens: t_n,
-                scale: 1.0 / (c.head_dim as f32).sqrt(),
-            };
+            let mut t = 0;
+            for it in items {
+                for pos in it.start..it.start + it.tokens.len() {
+                    let r = &qkv[t * qkv_w..(t + 1) * qkv_w];
+                    pool.write(li, it.blocks[pos / bs], pos % bs, &r[qd..qd + kvd], &r[qd + kvd..]);
+                    t += 1;
+                }
+            }
             let att = &mut s.att[..t_n * qd];
-            ops::attention(&compute.kernels, att, q, &kc[..needed * kvd], &vc[..needed * kvd], shape, &compute.pool);
+            let (k, v) = pool.layer(li);
+            ops::attention(&compute.kernels, att, q, KvLayer { k, v, block_size: bs }, &attn_seqs, shape, &compute.pool);
             let proj = &mut s.proj[..t_n * d];
             compute.matmul(proj, att, t_n, &layer.wo, &mut s.mm);
             ops::add_in_place(x, proj);
@@ -333,15 +397,16 @@ impl Llama {
             compute.matmul(proj, act, t_n, &layer.w_down, &mut s.mm);
             ops::add_in_place(x, proj);
         }
-        cache.len = needed;
-        let first = if all_logits { 0 } else { t_n - 1 };
-        let rows = t_n - first;
-        let h = &mut s.h[..rows * d];
-        for (i, t) in (first..t_n).enumerate() {
-            ops::rms_norm_into(&mut h[i * d..(i + 1) * d], &x[t * d..(t + 1) * d], &self.out_norm, c.rms_eps);
-        }
+        let rows = s.logit_rows.len();
         if s.logits.len() != rows * c.vocab {
             s.logits.resize(rows * c.vocab, 0.0);
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let h = &mut s.h[..rows * d];
+        for (i, &t) in s.logit_rows.iter().enumerate() {
+            ops::rms_norm_into(&mut h[i * d..(i + 1) * d], &x[t * d..(t + 1) * d], &self.out_norm, c.rms_eps);
         }
         compute.matmul(&mut s.logits, h, rows, &self.output, &mut s.mm);
         Ok(())
