@@ -1,27 +1,36 @@
-//! The engine thread: takes generation requests from a bounded queue, runs them on the model, and
-//! sends each request its events.
+//! The engine thread: continuous batching over a paged KV cache with prefix reuse.
 //!
-//! Requests run one at a time in arrival order (continuous batching replaces this loop later;
-//! the request and event types are already what a batching scheduler needs). A request whose
-//! receiver is gone is dropped at the next token, freeing the engine for the next one.
+//! Each step: take new requests, drop sequences whose client left, admit waiting sequences in
+//! arrival order while blocks and slots allow, then run ONE forward pass over every running
+//! sequence — one token for those decoding, a chunk of prompt for those prefilling, within a
+//! token budget so a long prompt never stalls the others for more than a step — sample, and send
+//! each request its events. There are no prefill or decode phases: a sequence simply has
+//! `tokens.len() - computed` tokens left to run.
+//!
+//! A request with `n > 1` runs its first choice alone until the prompt is done; the other
+//! choices are then admitted and find the prompt's full blocks in the prefix cache, so the prompt
+//! is computed once and its blocks are shared.
 
+use crate::cache::BlockManager;
 use crate::detokenizer::IncrementalDecoder;
 use crate::generate::FinishReason;
+pub use crate::metrics::EngineStats;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use taipan_kernels::ops::log_softmax;
 use taipan_kernels::Compute;
-use taipan_model::{Model, Scratch};
+use taipan_model::{BatchItem, KvPool, Logits, Model, Scratch};
 
 /// One generation request, already validated and tokenized.
 #[derive(Debug, Clone)]
 pub struct GenRequest {
     pub prompt: Vec<u32>,
-    /// Independent samples from the same prompt (the prompt is run once).
+    /// Independent samples from the same prompt (the prompt is computed once).
     pub n: usize,
     pub max_tokens: usize,
     /// Stop tokens are ignored until this many tokens were generated.
@@ -59,7 +68,7 @@ pub enum Event {
 /// Where a request's events go. `send` returns false once nobody listens.
 pub trait EventSink: Send {
     fn send(&mut self, event: Event) -> bool;
-    /// Whether the listener is still there (checked between tokens).
+    /// Whether the listener is still there (checked every step).
     fn alive(&self) -> bool {
         true
     }
@@ -71,20 +80,6 @@ impl EventSink for mpsc::Sender<Event> {
     }
 }
 
-/// Counters the server exports as metrics.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    pub queued: AtomicUsize,
-    pub running: AtomicUsize,
-    pub requests_finished: AtomicU64,
-    pub requests_cancelled: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub generated_tokens: AtomicU64,
-    /// Sum of times to first token, microseconds.
-    pub ttft_us_sum: AtomicU64,
-    pub ttft_count: AtomicU64,
-}
-
 /// Why a request was not accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
@@ -92,6 +87,50 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("the engine has stopped")]
     Stopped,
+}
+
+/// Engine sizing.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub threads: usize,
+    /// Requests that may wait for admission before new ones are refused.
+    pub max_queue: usize,
+    /// Bytes of KV cache (the pool is allocated once at this size).
+    pub kv_cache_bytes: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Tokens one step may run (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            max_queue: 64,
+            kv_cache_bytes: default_kv_cache_bytes(),
+            block_size: 16,
+            max_batch_tokens: 384,
+            max_running: 64,
+        }
+    }
+}
+
+/// A quarter of the memory available now, at most 2 GiB (at least 64 MiB).
+pub fn default_kv_cache_bytes() -> usize {
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<usize>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(4 << 30);
+    (available / 4).clamp(64 << 20, 2 << 30)
 }
 
 struct Job {
@@ -124,33 +163,67 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine thread for `model`, with `threads` compute threads and room for
-/// `max_queue` waiting requests. The thread ends when every handle is dropped.
-pub fn start(model: Arc<Model>, threads: usize, max_queue: usize) -> EngineHandle {
+/// Starts the engine thread for `model`. The thread ends when every handle is dropped.
+pub fn start(model: Arc<Model>, config: EngineConfig) -> EngineHandle {
     let (tx, rx) = mpsc::channel::<Job>();
     let stats = Arc::new(EngineStats::default());
-    let handle = EngineHandle { tx, max_queue: max_queue.max(1), stats: Arc::clone(&stats), model: Arc::clone(&model) };
+    let handle =
+        EngineHandle { tx, max_queue: config.max_queue.max(1), stats: Arc::clone(&stats), model: Arc::clone(&model) };
     std::thread::Builder::new()
         .name("taipan-engine".into())
-        .spawn(move || {
-            let compute = Compute::new(threads);
-            let mut runner = Runner { model, compute, scratch: Scratch::default(), stats };
-            while let Ok(job) = rx.recv() {
-                runner.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                runner.stats.running.fetch_add(1, Ordering::SeqCst);
-                runner.run(job);
-                runner.stats.running.fetch_sub(1, Ordering::SeqCst);
-            }
-        })
+        .spawn(move || Engine::new(model, config, stats).run(rx))
         .expect("spawning the engine thread");
     handle
 }
 
-struct Runner {
+/// A request in flight: its listener and the choices still running.
+struct RequestState {
+    sink: Box<dyn EventSink>,
+    request: Arc<GenRequest>,
+    received: Instant,
+    choices_left: usize,
+    /// Choices 1..n are admitted once choice 0 has computed the prompt.
+    forked: bool,
+    first_token_seen: bool,
+    failed: bool,
+}
+
+/// One choice of one request.
+struct Seq {
+    req: u64,
+    choice: usize,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Positions whose keys and values are in the pool.
+    computed: usize,
+    blocks: Vec<u32>,
+    /// Chained hashes of the leading full blocks already registered for reuse.
+    hashes: Vec<u64>,
+    sampler: Sampler,
+    detok: IncrementalDecoder,
+    stops: StopMatcher,
+    generated: usize,
+    prompt_logprobs: Vec<Option<TokenLogprob>>,
+    last_token_at: Option<Instant>,
+    /// Admission order, for preempting the newest first.
+    admitted: u64,
+}
+
+struct Engine {
     model: Arc<Model>,
     compute: Compute,
     scratch: Scratch,
+    pool: KvPool,
+    blocks: BlockManager,
     stats: Arc<EngineStats>,
+    config: EngineConfig,
+    requests: HashMap<u64, RequestState>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    next_req: u64,
+    admissions: u64,
+    lp: Vec<f32>,
 }
 
 fn token_logprob(logprobs: &[f32], id: u32, top: usize) -> TokenLogprob {
@@ -167,158 +240,471 @@ fn token_logprob(logprobs: &[f32], id: u32, top: usize) -> TokenLogprob {
     TokenLogprob { id, logprob: logprobs[id as usize], top: best }
 }
 
-impl Runner {
-    fn run(&mut self, mut job: Job) {
-        if !job.sink.alive() {
-            self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-            return;
+/// What one sequence contributes to a step.
+struct Planned {
+    seq: usize,
+    start: usize,
+    len: usize,
+    logits: Logits,
+}
+
+impl Engine {
+    fn new(model: Arc<Model>, config: EngineConfig, stats: Arc<EngineStats>) -> Self {
+        let bs = config.block_size.max(1);
+        let block_bytes = model.kv_bytes_per_token() * bs;
+        let n_blocks = (config.kv_cache_bytes / block_bytes.max(1)).max(model.context_length().div_ceil(bs) + 1);
+        stats.kv_blocks_total.store(n_blocks, Ordering::Relaxed);
+        let pool = model.new_pool(bs, n_blocks);
+        Engine {
+            compute: Compute::new(config.threads),
+            scratch: Scratch::default(),
+            pool,
+            blocks: BlockManager::new(n_blocks, bs),
+            stats,
+            config,
+            requests: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_req: 0,
+            admissions: 0,
+            lp: vec![0f32; model.vocab_size()],
+            model,
         }
-        let req = &job.request;
-        let model = Arc::clone(&self.model);
-        let vocab = model.vocab_size();
-        let mut state = model.new_state();
-        let all = req.prompt_logprobs.is_some();
-        if let Err(e) = model.forward(&self.compute, &req.prompt, &mut state, &mut self.scratch, all) {
-            job.sink.send(Event::Error(e.to_string()));
-            return;
-        }
-        self.stats.prompt_tokens.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
-        let logits = self.scratch.logits();
-        let first_logits = logits[logits.len() - vocab..].to_vec();
-        if let Some(top) = req.prompt_logprobs {
-            let mut lp = vec![0f32; vocab];
-            let mut out = vec![None];
-            for (pos, &next) in req.prompt.iter().enumerate().skip(1) {
-                log_softmax(&mut lp, &logits[(pos - 1) * vocab..pos * vocab]);
-                out.push(Some(token_logprob(&lp, next, top)));
-            }
-            if !job.sink.send(Event::PromptLogprobs(out)) {
-                self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-        let mut first_token = true;
-        for choice in 0..req.n.max(1) {
-            let st = if choice + 1 < req.n { state.clone() } else { std::mem::replace(&mut state, model.new_state()) };
-            let params = SamplingParams { seed: req.sampling.seed.wrapping_add(choice as u64), ..req.sampling };
-            let outcome = self.run_choice(
-                &job.request,
-                choice,
-                st,
-                &first_logits,
-                params,
-                &mut *job.sink,
-                &mut first_token,
-                job.received,
-            );
-            match outcome {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                Err(e) => {
-                    job.sink.send(Event::Error(e));
-                    return;
-                }
-            }
-        }
-        self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Runs one choice to its end. `Ok(false)` means the listener left.
-    #[allow(clippy::too_many_arguments)]
-    fn run_choice(
-        &mut self,
-        req: &GenRequest,
-        choice: usize,
-        mut state: taipan_model::SeqState,
-        first_logits: &[f32],
-        params: SamplingParams,
-        sink: &mut dyn EventSink,
-        first_token: &mut bool,
-        received: Instant,
-    ) -> Result<bool, String> {
-        let model = Arc::clone(&self.model);
-        let tok = &model.tokenizer;
-        let stop_ids = &tok.specials.stop_ids;
-        let mut sampler = Sampler::new(params);
-        let mut detok = IncrementalDecoder::new(true);
-        let mut stops = StopMatcher::new(req.stop.clone());
-        let mut logits = first_logits.to_vec();
-        let mut lp = vec![0f32; logits.len()];
-        let mut generated = 0usize;
-        let mut matched_stop_string = false;
-        let finish;
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
         loop {
-            if generated >= req.max_tokens {
-                finish = FinishReason::Length;
+            // Block for work only when idle.
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.accept(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.accept(job);
+            }
+            self.drop_abandoned();
+            self.admit();
+            self.step();
+            self.publish_stats();
+        }
+    }
+
+    fn new_seq(req: u64, choice: usize, r: &GenRequest) -> Seq {
+        let params = SamplingParams { seed: r.sampling.seed.wrapping_add(choice as u64), ..r.sampling };
+        Seq {
+            req,
+            choice,
+            tokens: r.prompt.clone(),
+            prompt_len: r.prompt.len(),
+            computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            sampler: Sampler::new(params),
+            detok: IncrementalDecoder::new(true),
+            stops: StopMatcher::new(r.stop.clone()),
+            generated: 0,
+            prompt_logprobs: Vec::new(),
+            last_token_at: None,
+            admitted: 0,
+        }
+    }
+
+    fn accept(&mut self, job: Job) {
+        let id = self.next_req;
+        self.next_req += 1;
+        let request = Arc::new(job.request);
+        let mut state = RequestState {
+            sink: job.sink,
+            request: Arc::clone(&request),
+            received: job.received,
+            choices_left: request.n.max(1),
+            forked: request.n <= 1,
+            first_token_seen: false,
+            failed: false,
+        };
+        let blocks_needed = (request.prompt.len() + 1).div_ceil(self.blocks.block_size);
+        if request.prompt.is_empty() || blocks_needed > self.blocks.total() {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            self.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            state.sink.send(Event::Error(format!(
+                "the prompt of {} tokens does not fit the KV cache ({} blocks of {})",
+                request.prompt.len(),
+                self.blocks.total(),
+                self.blocks.block_size
+            )));
+            return;
+        }
+        let seq = Self::new_seq(id, 0, &request);
+        self.requests.insert(id, state);
+        self.waiting.push_back(seq);
+    }
+
+    fn release_seq(&mut self, seq: &mut Seq) {
+        for &b in &seq.blocks {
+            self.blocks.release(b);
+        }
+        seq.blocks.clear();
+        seq.hashes.clear();
+        seq.computed = 0;
+    }
+
+    /// Ends a request early: frees every sequence of it.
+    fn drop_request(&mut self, req: u64) {
+        let mut running = std::mem::take(&mut self.running);
+        running.retain_mut(|s| {
+            if s.req == req {
+                self.release_seq(s);
+                false
+            } else {
+                true
+            }
+        });
+        self.running = running;
+        let before = self.waiting.len();
+        let mut waiting = std::mem::take(&mut self.waiting);
+        waiting.retain_mut(|s| {
+            if s.req == req {
+                if s.choice == 0 && s.admitted == 0 {
+                    self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                }
+                self.release_seq(s);
+                false
+            } else {
+                true
+            }
+        });
+        let _ = before;
+        self.waiting = waiting;
+        self.requests.remove(&req);
+    }
+
+    fn drop_abandoned(&mut self) {
+        let gone: Vec<u64> = self.requests.iter().filter(|(_, r)| !r.sink.alive()).map(|(&id, _)| id).collect();
+        for id in gone {
+            self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            self.drop_request(id);
+        }
+    }
+
+    /// Admits waiting sequences in order while slots and blocks allow (no overtaking, so no
+    /// request starves behind smaller ones).
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(mut seq) = self.waiting.pop_front() else { break };
+            let wants_prompt_lp = self.requests.get(&seq.req).is_some_and(|r| r.request.prompt_logprobs.is_some());
+            if seq.blocks.is_empty() && !wants_prompt_lp {
+                let (hit, hashes) = self.blocks.match_prefix(&seq.tokens);
+                seq.computed = hit.len() * self.blocks.block_size;
+                seq.blocks = hit;
+                seq.hashes = hashes;
+            }
+            let need = (seq.tokens.len() + 1).div_ceil(self.blocks.block_size).saturating_sub(seq.blocks.len());
+            if need > self.blocks.available() {
+                // Not now: give back what the prefix match took and wait for blocks to free up.
+                self.release_seq(&mut seq);
+                self.waiting.push_front(seq);
                 break;
             }
-            if !sink.alive() {
-                return Ok(false);
+            if seq.choice == 0 && seq.admitted == 0 {
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                if seq.prompt_len > 0 {
+                    self.stats.prompt_tokens.fetch_add(seq.prompt_len as u64, Ordering::Relaxed);
+                    self.stats.prefix_hit_tokens.fetch_add(seq.computed as u64, Ordering::Relaxed);
+                }
             }
-            if generated < req.min_tokens {
-                for &s in stop_ids {
-                    if let Some(l) = logits.get_mut(s as usize) {
-                        *l = f32::NEG_INFINITY;
+            self.admissions += 1;
+            seq.admitted = self.admissions;
+            self.running.push(seq);
+        }
+    }
+
+    /// Makes sure `running[i]` has blocks for positions `..upto`, preempting the newest other
+    /// sequences if the pool is full. Returns false if even that is not enough.
+    fn ensure_blocks(&mut self, i: usize, upto: usize) -> bool {
+        let bs = self.blocks.block_size;
+        while self.running[i].blocks.len() * bs < upto {
+            match self.blocks.allocate() {
+                Some(b) => self.running[i].blocks.push(b),
+                None => {
+                    let me = self.running[i].admitted;
+                    let victim = self
+                        .running
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| s.admitted != me)
+                        .max_by_key(|(_, s)| s.admitted)
+                        .map(|(j, _)| j);
+                    let Some(j) = victim else { return false };
+                    let mut v = self.running.remove(j);
+                    self.release_seq(&mut v);
+                    self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+                    self.waiting.push_front(v);
+                    if j < i {
+                        return self.ensure_blocks(i - 1, upto);
                     }
                 }
             }
-            let next = sampler.sample(&logits);
-            generated += 1;
-            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            if *first_token {
-                *first_token = false;
-                self.stats.ttft_us_sum.fetch_add(received.elapsed().as_micros() as u64, Ordering::Relaxed);
-                self.stats.ttft_count.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    fn plan(&mut self) -> Vec<Planned> {
+        let mut budget = self.config.max_batch_tokens.max(1);
+        let mut plan = Vec::new();
+        // Decoding sequences first: one token each keeps every stream moving.
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| (self.running[i].tokens.len() - self.running[i].computed > 1, self.running[i].admitted));
+        let mut chosen: Vec<(u64, usize)> = Vec::new();
+        for i in order {
+            if budget == 0 {
+                break;
             }
-            let logprobs = match req.logprobs {
-                Some(top) => {
-                    log_softmax(&mut lp, &logits);
-                    vec![token_logprob(&lp, next, top)]
-                }
-                None => vec![],
+            let s = &self.running[i];
+            let left = s.tokens.len() - s.computed;
+            let len = left.min(budget);
+            budget -= len;
+            chosen.push((s.admitted, len));
+        }
+        // Blocks may preempt sequences and shift indices, so look sequences up by admission id.
+        for (admitted, len) in chosen {
+            let Some(i) = self.running.iter().position(|s| s.admitted == admitted) else { continue };
+            let upto = self.running[i].computed + len;
+            if !self.ensure_blocks(i, upto) {
+                continue;
+            }
+            let Some(i) = self.running.iter().position(|s| s.admitted == admitted) else { continue };
+            let s = &self.running[i];
+            let reaches_end = s.computed + len == s.tokens.len();
+            let wants_prompt_lp = self.requests.get(&s.req).is_some_and(|r| r.request.prompt_logprobs.is_some());
+            let logits = if wants_prompt_lp && s.computed < s.prompt_len {
+                Logits::All
+            } else if reaches_end {
+                Logits::Last
+            } else {
+                Logits::None
             };
-            let is_stop_token = !req.ignore_eos && stop_ids.contains(&next);
-            if is_stop_token {
-                if !logprobs.is_empty() && !sink.send(Event::Delta { choice, text: String::new(), logprobs }) {
-                    return Ok(false);
+            plan.push(Planned { seq: admitted as usize, start: s.computed, len, logits });
+        }
+        // Translate admission ids back to current indices.
+        for p in plan.iter_mut() {
+            p.seq = self.running.iter().position(|s| s.admitted == p.seq as u64).unwrap_or(usize::MAX);
+        }
+        plan.retain(|p| p.seq != usize::MAX);
+        plan
+    }
+
+    fn step(&mut self) {
+        let plan = self.plan();
+        if plan.is_empty() {
+            if !self.running.is_empty() || !self.waiting.is_empty() {
+                // Nothing fits: wait briefly for a cancellation or a finish to free blocks.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return;
+        }
+        let items: Vec<BatchItem<'_>> = plan
+            .iter()
+            .map(|p| {
+                let s = &self.running[p.seq];
+                BatchItem { tokens: &s.tokens[p.start..p.start + p.len], start: p.start, blocks: &s.blocks, logits: p.logits }
+            })
+            .collect();
+        let result = self.model.forward_batch(&self.compute, &items, &mut self.pool, &mut self.scratch);
+        drop(items);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            let reqs: Vec<u64> = plan.iter().map(|p| self.running[p.seq].req).collect();
+            for r in reqs {
+                self.fail(r, e.to_string());
+            }
+            return;
+        }
+        let vocab = self.model.vocab_size();
+        let mut row = 0;
+        let mut finished: Vec<usize> = Vec::new();
+        for p in &plan {
+            let rows = match p.logits {
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::All => p.len,
+            };
+            let s = &mut self.running[p.seq];
+            s.computed += p.len;
+            self.register_full_blocks(p.seq);
+            let s = &mut self.running[p.seq];
+            if p.logits == Logits::All {
+                let top = self.requests.get(&s.req).and_then(|r| r.request.prompt_logprobs).unwrap_or(0);
+                let logits = self.scratch.logits();
+                for k in 0..rows {
+                    let pos = p.start + k;
+                    if s.prompt_logprobs.is_empty() {
+                        s.prompt_logprobs.push(None);
+                    }
+                    if pos + 1 < s.prompt_len {
+                        log_softmax(&mut self.lp, &logits[(row + k) * vocab..(row + k + 1) * vocab]);
+                        s.prompt_logprobs.push(Some(token_logprob(&self.lp, s.tokens[pos + 1], top)));
+                    }
                 }
-                finish = FinishReason::Stop;
-                break;
             }
-            let piece = detok.push(tok, next);
-            let check = stops.push(&piece);
-            if (!check.emit.is_empty() || !logprobs.is_empty())
-                && !sink.send(Event::Delta { choice, text: check.emit, logprobs })
-            {
-                return Ok(false);
+            if rows > 0 && s.computed == s.tokens.len() {
+                let last = row + rows - 1;
+                if self.sample_into(p.seq, last) {
+                    finished.push(p.seq);
+                }
             }
-            if check.stopped {
-                matched_stop_string = true;
-                finish = FinishReason::Stop;
-                break;
-            }
-            if generated >= req.max_tokens || state.len() + 1 > model.context_length() {
-                finish = FinishReason::Length;
-                break;
-            }
-            model.forward(&self.compute, &[next], &mut state, &mut self.scratch, false).map_err(|e| e.to_string())?;
-            logits.copy_from_slice(self.scratch.logits());
+            row += rows;
         }
-        if !matched_stop_string {
-            // Release text held back for a stop string that never completed.
-            let rest = detok.flush(tok);
-            let check = stops.push(&rest);
-            let mut tail = check.emit;
-            if !check.stopped {
-                tail.push_str(&stops.flush());
+        finished.sort_unstable();
+        for i in finished.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            self.release_seq(&mut s);
+        }
+    }
+
+    /// Registers the sequence's newly completed full blocks in the prefix cache.
+    fn register_full_blocks(&mut self, i: usize) {
+        let bs = self.blocks.block_size;
+        let s = &mut self.running[i];
+        while (s.hashes.len() + 1) * bs <= s.computed {
+            let k = s.hashes.len();
+            let parent = if k == 0 { 0 } else { s.hashes[k - 1] };
+            let h = self.blocks.register(s.blocks[k], parent, &s.tokens[k * bs..(k + 1) * bs]);
+            s.hashes.push(h);
+        }
+    }
+
+    fn fail(&mut self, req: u64, message: String) {
+        if let Some(r) = self.requests.get_mut(&req) {
+            r.failed = true;
+            r.sink.send(Event::Error(message));
+        }
+        self.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+        self.drop_request(req);
+    }
+
+    /// Samples the next token of `running[i]` from logits row `row`; sends its events.
+    /// Returns true when the sequence has finished.
+    fn sample_into(&mut self, i: usize, row: usize) -> bool {
+        let vocab = self.model.vocab_size();
+        let model = Arc::clone(&self.model);
+        let tok = &model.tokenizer;
+        let stop_ids = &tok.specials.stop_ids;
+        let s = &mut self.running[i];
+        let Some(r) = self.requests.get_mut(&s.req) else { return true };
+        let req = Arc::clone(&r.request);
+        let now = Instant::now();
+        // Prompt done: report prompt logprobs once, and let the other choices in.
+        if s.generated == 0 && s.choice == 0 {
+            if req.prompt_logprobs.is_some() && !r.sink.send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs))) {
+                return true;
             }
-            if !tail.is_empty() && !sink.send(Event::Delta { choice, text: tail, logprobs: vec![] }) {
-                return Ok(false);
+            if !r.forked {
+                r.forked = true;
+                for c in (1..req.n).rev() {
+                    let mut fork = Self::new_seq(s.req, c, &req);
+                    fork.admitted = 0;
+                    self.waiting.push_front(fork);
+                }
             }
         }
-        Ok(sink.send(Event::Done { choice, finish, completion_tokens: generated }))
+        let s = &mut self.running[i];
+        let Some(r) = self.requests.get_mut(&s.req) else { return true };
+        if s.generated >= req.max_tokens {
+            return self.finish(i, FinishReason::Length);
+        }
+        let logits = &mut self.scratch.logits_mut()[row * vocab..(row + 1) * vocab];
+        if s.generated < req.min_tokens {
+            for &id in stop_ids {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let next = s.sampler.sample(logits);
+        s.generated += 1;
+        s.tokens.push(next);
+        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        if !r.first_token_seen {
+            r.first_token_seen = true;
+            self.stats.time_to_first_token.observe(r.received.elapsed().as_secs_f64());
+        }
+        if let Some(prev) = s.last_token_at {
+            self.stats.inter_token_latency.observe(now.duration_since(prev).as_secs_f64());
+        }
+        s.last_token_at = Some(now);
+        let logprobs = match req.logprobs {
+            Some(top) => {
+                log_softmax(&mut self.lp, logits);
+                vec![token_logprob(&self.lp, next, top)]
+            }
+            None => vec![],
+        };
+        if !req.ignore_eos && stop_ids.contains(&next) {
+            if !logprobs.is_empty() && !r.sink.send(Event::Delta { choice: s.choice, text: String::new(), logprobs }) {
+                return true;
+            }
+            return self.finish(i, FinishReason::Stop);
+        }
+        let piece = s.detok.push(tok, next);
+        let check = s.stops.push(&piece);
+        if (!check.emit.is_empty() || !logprobs.is_empty())
+            && !r.sink.send(Event::Delta { choice: s.choice, text: check.emit, logprobs })
+        {
+            return true;
+        }
+        if check.stopped {
+            return self.finish_matched(i);
+        }
+        if s.generated >= req.max_tokens || s.tokens.len() >= model.context_length() {
+            return self.finish(i, FinishReason::Length);
+        }
+        false
+    }
+
+    /// Ends a choice that hit a stop string (nothing held back is released).
+    fn finish_matched(&mut self, i: usize) -> bool {
+        self.send_done(i, FinishReason::Stop);
+        true
+    }
+
+    /// Ends a choice, releasing text held back for an incomplete stop string.
+    fn finish(&mut self, i: usize, reason: FinishReason) -> bool {
+        let model = Arc::clone(&self.model);
+        let s = &mut self.running[i];
+        let rest = s.detok.flush(&model.tokenizer);
+        let check = s.stops.push(&rest);
+        let mut tail = check.emit;
+        if !check.stopped {
+            tail.push_str(&s.stops.flush());
+        }
+        if !tail.is_empty() {
+            if let Some(r) = self.requests.get_mut(&s.req) {
+                r.sink.send(Event::Delta { choice: s.choice, text: tail, logprobs: vec![] });
+            }
+        }
+        self.send_done(i, if check.stopped { FinishReason::Stop } else { reason });
+        true
+    }
+
+    fn send_done(&mut self, i: usize, finish: FinishReason) {
+        let s = &self.running[i];
+        let (req, choice, generated) = (s.req, s.choice, s.generated);
+        let Some(r) = self.requests.get_mut(&req) else { return };
+        r.sink.send(Event::Done { choice, finish, completion_tokens: generated });
+        r.choices_left -= 1;
+        if r.choices_left == 0 {
+            if !r.failed {
+                self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+            }
+            self.requests.remove(&req);
+        }
+    }
+
+    fn publish_stats(&self) {
+        self.stats.running.store(self.running.len(), Ordering::Relaxed);
+        self.stats.kv_blocks_used.store(self.blocks.used(), Ordering::Relaxed);
+        self.stats.kv_blocks_cached.store(self.blocks.cached(), Ordering::Relaxed);
     }
 }

@@ -91,6 +91,11 @@ impl Scratch {
     pub fn logits(&self) -> &[f32] {
         &self.llama.logits
     }
+
+    /// The same, writable (samplers mask tokens in place).
+    pub fn logits_mut(&mut self) -> &mut [f32] {
+        &mut self.llama.logits
+    }
 }
 
 /// A loaded model: weights, tokenizer and chat template.

@@ -580,38 +580,38 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let s = &e.stats;
         let gauge = |v: usize| vec![(String::new(), v as u64)];
         let counter = |a: &std::sync::atomic::AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed))];
-        metric(
-            "taipan_queue_length",
-            "gauge",
-            "Requests waiting for the engine.",
-            gauge(s.queued.load(Ordering::Relaxed)),
-        );
-        metric(
-            "taipan_running_requests",
-            "gauge",
-            "Requests being generated.",
-            gauge(s.running.load(Ordering::Relaxed)),
-        );
-        metric(
-            "taipan_requests_finished_total",
-            "counter",
-            "Requests generated to the end.",
-            counter(&s.requests_finished),
-        );
-        metric(
-            "taipan_requests_cancelled_total",
-            "counter",
-            "Requests dropped because the client left.",
-            counter(&s.requests_cancelled),
-        );
-        metric("taipan_prompt_tokens_total", "counter", "Prompt tokens processed.", counter(&s.prompt_tokens));
+        metric("taipan_queue_length", "gauge", "Requests waiting for admission.", gauge(s.queued.load(Ordering::Relaxed)));
+        metric("taipan_running_sequences", "gauge", "Sequences in the running batch.", gauge(s.running.load(Ordering::Relaxed)));
+        metric("taipan_kv_cache_blocks_total", "gauge", "KV cache blocks in the pool.", gauge(s.kv_blocks_total.load(Ordering::Relaxed)));
+        metric("taipan_kv_cache_blocks_used", "gauge", "KV cache blocks referenced by sequences.", gauge(s.kv_blocks_used.load(Ordering::Relaxed)));
+        metric("taipan_kv_cache_blocks_cached", "gauge", "KV cache blocks holding a reusable prefix.", gauge(s.kv_blocks_cached.load(Ordering::Relaxed)));
+        metric("taipan_requests_finished_total", "counter", "Requests generated to the end.", counter(&s.requests_finished));
+        metric("taipan_requests_cancelled_total", "counter", "Requests dropped because the client left.", counter(&s.requests_cancelled));
+        metric("taipan_requests_failed_total", "counter", "Requests that failed in the engine.", counter(&s.requests_failed));
+        metric("taipan_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", counter(&s.prompt_tokens));
+        metric("taipan_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.", counter(&s.prefix_hit_tokens));
         metric("taipan_generated_tokens_total", "counter", "Tokens generated.", counter(&s.generated_tokens));
+        metric("taipan_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", counter(&s.preemptions));
+        metric("taipan_engine_steps_total", "counter", "Batched forward passes run.", counter(&s.steps));
+        let prompt = s.prompt_tokens.load(Ordering::Relaxed);
+        let hit = s.prefix_hit_tokens.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
-            "# HELP taipan_time_to_first_token_seconds Time from arrival to first token.\n# TYPE taipan_time_to_first_token_seconds summary\ntaipan_time_to_first_token_seconds_sum {}\ntaipan_time_to_first_token_seconds_count {}",
-            s.ttft_us_sum.load(Ordering::Relaxed) as f64 / 1e6,
-            s.ttft_count.load(Ordering::Relaxed)
+            "# HELP taipan_prefix_cache_hit_rate Share of prompt tokens served from the prefix cache.\n# TYPE taipan_prefix_cache_hit_rate gauge\ntaipan_prefix_cache_hit_rate {}",
+            if prompt == 0 { 0.0 } else { hit as f64 / prompt as f64 }
         );
+        for (name, help, h) in [
+            ("taipan_time_to_first_token_seconds", "Time from arrival to the first generated token.", &s.time_to_first_token),
+            ("taipan_inter_token_latency_seconds", "Time between consecutive tokens of a sequence.", &s.inter_token_latency),
+        ] {
+            let (buckets, sum) = h.snapshot();
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for (le, c) in &buckets {
+                let le = if le.is_infinite() { "+Inf".to_string() } else { le.to_string() };
+                let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {c}");
+            }
+            let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", buckets.last().map(|b| b.1).unwrap_or(0));
+        }
     }
     let mut r = (StatusCode::OK, out).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub threads: usize,
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
+    /// KV cache size, batch token budget and concurrency of the engine.
+    pub engine: taipan_engine::EngineConfig,
 }
 
 impl ServerConfig {

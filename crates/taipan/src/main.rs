@@ -83,8 +83,17 @@ struct ServeArgs {
     /// Seconds in-flight requests get after SIGTERM/SIGINT (default 30).
     #[arg(long, env = "TAIPAN_SHUTDOWN_GRACE")]
     shutdown_grace: Option<u64>,
+    /// KV cache size in MiB (default: a quarter of available memory, at most 2048).
+    #[arg(long, env = "TAIPAN_KV_CACHE_MB")]
+    kv_cache_mb: Option<usize>,
+    /// Tokens one engine step may run, decode and prefill together (default 384).
+    #[arg(long, env = "TAIPAN_MAX_BATCH_TOKENS")]
+    max_batch_tokens: Option<usize>,
+    /// Sequences batched at once (default 64).
+    #[arg(long, env = "TAIPAN_MAX_RUNNING")]
+    max_running: Option<usize>,
     /// A TOML file with any of: model, host, port, api_keys, api_key_file, aliases, threads,
-    /// max_queue, max_body_bytes, shutdown_grace_secs.
+    /// max_queue, max_body_bytes, shutdown_grace_secs, kv_cache_mb, max_batch_tokens, max_running.
     #[arg(long, env = "TAIPAN_CONFIG")]
     config: Option<PathBuf>,
     #[arg(long)]
@@ -105,6 +114,9 @@ struct FileConfig {
     max_queue: Option<usize>,
     max_body_bytes: Option<usize>,
     shutdown_grace_secs: Option<u64>,
+    kv_cache_mb: Option<usize>,
+    max_batch_tokens: Option<usize>,
+    max_running: Option<usize>,
 }
 
 fn read_keys(path: &Path) -> Result<Vec<String>> {
@@ -146,6 +158,15 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue.or(file.max_queue).unwrap_or(64),
         threads: threads(a.threads.or(file.threads)),
         shutdown_grace_secs: a.shutdown_grace.or(file.shutdown_grace_secs).unwrap_or(30),
+        engine: {
+            let mut e = taipan_engine::EngineConfig::default();
+            if let Some(mb) = a.kv_cache_mb.or(file.kv_cache_mb) {
+                e.kv_cache_bytes = mb.max(1) << 20;
+            }
+            e.max_batch_tokens = a.max_batch_tokens.or(file.max_batch_tokens).unwrap_or(e.max_batch_tokens).max(1);
+            e.max_running = a.max_running.or(file.max_running).unwrap_or(e.max_running).max(1);
+            e
+        },
     };
     let mode = if a.exact { MatmulMode::Exact } else { MatmulMode::Fast };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
