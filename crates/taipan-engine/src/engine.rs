@@ -224,6 +224,8 @@ struct Engine {
     next_req: u64,
     admissions: u64,
     lp: Vec<f32>,
+    /// Requests whose listener refused an event this step.
+    gone: Vec<u64>,
 }
 
 fn token_logprob(logprobs: &[f32], id: u32, top: usize) -> TokenLogprob {
@@ -268,6 +270,7 @@ impl Engine {
             next_req: 0,
             admissions: 0,
             lp: vec![0f32; model.vocab_size()],
+            gone: Vec::new(),
             model,
         }
     }
@@ -407,12 +410,13 @@ impl Engine {
                 self.waiting.push_front(seq);
                 break;
             }
-            if seq.choice == 0 && seq.admitted == 0 {
-                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                if seq.prompt_len > 0 {
-                    self.stats.prompt_tokens.fetch_add(seq.prompt_len as u64, Ordering::Relaxed);
-                    self.stats.prefix_hit_tokens.fetch_add(seq.computed as u64, Ordering::Relaxed);
+            if seq.admitted == 0 {
+                if seq.choice == 0 {
+                    self.stats.queued.fetch_sub(1, Ordering::SeqCst);
                 }
+                // Every choice's prompt counts: forks show up as hits.
+                self.stats.prompt_tokens.fetch_add(seq.prompt_len as u64, Ordering::Relaxed);
+                self.stats.prefix_hit_tokens.fetch_add(seq.computed as u64, Ordering::Relaxed);
             }
             self.admissions += 1;
             seq.admitted = self.admissions;
@@ -561,6 +565,12 @@ impl Engine {
             let mut s = self.running.remove(i);
             self.release_seq(&mut s);
         }
+        for req in std::mem::take(&mut self.gone) {
+            if self.requests.contains_key(&req) {
+                self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                self.drop_request(req);
+            }
+        }
     }
 
     /// Registers the sequence's newly completed full blocks in the prefix cache.
@@ -598,6 +608,7 @@ impl Engine {
         // Prompt done: report prompt logprobs once, and let the other choices in.
         if s.generated == 0 && s.choice == 0 {
             if req.prompt_logprobs.is_some() && !r.sink.send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs))) {
+                self.gone.push(s.req);
                 return true;
             }
             if !r.forked {
@@ -643,6 +654,7 @@ impl Engine {
         };
         if !req.ignore_eos && stop_ids.contains(&next) {
             if !logprobs.is_empty() && !r.sink.send(Event::Delta { choice: s.choice, text: String::new(), logprobs }) {
+                self.gone.push(s.req);
                 return true;
             }
             return self.finish(i, FinishReason::Stop);
@@ -652,6 +664,7 @@ impl Engine {
         if (!check.emit.is_empty() || !logprobs.is_empty())
             && !r.sink.send(Event::Delta { choice: s.choice, text: check.emit, logprobs })
         {
+            self.gone.push(s.req);
             return true;
         }
         if check.stopped {
@@ -692,7 +705,9 @@ impl Engine {
         let s = &self.running[i];
         let (req, choice, generated) = (s.req, s.choice, s.generated);
         let Some(r) = self.requests.get_mut(&req) else { return };
-        r.sink.send(Event::Done { choice, finish, completion_tokens: generated });
+        if !r.sink.send(Event::Done { choice, finish, completion_tokens: generated }) {
+            self.gone.push(req);
+        }
         r.choices_left -= 1;
         if r.choices_left == 0 {
             if !r.failed {
