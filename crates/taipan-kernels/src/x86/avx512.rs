@@ -179,7 +179,45 @@ unsafe fn tile_f32<const R: usize, const T: usize>(ws: &[&[f32]], xs: &[&[f32]],
     }
 }
 
+/// Sums of four vectors' lanes: `[Σa0, Σa1, Σa2, Σa3]`.
+#[target_feature(enable = "avx512f")]
+fn reduce4(a0: __m512, a1: __m512, a2: __m512, a3: __m512) -> __m128 {
+    // Pairwise interleave-and-add until each 128-bit lane holds one partial sum per input.
+    let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    let u = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+    );
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u)));
+    let h = _mm256_add_ps(_mm512_castps512_ps256(u), hi);
+    _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
+}
+
+/// `e^x` for 16 lanes (Cephes-style range reduction and polynomial; ~1 ulp for x in [-87, 88]).
+#[target_feature(enable = "avx512f")]
+fn exp16(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.3));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    _mm512_scalef_ps(p, n)
+}
+
 /// One attention head over positions `0..n` of a paged KV view; see `crate::ops::attend_head_ref`.
+///
+/// Walks the block table block by block (no per-position division), scores four positions per
+/// reduction, and exponentiates sixteen scores at a time.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F. Shapes are checked.
@@ -193,40 +231,96 @@ pub unsafe fn attend_head(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize,
     assert!(out.len() == hd && n > 0);
     kv.check(n, hd);
     let chunks = hd / 16;
+    let bs = kv.block_size;
     scores.clear();
-    scores.resize(n, 0.0);
-    // SAFETY: `check` proved every position's row lies inside `kv.k` and `kv.v`.
+    scores.resize(n.div_ceil(16) * 16, f32::NEG_INFINITY);
+    // SAFETY: `check` proved every position's row lies inside `kv.k` and `kv.v`; `scores` is
+    // padded to whole vectors.
     unsafe {
         let mut qv = [_mm512_setzero_ps(); 16];
         for (c, r) in qv.iter_mut().enumerate().take(chunks) {
             *r = _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(16 * c)), _mm512_set1_ps(scale));
         }
-        let mut max = f32::NEG_INFINITY;
-        for (p, s) in scores.iter_mut().enumerate() {
-            let kp = kv.k.as_ptr().add(kv.at(p));
+        let dot = |kp: *const f32| {
             let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
             for (c, qc) in qv.iter().enumerate().take(chunks).skip(1) {
                 acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(kp.add(16 * c)), acc);
             }
-            *s = _mm512_reduce_add_ps(acc);
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        let mut acc = [_mm512_setzero_ps(); 16];
-        for (p, &s) in scores.iter().enumerate() {
-            let w = _mm512_set1_ps(s * inv);
-            let vp = kv.v.as_ptr().add(kv.at(p));
-            for (c, a) in acc.iter_mut().enumerate().take(chunks) {
-                *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), *a);
+            acc
+        };
+        let mut p = 0;
+        for &blk in &kv.blocks[..n.div_ceil(bs)] {
+            let base = kv.k.as_ptr().add(blk as usize * bs * kv.stride + kv.offset);
+            let count = bs.min(n - p);
+            let mut j = 0;
+            while j + 4 <= count {
+                let s4 = reduce4(
+                    dot(base.add(j * kv.stride)),
+                    dot(base.add((j + 1) * kv.stride)),
+                    dot(base.add((j + 2) * kv.stride)),
+                    dot(base.add((j + 3) * kv.stride)),
+                );
+                _mm_storeu_ps(scores.as_mut_ptr().add(p + j), s4);
+                j += 4;
             }
+            while j < count {
+                scores[p + j] = _mm512_reduce_add_ps(dot(base.add(j * kv.stride)));
+                j += 1;
+            }
+            p += count;
+        }
+        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
+        for c in scores.chunks_exact(16) {
+            maxv = _mm512_max_ps(maxv, _mm512_loadu_ps(c.as_ptr()));
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
+        let mut sumv = _mm512_setzero_ps();
+        for c in scores.chunks_exact_mut(16) {
+            // Padding lanes hold -inf and become 0.
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), max));
+            let e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_loadu_ps(c.as_ptr()), _mm512_set1_ps(f32::NEG_INFINITY)), e);
+            _mm512_storeu_ps(c.as_mut_ptr(), e);
+            sumv = _mm512_add_ps(sumv, e);
+        }
+        let inv = 1.0 / _mm512_reduce_add_ps(sumv);
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut p = 0;
+        for &blk in &kv.blocks[..n.div_ceil(bs)] {
+            let base = kv.v.as_ptr().add(blk as usize * bs * kv.stride + kv.offset);
+            let count = bs.min(n - p);
+            for j in 0..count {
+                let w = _mm512_set1_ps(scores[p + j] * inv);
+                let vp = base.add(j * kv.stride);
+                for (c, a) in acc.iter_mut().enumerate().take(chunks) {
+                    *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), *a);
+                }
+            }
+            p += count;
         }
         for (c, a) in acc.iter().enumerate().take(chunks) {
             _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp16_is_accurate_over_the_softmax_range() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let xs: Vec<f32> = (0..16 * 400).map(|i| -87.0 + i as f32 * 0.0137).collect();
+        for c in xs.chunks_exact(16) {
+            let mut got = [0f32; 16];
+            // SAFETY: avx512f was detected above.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp16(_mm512_loadu_ps(c.as_ptr()))) };
+            for (g, &x) in got.iter().zip(c) {
+                let want = (x as f64).exp();
+                assert!(((*g as f64) - want).abs() <= 3e-7 * want, "exp({x}) = {g}, want {want}");
+            }
         }
     }
 }
