@@ -217,37 +217,56 @@ fn exp16(x: __m512) -> __m512 {
 /// One attention head over positions `0..n` of a paged KV view; see `crate::ops::attend_head_ref`.
 ///
 /// Walks the block table block by block (no per-position division), scores four positions per
-/// reduction, and exponentiates sixteen scores at a time.
+/// reduction, and exponentiates sixteen scores at a time. Head sizes of 32, 64, 128 and 256 get
+/// a version whose accumulators stay in registers.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F. Shapes are checked.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn attend_head(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize, scale: f32, scores: &mut Vec<f32>) {
-    let hd = q.len();
-    if !hd.is_multiple_of(16) || hd > 256 {
-        crate::ops::attend_head_ref(out, q, kv, n, scale, scores);
-        return;
+    // SAFETY: forwarded contract.
+    unsafe {
+        match q.len() {
+            32 => attend_head_c::<2>(out, q, kv, n, scale, scores),
+            64 => attend_head_c::<4>(out, q, kv, n, scale, scores),
+            128 => attend_head_c::<8>(out, q, kv, n, scale, scores),
+            256 => attend_head_c::<16>(out, q, kv, n, scale, scores),
+            _ => crate::ops::attend_head_ref(out, q, kv, n, scale, scores),
+        }
     }
-    assert!(out.len() == hd && n > 0);
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_head_c<const C: usize>(
+    out: &mut [f32],
+    q: &[f32],
+    kv: &KvView<'_>,
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
+    let hd = 16 * C;
+    assert!(q.len() == hd && out.len() == hd && n > 0);
     kv.check(n, hd);
-    let chunks = hd / 16;
     let bs = kv.block_size;
     scores.clear();
     scores.resize(n.div_ceil(16) * 16, f32::NEG_INFINITY);
     // SAFETY: `check` proved every position's row lies inside `kv.k` and `kv.v`; `scores` is
     // padded to whole vectors.
     unsafe {
-        let mut qv = [_mm512_setzero_ps(); 16];
-        for (c, r) in qv.iter_mut().enumerate().take(chunks) {
-            *r = _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(16 * c)), _mm512_set1_ps(scale));
-        }
-        let dot = |kp: *const f32| {
-            let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-            for (c, qc) in qv.iter().enumerate().take(chunks).skip(1) {
-                acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(kp.add(16 * c)), acc);
+        let qv: [__m512; C] =
+            std::array::from_fn(|c| _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(16 * c)), _mm512_set1_ps(scale)));
+        #[inline(always)]
+        unsafe fn dot<const C: usize>(qv: &[__m512; C], kp: *const f32) -> __m512 {
+            // SAFETY: the caller passes a row start with `16 * C` readable floats.
+            unsafe {
+                let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+                for (c, qc) in qv.iter().enumerate().skip(1) {
+                    acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(kp.add(16 * c)), acc);
+                }
+                acc
             }
-            acc
-        };
+        }
         let mut p = 0;
         for &blk in &kv.blocks[..n.div_ceil(bs)] {
             let base = kv.k.as_ptr().add(blk as usize * bs * kv.stride + kv.offset);
@@ -255,16 +274,16 @@ pub unsafe fn attend_head(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize,
             let mut j = 0;
             while j + 4 <= count {
                 let s4 = reduce4(
-                    dot(base.add(j * kv.stride)),
-                    dot(base.add((j + 1) * kv.stride)),
-                    dot(base.add((j + 2) * kv.stride)),
-                    dot(base.add((j + 3) * kv.stride)),
+                    dot(&qv, base.add(j * kv.stride)),
+                    dot(&qv, base.add((j + 1) * kv.stride)),
+                    dot(&qv, base.add((j + 2) * kv.stride)),
+                    dot(&qv, base.add((j + 3) * kv.stride)),
                 );
                 _mm_storeu_ps(scores.as_mut_ptr().add(p + j), s4);
                 j += 4;
             }
             while j < count {
-                scores[p + j] = _mm512_reduce_add_ps(dot(base.add(j * kv.stride)));
+                *scores.get_unchecked_mut(p + j) = _mm512_reduce_add_ps(dot(&qv, base.add(j * kv.stride)));
                 j += 1;
             }
             p += count;
@@ -274,30 +293,31 @@ pub unsafe fn attend_head(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize,
             maxv = _mm512_max_ps(maxv, _mm512_loadu_ps(c.as_ptr()));
         }
         let max = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut sumv = _mm512_setzero_ps();
         for c in scores.chunks_exact_mut(16) {
+            let x = _mm512_loadu_ps(c.as_ptr());
             // Padding lanes hold -inf and become 0.
-            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), max));
-            let e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_loadu_ps(c.as_ptr()), _mm512_set1_ps(f32::NEG_INFINITY)), e);
+            let e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(x, neg_inf), exp16(_mm512_sub_ps(x, max)));
             _mm512_storeu_ps(c.as_mut_ptr(), e);
             sumv = _mm512_add_ps(sumv, e);
         }
         let inv = 1.0 / _mm512_reduce_add_ps(sumv);
-        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut acc = [_mm512_setzero_ps(); C];
         let mut p = 0;
         for &blk in &kv.blocks[..n.div_ceil(bs)] {
             let base = kv.v.as_ptr().add(blk as usize * bs * kv.stride + kv.offset);
             let count = bs.min(n - p);
             for j in 0..count {
-                let w = _mm512_set1_ps(scores[p + j] * inv);
+                let w = _mm512_set1_ps(*scores.get_unchecked(p + j) * inv);
                 let vp = base.add(j * kv.stride);
-                for (c, a) in acc.iter_mut().enumerate().take(chunks) {
+                for (c, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), *a);
                 }
             }
             p += count;
         }
-        for (c, a) in acc.iter().enumerate().take(chunks) {
+        for (c, a) in acc.iter().enumerate() {
             _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *a);
         }
     }
