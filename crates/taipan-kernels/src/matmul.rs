@@ -116,7 +116,7 @@ impl Compute {
                 scratch.acts.quantize(x, tokens, k);
                 let acts = &scratch.acts;
                 let tile = self.kernels.packed_tile;
-                self.pool.for_chunks(m.groups(), 2, &|groups| {
+                self.pool.for_chunks(m.groups(), 1, &|groups| {
                     let mut buf = [0f32; GROUP * 4];
                     for tb in (0..tokens).step_by(TOKEN_BLOCK) {
                         let tb_end = (tb + TOKEN_BLOCK).min(tokens);

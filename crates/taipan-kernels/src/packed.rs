@@ -5,10 +5,9 @@
 //!
 //! `row · a = Σ_b d_b·da_b·(level_b · qa_b) + m_b·sa_b`, with `sa_b = da_b·Σqa_b`.
 //!
-//! Levels of 4-bit formats are stored two per byte, with blocks `2p` and `2p+1` of a row sharing
-//! 32 bytes (block `2p` in the low nibbles). Unpacking 32 bytes with a mask and a shift then gives
-//! the 64 levels of the pair in natural order, matching the activations byte for byte. Wider levels
-//! (Q5, Q8, K-quants) take one byte each.
+//! Rows are interleaved in groups of 16 so that an i32 lane of a 512-bit dot product belongs to
+//! one row: the per-block scale and offset then apply lane-wise, with no horizontal sums. Levels
+//! of 4-bit formats are stored two per byte; wider levels (Q5, Q8, K-quants) take one byte each.
 
 use crate::formats::{kquants, legacy, DType, SizeMismatch};
 use crate::quant::{padded_len, QBLOCK};
@@ -16,30 +15,34 @@ use crate::quant::{padded_len, QBLOCK};
 /// How levels are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LevelWidth {
-    /// 4-bit levels, two blocks interleaved per 32 bytes.
+    /// 4-bit levels, two per byte.
     Nibble,
     /// Levels up to 255, one byte each.
     Byte,
 }
 
 impl LevelWidth {
-    /// Bytes of one row's levels for one block pair (64 elements).
-    pub fn pair_bytes(self) -> usize {
+    /// Bytes of a group's levels for one block (32 elements of [`GROUP`] rows).
+    pub fn block_level_bytes(self) -> usize {
         match self {
-            LevelWidth::Nibble => 32,
-            LevelWidth::Byte => 64,
+            LevelWidth::Nibble => GROUP * 16,
+            LevelWidth::Byte => GROUP * 32,
         }
     }
 }
 
-/// Rows interleaved per group: a decode tile reads one group as a single sequential stream.
-pub const GROUP: usize = 4;
+/// Rows interleaved per group: one 512-bit integer dot product step covers 4 elements of all
+/// 16 rows, so each i32 lane accumulates one row and no horizontal sums are needed.
+pub const GROUP: usize = 16;
 
 /// A weight matrix `[rows, cols]` in packed integer form.
 ///
-/// Rows are stored in groups of [`GROUP`] (the last group padded with zero rows). Within a group,
-/// for each block pair `p`: the four rows' levels (`pair_bytes` each), then their scales as
-/// `[row][2]` f32; after all pairs, the four rows' offsets as `[row][blocks]` f32.
+/// Rows are stored in groups of [`GROUP`] (the last group padded with zero rows). For each
+/// 32-element block `b` a group holds, in order:
+/// - levels as 64-byte vectors whose 4-byte lane `i` holds 4 consecutive elements of row `i`:
+///   eight vectors (elements `4k..4k+4`, k = 0..8) for byte levels; for nibble levels four
+///   vectors whose low nibbles hold elements `4k..4k+4` and high nibbles `16+4k..16+4k+4`;
+/// - the 16 rows' scales `d` (f32), then their offsets `m` (f32).
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     pub rows: usize,
@@ -55,11 +58,19 @@ pub struct PackedMatrix {
 impl PackedMatrix {
     /// Whether `dtype` can be packed (its sub-blocks are 32 elements with one scale and offset).
     pub fn supports(dtype: DType) -> bool {
-        matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K | DType::Q5K)
+        matches!(
+            dtype,
+            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K | DType::Q5K
+        )
     }
 
     /// Packs a row-major matrix stored in `dtype`. Returns `None` for formats that cannot be packed.
-    pub fn from_blocks(dtype: DType, data: &[u8], rows: usize, cols: usize) -> Option<Result<Self, SizeMismatch>> {
+    pub fn from_blocks(
+        dtype: DType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Option<Result<Self, SizeMismatch>> {
         if !Self::supports(dtype) {
             return None;
         }
@@ -96,23 +107,28 @@ impl PackedMatrix {
 
     fn write_row(&mut self, r: usize, levels: &[legacy::Levels32]) {
         let (g, ri) = (r / GROUP, r % GROUP);
-        let lvl = self.width.pair_bytes();
+        let lvl = self.width.block_level_bytes();
         for (b, l) in levels.iter().enumerate() {
-            let chunk = g * self.group_bytes() + (b / 2) * self.pair_chunk();
-            let d_at = chunk + GROUP * lvl + ri * 8 + (b % 2) * 4;
-            self.data[d_at..d_at + 4].copy_from_slice(&l.d.to_le_bytes());
-            let m_at = self.m_offset(g) + (ri * self.blocks() + b) * 4;
-            self.data[m_at..m_at + 4].copy_from_slice(&l.m.to_le_bytes());
-            let dst = &mut self.data[chunk + ri * lvl..chunk + (ri + 1) * lvl];
+            let base = g * self.group_bytes() + b * self.block_stride();
             match self.width {
-                LevelWidth::Byte => dst[(b % 2) * 32..(b % 2) * 32 + 32].copy_from_slice(&l.level),
+                LevelWidth::Byte => {
+                    for k in 0..8 {
+                        let at = base + k * 64 + ri * 4;
+                        self.data[at..at + 4].copy_from_slice(&l.level[4 * k..4 * k + 4]);
+                    }
+                }
                 LevelWidth::Nibble => {
-                    let shift = if b % 2 == 0 { 0 } else { 4 };
-                    for (o, &v) in dst.iter_mut().zip(&l.level) {
-                        *o |= v << shift;
+                    for k in 0..4 {
+                        for j in 0..4 {
+                            self.data[base + k * 64 + ri * 4 + j] = l.level[4 * k + j] | (l.level[16 + 4 * k + j] << 4);
+                        }
                     }
                 }
             }
+            let d_at = base + lvl + ri * 4;
+            self.data[d_at..d_at + 4].copy_from_slice(&l.d.to_le_bytes());
+            let m_at = base + lvl + 64 + ri * 4;
+            self.data[m_at..m_at + 4].copy_from_slice(&l.m.to_le_bytes());
         }
     }
 
@@ -121,28 +137,19 @@ impl PackedMatrix {
         self.stride / QBLOCK
     }
 
-    /// Block pairs per row.
-    pub fn pairs(&self) -> usize {
-        self.stride / 64
-    }
-
     /// Row groups (the last may be partly padding).
     pub fn groups(&self) -> usize {
         self.rows.div_ceil(GROUP)
     }
 
-    /// Bytes of one pair's data for a whole group: levels, then scales.
-    pub fn pair_chunk(&self) -> usize {
-        GROUP * self.width.pair_bytes() + GROUP * 2 * 4
+    /// Bytes of one block of one group: levels, scales, offsets.
+    pub fn block_stride(&self) -> usize {
+        self.width.block_level_bytes() + 2 * GROUP * 4
     }
 
     /// Bytes of one group.
     pub fn group_bytes(&self) -> usize {
-        self.pairs() * self.pair_chunk() + GROUP * self.blocks() * 4
-    }
-
-    fn m_offset(&self, g: usize) -> usize {
-        g * self.group_bytes() + self.pairs() * self.pair_chunk()
+        self.blocks() * self.block_stride()
     }
 
     /// Bytes held in memory.
@@ -166,20 +173,20 @@ pub struct PackedGroup<'a> {
 }
 
 impl PackedGroup<'_> {
-    fn pair_chunk(&self) -> usize {
-        GROUP * self.width.pair_bytes() + GROUP * 8
+    /// Bytes of one block: levels, scales, offsets.
+    pub fn block_stride(&self) -> usize {
+        self.width.block_level_bytes() + 2 * GROUP * 4
     }
 
     /// Level of element `i` of row `r` of the group.
     pub fn level(&self, r: usize, i: usize) -> u8 {
-        let lvl = self.width.pair_bytes();
-        let (p, within) = (i / 64, i % 64);
-        let base = p * self.pair_chunk() + r * lvl;
+        let (b, e) = (i / QBLOCK, i % QBLOCK);
+        let base = b * self.block_stride();
         match self.width {
-            LevelWidth::Byte => self.data[base + within],
+            LevelWidth::Byte => self.data[base + (e / 4) * 64 + r * 4 + e % 4],
             LevelWidth::Nibble => {
-                let byte = self.data[base + within % 32];
-                if within < 32 {
+                let byte = self.data[base + ((e % 16) / 4) * 64 + r * 4 + e % 4];
+                if e < 16 {
                     byte & 0x0F
                 } else {
                     byte >> 4
@@ -194,13 +201,12 @@ impl PackedGroup<'_> {
 
     /// Scale of block `b` of row `r`.
     pub fn d(&self, r: usize, b: usize) -> f32 {
-        let lvl = self.width.pair_bytes();
-        self.f32_at((b / 2) * self.pair_chunk() + GROUP * lvl + r * 8 + (b % 2) * 4)
+        self.f32_at(b * self.block_stride() + self.width.block_level_bytes() + r * 4)
     }
 
     /// Offset of block `b` of row `r`.
     pub fn m(&self, r: usize, b: usize) -> f32 {
-        self.f32_at((self.blocks / 2) * self.pair_chunk() + (r * self.blocks + b) * 4)
+        self.f32_at(b * self.block_stride() + self.width.block_level_bytes() + 64 + r * 4)
     }
 }
 
@@ -210,12 +216,11 @@ pub struct ActRow<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub s: &'a [f32],
-    pub d_lanes: &'a [f32],
 }
 
 impl<'a> ActRow<'a> {
     pub fn of(acts: &'a crate::quant::QuantizedActs, r: usize) -> Self {
-        ActRow { qs: acts.row_qs(r), d: acts.row_d(r), s: acts.row_s(r), d_lanes: acts.row_d_lanes(r) }
+        ActRow { qs: acts.row_qs(r), d: acts.row_d(r), s: acts.row_s(r) }
     }
 }
 
@@ -232,7 +237,7 @@ pub fn dot_packed_ref(w: &PackedGroup<'_>, r: usize, a: &ActRow<'_>) -> f32 {
     total
 }
 
-/// Scalar reference tile: `out[r * acts.len() + t] = row r · acts[t]` for the group's 4 rows.
+/// Scalar reference tile: `out[r * acts.len() + t] = row r · acts[t]` for the group's rows.
 pub fn dot_group_ref(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
     for r in 0..GROUP {
         for (t, a) in acts.iter().enumerate() {

@@ -27,9 +27,6 @@ pub struct QuantizedActs {
     pub d: Vec<f32>,
     /// `[rows, stride/32]` block sums `d · Σq`, for formats with an offset term.
     pub s: Vec<f32>,
-    /// `[rows, stride/64, 16]` scales spread over the 16 i32 lanes of a block pair:
-    /// `[d₀ ×8, d₁ ×8]`, the layout the 512-bit kernels multiply with.
-    pub d_lanes: Vec<f32>,
 }
 
 impl QuantizedActs {
@@ -53,7 +50,6 @@ impl QuantizedActs {
         self.qs.resize(rows * stride, 0);
         self.d.resize(rows * nb, 0.0);
         self.s.resize(rows * nb, 0.0);
-        self.d_lanes.resize(rows * nb * 8, 0.0);
         for r in 0..rows {
             let src = &x[r * cols..(r + 1) * cols];
             let qs = &mut self.qs[r * stride..(r + 1) * stride];
@@ -68,11 +64,6 @@ impl QuantizedActs {
                 d[b] = scale;
                 s[b] = scale * sum as f32;
             }
-            let lanes = &mut self.d_lanes[r * nb * 8..(r + 1) * nb * 8];
-            for p in 0..nb / 2 {
-                lanes[16 * p..16 * p + 8].fill(d[2 * p]);
-                lanes[16 * p + 8..16 * p + 16].fill(d[2 * p + 1]);
-            }
         }
     }
 
@@ -86,10 +77,6 @@ impl QuantizedActs {
     pub fn row_s(&self, r: usize) -> &[f32] {
         let nb = self.blocks();
         &self.s[r * nb..(r + 1) * nb]
-    }
-    pub fn row_d_lanes(&self, r: usize) -> &[f32] {
-        let n = self.blocks() * 8;
-        &self.d_lanes[r * n..(r + 1) * n]
     }
 }
 

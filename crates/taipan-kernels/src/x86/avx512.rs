@@ -5,7 +5,7 @@ use crate::packed::{ActRow, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
 /// Packed-group × activation tile: `out[r * acts.len() + t] = row r · acts[t]` for the group's
-/// 4 rows and up to 4 activation rows.
+/// 16 rows and 1 to 4 activation rows.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI. Shapes are asserted.
@@ -27,96 +27,73 @@ pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &m
     }
 }
 
-/// How many block pairs ahead the packed kernel prefetches.
-const PREFETCH_PAIRS: usize = 8;
+/// How many blocks ahead the packed kernel prefetches.
+const PREFETCH_BLOCKS: usize = 4;
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn group_tile<const T: usize, const NIBBLE: bool>(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
-    const R: usize = GROUP;
     let nb = w.blocks;
-    let npairs = nb / 2;
-    let lvl = if NIBBLE { 32 } else { 64 };
-    let chunk = R * lvl + R * 8;
-    assert!(w.data.len() >= npairs * chunk + R * nb * 4, "packed group too short");
-    assert!(out.len() >= R * T);
-    for a in acts {
-        assert!(a.qs.len() >= 64 * npairs && a.d_lanes.len() >= 16 * npairs && a.s.len() >= nb);
+    let lvl = if NIBBLE { GROUP * 16 } else { GROUP * 32 };
+    let stride = lvl + 2 * GROUP * 4;
+    assert!(w.data.len() >= nb * stride, "packed group too short");
+    assert!(out.len() >= GROUP * T);
+    for a in acts.iter().take(T) {
+        assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb && a.s.len() >= nb);
     }
-    // Row r's two scales sit at lanes 2r, 2r+1 of the loaded scale vector; spread them over
-    // 8 lanes each, matching the two blocks of a pair in the product.
-    let spread: [__m512i; R] = std::array::from_fn(|r| {
-        let (a, b) = (2 * r as i32, 2 * r as i32 + 1);
-        _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
-    });
-    let low4 = _mm256_set1_epi8(0x0F);
+    let low4 = _mm512_set1_epi8(0x0F);
     let base = w.data.as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for p in 0..npairs {
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
         // SAFETY: every read below stays within the asserted lengths.
         unsafe {
-            let c = base.add(p * chunk);
-            // Stay a few pairs ahead of the hardware prefetcher on this one sequential stream.
-            // (Only mat-vec is bound by memory; prefetches past the end are harmless hints.)
+            let blk = base.add(b * stride);
             if T == 1 {
-                let ahead = c.wrapping_add(PREFETCH_PAIRS * chunk);
+                // Mat-vec streams the weights once: stay ahead of the hardware prefetcher.
+                let ahead = blk.wrapping_add(PREFETCH_BLOCKS * stride);
                 let mut line = 0;
-                while line < chunk {
+                while line < stride {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
                     line += 64;
                 }
             }
-            let mut wv = [_mm512_setzero_si512(); R];
-            for (r, v) in wv.iter_mut().enumerate() {
-                *v = if NIBBLE {
-                    let raw = _mm256_loadu_si256(c.add(r * 32) as *const __m256i);
-                    let lo = _mm256_and_si256(raw, low4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-                } else {
-                    _mm512_loadu_si512(c.add(r * 64) as *const _)
-                };
-            }
-            let scales = _mm512_castps256_ps512(_mm256_loadu_ps(c.add(R * lvl) as *const f32));
-            let wd: [__m512; R] = std::array::from_fn(|r| _mm512_permutexvar_ps(spread[r], scales));
-            for t in 0..T {
-                let a = _mm512_loadu_si512(acts[t].qs.as_ptr().add(64 * p) as *const _);
-                let ad = _mm512_loadu_ps(acts[t].d_lanes.as_ptr().add(16 * p));
-                for r in 0..R {
-                    let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], a);
-                    let f = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), ad);
-                    acc[r][t] = _mm512_fmadd_ps(f, wd[r], acc[r][t]);
+            let mut isum = [_mm512_setzero_si512(); T];
+            if NIBBLE {
+                for k in 0..4 {
+                    let raw = _mm512_loadu_si512(blk.add(64 * k) as *const _);
+                    let lo = _mm512_and_si512(raw, low4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4);
+                    for t in 0..T {
+                        let a = acts[t].qs.as_ptr().add(32 * b) as *const i32;
+                        isum[t] = _mm512_dpbusd_epi32(isum[t], lo, _mm512_set1_epi32(a.add(k).read_unaligned()));
+                        isum[t] = _mm512_dpbusd_epi32(isum[t], hi, _mm512_set1_epi32(a.add(4 + k).read_unaligned()));
+                    }
+                }
+            } else {
+                for k in 0..8 {
+                    let wv = _mm512_loadu_si512(blk.add(64 * k) as *const _);
+                    for t in 0..T {
+                        let a = acts[t].qs.as_ptr().add(32 * b) as *const i32;
+                        isum[t] = _mm512_dpbusd_epi32(isum[t], wv, _mm512_set1_epi32(a.add(k).read_unaligned()));
+                    }
                 }
             }
+            let d = _mm512_loadu_ps(blk.add(lvl) as *const f32);
+            let m = _mm512_loadu_ps(blk.add(lvl + 64) as *const f32);
+            for t in 0..T {
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*acts[t].d.get_unchecked(b)));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), scale, acc[t]);
+                acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(*acts[t].s.get_unchecked(b)), acc[t]);
+            }
         }
     }
-    // SAFETY: the offsets table follows the pairs, `R * nb` f32 values (asserted above).
-    let m = unsafe { base.add(npairs * chunk) as *const f32 };
-    for r in 0..R {
-        for t in 0..T {
-            // SAFETY: as above; `s` has `nb` values.
-            let offsets = unsafe { dot_f32_raw(m.add(r * nb), acts[t].s.as_ptr(), nb) };
-            out[r * T + t] = _mm512_reduce_add_ps(acc[r][t]) + offsets;
+    let mut lanes = [0f32; GROUP];
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+        for (r, &v) in lanes.iter().enumerate() {
+            out[r * T + t] = v;
         }
     }
-}
-
-/// Σ a[i]·b[i] over `n` f32 values.
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_f32_raw(a: *const f32, b: *const f32, n: usize) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    // SAFETY: the caller guarantees `n` readable values behind both pointers.
-    unsafe {
-        while i + 16 <= n {
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), acc);
-            i += 16;
-        }
-        if i < n {
-            let k: __mmask16 = (1u32 << (n - i)) as u16 - 1;
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a.add(i)), _mm512_maskz_loadu_ps(k, b.add(i)), acc);
-        }
-    }
-    _mm512_reduce_add_ps(acc)
 }
 
 /// f32 tile: `out[r * xs.len() + t] = ws[r] · xs[t]` for rows and vectors of equal length.
