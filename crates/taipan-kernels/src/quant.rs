@@ -50,17 +50,24 @@ impl QuantizedActs {
         self.qs.resize(rows * stride, 0);
         self.d.resize(rows * nb, 0.0);
         self.s.resize(rows * nb, 0.0);
+        let simd = cols.is_multiple_of(QBLOCK) && has_avx512();
         for r in 0..rows {
             let src = &x[r * cols..(r + 1) * cols];
             let qs = &mut self.qs[r * stride..(r + 1) * stride];
             let d = &mut self.d[r * nb..(r + 1) * nb];
             let s = &mut self.s[r * nb..(r + 1) * nb];
-            for b in 0..nb {
+            let full = if simd { cols / QBLOCK } else { 0 };
+            if full > 0 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512 F/BW were detected; the slices hold `full` whole blocks.
+                unsafe {
+                    quantize_blocks_avx512(&src[..full * QBLOCK], &mut qs[..full * QBLOCK], &mut d[..full], &mut s[..full])
+                };
+            }
+            for b in full..nb {
                 let lo = (b * QBLOCK).min(cols);
                 let hi = ((b + 1) * QBLOCK).min(cols);
-                let block = &src[lo..hi];
-                let out = &mut qs[b * QBLOCK..(b + 1) * QBLOCK];
-                let (scale, sum) = quantize_block(block, out);
+                let (scale, sum) = quantize_block(&src[lo..hi], &mut qs[b * QBLOCK..(b + 1) * QBLOCK]);
                 d[b] = scale;
                 s[b] = scale * sum as f32;
             }
@@ -80,8 +87,68 @@ impl QuantizedActs {
     }
 }
 
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            crate::dispatch::Kernels::best().isa == crate::dispatch::Isa::Avx512Vnni
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`quantize_block`] for whole blocks, 32 values per step; results are bit-identical.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn quantize_blocks_avx512(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = d.len();
+    assert!(x.len() == n * QBLOCK && qs.len() == n * QBLOCK && s.len() == n);
+    let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
+    let sign_mask = _mm512_set1_epi32(i32::MIN);
+    let half = _mm512_set1_ps(0.5);
+    let lim = _mm512_set1_ps(127.0);
+    for b in 0..n {
+        // SAFETY: block `b` lies inside the asserted slices.
+        unsafe {
+            let x0 = _mm512_loadu_ps(x.as_ptr().add(b * QBLOCK));
+            let x1 = _mm512_loadu_ps(x.as_ptr().add(b * QBLOCK + 16));
+            let a0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x0), abs_mask));
+            let a1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x1), abs_mask));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+            let scale = amax / 127.0;
+            let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            let idv = _mm512_set1_ps(id);
+            let round = |v: __m512| {
+                let v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, idv), _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+                let h = _mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_castps_si512(half),
+                    _mm512_and_si512(_mm512_castps_si512(v), sign_mask),
+                ));
+                _mm512_cvttps_epi32(_mm512_add_ps(v, h))
+            };
+            let q0 = round(x0);
+            let q1 = round(x1);
+            _mm_storeu_si128(qs.as_mut_ptr().add(b * QBLOCK) as *mut __m128i, _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128(qs.as_mut_ptr().add(b * QBLOCK + 16) as *mut __m128i, _mm512_cvtsepi32_epi8(q1));
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            d[b] = scale;
+            s[b] = scale * sum as f32;
+        }
+    }
+}
+
 /// Quantizes up to 32 values into `out` (zero-filled past `x.len()`); returns the scale and Σq.
-fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
+pub fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };

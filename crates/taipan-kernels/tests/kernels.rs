@@ -284,3 +284,27 @@ fn activation_quantization_error_is_bounded() {
         assert!(a.row_qs(t)[100..].iter().all(|&q| q == 0));
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_activation_quantization_is_bit_identical() {
+    if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
+        return;
+    }
+    let mut rng = Lcg(99);
+    let mut x: Vec<f32> = (0..32 * 50).map(|_| rng.unit() * 7.0).collect();
+    // Ties and extremes: exact halves of the scale, zeros, one all-zero block.
+    x[5] = 7.0;
+    x[6] = 7.0 * 0.5 / 127.0;
+    x[32..64].fill(0.0);
+    let n = x.len() / 32;
+    let (mut qs, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; n], vec![0f32; n]);
+    // SAFETY: features detected above.
+    unsafe { taipan_kernels::quant::quantize_blocks_avx512(&x, &mut qs, &mut d, &mut s) };
+    for b in 0..n {
+        let mut want = [0i8; 32];
+        let (scale, sum) = taipan_kernels::quant::quantize_block(&x[32 * b..32 * b + 32], &mut want);
+        assert_eq!(&qs[32 * b..32 * b + 32], &want, "block {b}");
+        assert_eq!((d[b], s[b]), (scale, scale * sum as f32));
+    }
+}
