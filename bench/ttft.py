@@ -1,8 +1,8 @@
-"""Time to first token through `taipan serve` vs `taipan generate`'s own prefill + one decode step.
+"""Time to first token through `taipan serve` vs the engine's own prefill + one decode step.
 
 Starts a server on the default model (2 threads), sends streaming chat requests one at a time, and
-times the first content chunk; then runs `taipan generate --stats` on the same message to get
-the engine's own prefill time and decode step. Prints JSON with both and their ratio."""
+times the first content chunk; then measures, warm, the engine's prefill of the same number of
+prompt tokens and one decode step (`taipan bench`). Prints JSON with both and their ratio."""
 import json, os, re, socket, statistics, subprocess, sys, time
 import urllib.request
 
@@ -46,17 +46,18 @@ def main():
     finally:
         server.terminate()
         server.wait()
-    pre, step = [], []
-    for _ in range(7):
-        out = subprocess.run([BIN, "generate", "-t", "2", "-p", MESSAGE, "-n", "8", "--stats"],
-                             capture_output=True, text=True, check=True).stderr
-        m = re.search(r"in ([\d.]+) ms .*?\(([\d.]+) ms per decode step\)", out)
-        pre.append(float(m.group(1)))
-        step.append(float(m.group(2)))
+    # The engine's own cost, warm (median over repetitions after a warm-up): prefill of the same
+    # number of prompt tokens plus one decode step.
+    n_prompt = int(re.search(r"prompt (\d+) tokens", subprocess.run(
+        [BIN, "generate", "-t", "2", "-p", MESSAGE, "-n", "1", "--stats"], capture_output=True, text=True, check=True).stderr).group(1))
+    r = json.loads(subprocess.run([BIN, "bench", "-t", "2", "--prompt", str(n_prompt), "--gen", "32", "--reps", "7", "--json"],
+                                  capture_output=True, text=True, check=True).stdout)[0]
+    pre = [1e3 * n_prompt / r["prefill_tok_s"]]
+    step = [1e3 / r["decode_tok_s"]]
     baseline = statistics.median(pre) + statistics.median(step)
     ttft = statistics.median(ttfts) * 1e3
     print(json.dumps({"ttft_ms_p50": round(ttft, 2), "ttft_ms_max": round(max(ttfts) * 1e3, 2),
-                      "generate_prefill_ms": statistics.median(pre), "generate_decode_step_ms": statistics.median(step),
+                      "prompt_tokens": n_prompt, "engine_prefill_ms": round(pre[0], 2), "engine_decode_step_ms": round(step[0], 2),
                       "baseline_ms": round(baseline, 2), "ratio": round(ttft / baseline, 3)}))
 
 

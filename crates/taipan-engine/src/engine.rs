@@ -512,7 +512,12 @@ impl Engine {
             .iter()
             .map(|p| {
                 let s = &self.running[p.seq];
-                BatchItem { tokens: &s.tokens[p.start..p.start + p.len], start: p.start, blocks: &s.blocks, logits: p.logits }
+                BatchItem {
+                    tokens: &s.tokens[p.start..p.start + p.len],
+                    start: p.start,
+                    blocks: &s.blocks,
+                    logits: p.logits,
+                }
             })
             .collect();
         let result = self.model.forward_batch(&self.compute, &items, &mut self.pool, &mut self.scratch);
@@ -607,7 +612,9 @@ impl Engine {
         let now = Instant::now();
         // Prompt done: report prompt logprobs once, and let the other choices in.
         if s.generated == 0 && s.choice == 0 {
-            if req.prompt_logprobs.is_some() && !r.sink.send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs))) {
+            if req.prompt_logprobs.is_some()
+                && !r.sink.send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs)))
+            {
                 self.gone.push(s.req);
                 return true;
             }

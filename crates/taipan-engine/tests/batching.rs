@@ -18,13 +18,23 @@ fn model() -> Arc<Model> {
 fn engine(max_batch_tokens: usize) -> EngineHandle {
     start(
         model(),
-        EngineConfig { threads: 2, max_queue: 64, kv_cache_bytes: 256 << 20, block_size: 16, max_batch_tokens, max_running: 32 },
+        EngineConfig {
+            threads: 2,
+            max_queue: 64,
+            kv_cache_bytes: 256 << 20,
+            block_size: 16,
+            max_batch_tokens,
+            max_running: 32,
+        },
     )
 }
 
 fn chat_ids(m: &Model, text: &str) -> Vec<u32> {
     let prompt = m
-        .render_chat(&[ChatMessage::new("user", text)], &RenderOptions { add_generation_prompt: true, ..Default::default() })
+        .render_chat(
+            &[ChatMessage::new("user", text)],
+            &RenderOptions { add_generation_prompt: true, ..Default::default() },
+        )
         .unwrap();
     m.tokenizer.encode(&prompt, true).unwrap()
 }
@@ -161,7 +171,8 @@ fn cancelled_requests_free_their_blocks() {
     let e = engine(384);
     for _ in 0..3 {
         let (tx, rx) = mpsc::channel();
-        e.submit(GenRequest { ignore_eos: true, ..greedy(chat_ids(&m, "Count to one thousand."), 2000) }, Box::new(tx)).unwrap();
+        e.submit(GenRequest { ignore_eos: true, ..greedy(chat_ids(&m, "Count to one thousand."), 2000) }, Box::new(tx))
+            .unwrap();
         // Wait for a few tokens, then leave.
         let mut seen = 0;
         while seen < 3 {

@@ -260,7 +260,14 @@ pub fn attention(
         let (t, h) = (local / s.heads, local % s.heads);
         let row = x.first_row + t;
         let kvh = h / group;
-        let view = KvView { k: kv.k, v: kv.v, blocks: x.blocks, block_size: kv.block_size, stride: kvdim, offset: kvh * s.head_dim };
+        let view = KvView {
+            k: kv.k,
+            v: kv.v,
+            blocks: x.blocks,
+            block_size: kv.block_size,
+            stride: kvdim,
+            offset: kvh * s.head_dim,
+        };
         let qh = &q[row * qdim + h * s.head_dim..row * qdim + (h + 1) * s.head_dim];
         // SAFETY: each job owns the disjoint output slice of (row, h).
         let o = unsafe { std::slice::from_raw_parts_mut(sink.at(row * qdim + h * s.head_dim), s.head_dim) };

@@ -58,19 +58,11 @@ pub struct PackedMatrix {
 impl PackedMatrix {
     /// Whether `dtype` can be packed (its sub-blocks are 32 elements with one scale and offset).
     pub fn supports(dtype: DType) -> bool {
-        matches!(
-            dtype,
-            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K | DType::Q5K
-        )
+        matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K | DType::Q5K)
     }
 
     /// Packs a row-major matrix stored in `dtype`. Returns `None` for formats that cannot be packed.
-    pub fn from_blocks(
-        dtype: DType,
-        data: &[u8],
-        rows: usize,
-        cols: usize,
-    ) -> Option<Result<Self, SizeMismatch>> {
+    pub fn from_blocks(dtype: DType, data: &[u8], rows: usize, cols: usize) -> Option<Result<Self, SizeMismatch>> {
         if !Self::supports(dtype) {
             return None;
         }

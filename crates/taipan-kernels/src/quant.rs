@@ -61,7 +61,12 @@ impl QuantizedActs {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX-512 F/BW were detected; the slices hold `full` whole blocks.
                 unsafe {
-                    quantize_blocks_avx512(&src[..full * QBLOCK], &mut qs[..full * QBLOCK], &mut d[..full], &mut s[..full])
+                    quantize_blocks_avx512(
+                        &src[..full * QBLOCK],
+                        &mut qs[..full * QBLOCK],
+                        &mut d[..full],
+                        &mut s[..full],
+                    )
                 };
             }
             for b in full..nb {
@@ -129,7 +134,8 @@ pub unsafe fn quantize_blocks_avx512(x: &[f32], qs: &mut [i8], d: &mut [f32], s:
             let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
             let idv = _mm512_set1_ps(id);
             let round = |v: __m512| {
-                let v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, idv), _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+                let v =
+                    _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, idv), _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
                 let h = _mm512_castsi512_ps(_mm512_or_si512(
                     _mm512_castps_si512(half),
                     _mm512_and_si512(_mm512_castps_si512(v), sign_mask),

@@ -580,18 +580,73 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let s = &e.stats;
         let gauge = |v: usize| vec![(String::new(), v as u64)];
         let counter = |a: &std::sync::atomic::AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed))];
-        metric("taipan_queue_length", "gauge", "Requests waiting for admission.", gauge(s.queued.load(Ordering::Relaxed)));
-        metric("taipan_running_sequences", "gauge", "Sequences in the running batch.", gauge(s.running.load(Ordering::Relaxed)));
-        metric("taipan_kv_cache_blocks_total", "gauge", "KV cache blocks in the pool.", gauge(s.kv_blocks_total.load(Ordering::Relaxed)));
-        metric("taipan_kv_cache_blocks_used", "gauge", "KV cache blocks referenced by sequences.", gauge(s.kv_blocks_used.load(Ordering::Relaxed)));
-        metric("taipan_kv_cache_blocks_cached", "gauge", "KV cache blocks holding a reusable prefix.", gauge(s.kv_blocks_cached.load(Ordering::Relaxed)));
-        metric("taipan_requests_finished_total", "counter", "Requests generated to the end.", counter(&s.requests_finished));
-        metric("taipan_requests_cancelled_total", "counter", "Requests dropped because the client left.", counter(&s.requests_cancelled));
-        metric("taipan_requests_failed_total", "counter", "Requests that failed in the engine.", counter(&s.requests_failed));
-        metric("taipan_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", counter(&s.prompt_tokens));
-        metric("taipan_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.", counter(&s.prefix_hit_tokens));
+        metric(
+            "taipan_queue_length",
+            "gauge",
+            "Requests waiting for admission.",
+            gauge(s.queued.load(Ordering::Relaxed)),
+        );
+        metric(
+            "taipan_running_sequences",
+            "gauge",
+            "Sequences in the running batch.",
+            gauge(s.running.load(Ordering::Relaxed)),
+        );
+        metric(
+            "taipan_kv_cache_blocks_total",
+            "gauge",
+            "KV cache blocks in the pool.",
+            gauge(s.kv_blocks_total.load(Ordering::Relaxed)),
+        );
+        metric(
+            "taipan_kv_cache_blocks_used",
+            "gauge",
+            "KV cache blocks referenced by sequences.",
+            gauge(s.kv_blocks_used.load(Ordering::Relaxed)),
+        );
+        metric(
+            "taipan_kv_cache_blocks_cached",
+            "gauge",
+            "KV cache blocks holding a reusable prefix.",
+            gauge(s.kv_blocks_cached.load(Ordering::Relaxed)),
+        );
+        metric(
+            "taipan_requests_finished_total",
+            "counter",
+            "Requests generated to the end.",
+            counter(&s.requests_finished),
+        );
+        metric(
+            "taipan_requests_cancelled_total",
+            "counter",
+            "Requests dropped because the client left.",
+            counter(&s.requests_cancelled),
+        );
+        metric(
+            "taipan_requests_failed_total",
+            "counter",
+            "Requests that failed in the engine.",
+            counter(&s.requests_failed),
+        );
+        metric(
+            "taipan_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of admitted requests.",
+            counter(&s.prompt_tokens),
+        );
+        metric(
+            "taipan_prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens served from the prefix cache.",
+            counter(&s.prefix_hit_tokens),
+        );
         metric("taipan_generated_tokens_total", "counter", "Tokens generated.", counter(&s.generated_tokens));
-        metric("taipan_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", counter(&s.preemptions));
+        metric(
+            "taipan_preemptions_total",
+            "counter",
+            "Sequences preempted for lack of KV blocks.",
+            counter(&s.preemptions),
+        );
         metric("taipan_engine_steps_total", "counter", "Batched forward passes run.", counter(&s.steps));
         let prompt = s.prompt_tokens.load(Ordering::Relaxed);
         let hit = s.prefix_hit_tokens.load(Ordering::Relaxed);
@@ -601,8 +656,16 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             if prompt == 0 { 0.0 } else { hit as f64 / prompt as f64 }
         );
         for (name, help, h) in [
-            ("taipan_time_to_first_token_seconds", "Time from arrival to the first generated token.", &s.time_to_first_token),
-            ("taipan_inter_token_latency_seconds", "Time between consecutive tokens of a sequence.", &s.inter_token_latency),
+            (
+                "taipan_time_to_first_token_seconds",
+                "Time from arrival to the first generated token.",
+                &s.time_to_first_token,
+            ),
+            (
+                "taipan_inter_token_latency_seconds",
+                "Time between consecutive tokens of a sequence.",
+                &s.inter_token_latency,
+            ),
         ] {
             let (buckets, sum) = h.snapshot();
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");

@@ -94,7 +94,10 @@ where
                 ec.max_queue = state.config.max_queue;
                 let kv_mb = ec.kv_cache_bytes >> 20;
                 let engine = taipan_engine::engine::start(model, ec);
-                eprintln!("taipan: KV cache {kv_mb} MiB ({} blocks)", engine.stats.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed));
+                eprintln!(
+                    "taipan: KV cache {kv_mb} MiB ({} blocks)",
+                    engine.stats.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed)
+                );
                 state.set_engine(engine);
                 let names = state.names.get().cloned().unwrap_or_default();
                 eprintln!("taipan: model ready; serving it as: {}", names.join(", "));

@@ -34,8 +34,12 @@ pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &m
                             let raw = _mm256_loadu_si256(blk.add(64 * k + 32 * half) as *const __m256i);
                             let lo = _mm256_and_si256(raw, low4);
                             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
-                            isum = _mm256_add_epi32(isum, dot4_small(lo, _mm256_set1_epi32(av.add(k).read_unaligned())));
-                            isum = _mm256_add_epi32(isum, dot4_small(hi, _mm256_set1_epi32(av.add(4 + k).read_unaligned())));
+                            isum =
+                                _mm256_add_epi32(isum, dot4_small(lo, _mm256_set1_epi32(av.add(k).read_unaligned())));
+                            isum = _mm256_add_epi32(
+                                isum,
+                                dot4_small(hi, _mm256_set1_epi32(av.add(4 + k).read_unaligned())),
+                            );
                         }
                     } else {
                         for k in 0..8 {

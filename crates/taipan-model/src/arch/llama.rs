@@ -7,9 +7,9 @@
 //! Reference: Touvron et al. 2023, "Llama 2"; llama.cpp `src/models/llama.cpp`.
 
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
+use crate::kv::{BatchItem, KvPool, Logits};
 use crate::ModelError;
 use taipan_kernels::matmul::MatmulScratch;
-use crate::kv::{BatchItem, KvPool, Logits};
 use taipan_kernels::ops::{self, AttentionShape, AttnSeq, KvLayer, RopeStyle, RopeTable};
 use taipan_kernels::{formats, Compute, DType, MatmulMode, Matrix};
 
@@ -305,9 +305,13 @@ impl Llama {
                 return Err(ModelError::Input("no tokens to run".into()));
             }
             if end > c.context {
-                return Err(ModelError::Input(format!("sequence of {end} tokens exceeds the context length {}", c.context)));
+                return Err(ModelError::Input(format!(
+                    "sequence of {end} tokens exceeds the context length {}",
+                    c.context
+                )));
             }
-            if it.blocks.len() * bs < end || it.blocks[..end.div_ceil(bs)].iter().any(|&b| b as usize >= pool.blocks()) {
+            if it.blocks.len() * bs < end || it.blocks[..end.div_ceil(bs)].iter().any(|&b| b as usize >= pool.blocks())
+            {
                 return Err(ModelError::Input("block table does not cover the sequence".into()));
             }
             if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= c.vocab) {
@@ -377,7 +381,15 @@ impl Llama {
             }
             let att = &mut s.att[..t_n * qd];
             let (k, v) = pool.layer(li);
-            ops::attention(&compute.kernels, att, q, KvLayer { k, v, block_size: bs }, &attn_seqs, shape, &compute.pool);
+            ops::attention(
+                &compute.kernels,
+                att,
+                q,
+                KvLayer { k, v, block_size: bs },
+                &attn_seqs,
+                shape,
+                &compute.pool,
+            );
             let proj = &mut s.proj[..t_n * d];
             compute.matmul(proj, att, t_n, &layer.wo, &mut s.mm);
             ops::add_in_place(x, proj);
