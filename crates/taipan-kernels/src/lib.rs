@@ -17,6 +17,7 @@ pub mod ops;
 pub mod packed;
 pub mod pool;
 pub mod quant;
+pub mod ssm;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -7,10 +7,12 @@
 //! their state lives.
 
 pub mod arch;
+mod hf;
 pub mod chat;
 pub mod gguf;
 pub mod kv;
 pub mod tokenizer;
+pub mod weights;
 
 use std::path::{Path, PathBuf};
 
@@ -30,7 +32,9 @@ pub enum ModelError {
     Template(#[from] chat::TemplateError),
     #[error("{path}: tensor '{tensor}': {message}")]
     Tensor { path: PathBuf, tensor: String, message: String },
-    #[error("{path}: architecture '{arch}' is not supported (supported: llama)")]
+    #[error("{path}: config field '{field}': {message}")]
+    Config { path: PathBuf, field: String, message: String },
+    #[error("{path}: architecture '{arch}' is not supported (supported: llama, jamba)")]
     UnsupportedArch { path: PathBuf, arch: String },
     #[error("{0}")]
     Input(String),
@@ -52,12 +56,14 @@ pub struct LoadOptions {
 #[derive(Debug)]
 pub enum Arch {
     Llama(arch::llama::Llama),
+    Jamba(arch::jamba::Jamba),
 }
 
 /// Per-sequence state an architecture needs between forward calls.
 #[derive(Debug, Clone)]
 pub enum SeqState {
     Llama(arch::llama::KvCache),
+    Jamba(arch::jamba::JambaState),
 }
 
 impl SeqState {
@@ -65,6 +71,7 @@ impl SeqState {
     pub fn len(&self) -> usize {
         match self {
             SeqState::Llama(c) => c.len,
+            SeqState::Jamba(s) => s.len,
         }
     }
 
@@ -73,9 +80,15 @@ impl SeqState {
     }
 
     /// Forgets positions from `len` on (attention caches can rewind).
-    pub fn truncate(&mut self, len: usize) {
+    /// Recurrent (Mamba) state cannot rewind, so a Jamba state only accepts its own length.
+    pub fn truncate(&mut self, len: usize) -> Result<(), ModelError> {
         match self {
-            SeqState::Llama(c) => c.truncate(len),
+            SeqState::Llama(c) => {
+                c.truncate(len);
+                Ok(())
+            }
+            SeqState::Jamba(s) if len >= s.len => Ok(()),
+            SeqState::Jamba(_) => Err(ModelError::Input("a Mamba state cannot be rewound".into())),
         }
     }
 }
@@ -84,17 +97,28 @@ impl SeqState {
 #[derive(Debug, Default)]
 pub struct Scratch {
     llama: arch::llama::LlamaScratch,
+    jamba: arch::jamba::JambaScratch,
+    /// Which architecture wrote the logits last.
+    last_jamba: bool,
 }
 
 impl Scratch {
     /// Logits of the last forward call: `[rows, vocab]`.
     pub fn logits(&self) -> &[f32] {
-        &self.llama.logits
+        if self.last_jamba {
+            &self.jamba.logits
+        } else {
+            &self.llama.logits
+        }
     }
 
     /// The same, writable (samplers mask tokens in place).
     pub fn logits_mut(&mut self) -> &mut [f32] {
-        &mut self.llama.logits
+        if self.last_jamba {
+            &mut self.jamba.logits
+        } else {
+            &mut self.llama.logits
+        }
     }
 }
 
@@ -110,15 +134,27 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a GGUF model file.
+    /// Loads a GGUF model file, or a Hugging Face model directory (config.json + safetensors).
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, ModelError> {
+        if path.is_dir() {
+            return hf::load_dir(path, opts);
+        }
         let file = GgufFile::open(path)?;
         let arch_name = file.get_str("general.architecture")?.to_string();
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama(arch::llama::Llama::from_gguf(&file, "llama", opts.mode)?),
+            "jamba" => {
+                let config = arch::jamba::JambaConfig::from_gguf(&file)?;
+                Arch::Jamba(arch::jamba::Jamba::load(&file, config, opts.mode)?)
+            }
             _ => return Err(ModelError::UnsupportedArch { path: path.into(), arch: arch_name }),
         };
-        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let mut tokenizer = Tokenizer::from_gguf(&file)?;
+        if let Some(eom) = tokenizer.token_id("<|eom|>") {
+            if !tokenizer.specials.stop_ids.contains(&eom) {
+                tokenizer.specials.stop_ids.push(eom);
+            }
+        }
         let piece = |id: Option<u32>| id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default();
         let template = match file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
             Some(src) => Some(ChatTemplate::new(src, &piece(tokenizer.specials.bos), &piece(tokenizer.specials.eos))?),
@@ -132,24 +168,28 @@ impl Model {
     pub fn vocab_size(&self) -> usize {
         match &self.arch {
             Arch::Llama(m) => m.config.vocab,
+            Arch::Jamba(m) => m.config.vocab,
         }
     }
 
     pub fn context_length(&self) -> usize {
         match &self.arch {
             Arch::Llama(m) => m.config.context,
+            Arch::Jamba(m) => m.config.context,
         }
     }
 
     pub fn weight_bytes(&self) -> usize {
         match &self.arch {
             Arch::Llama(m) => m.weight_bytes(),
+            Arch::Jamba(_) => 0,
         }
     }
 
     pub fn new_state(&self) -> SeqState {
         match &self.arch {
             Arch::Llama(m) => SeqState::Llama(m.new_cache()),
+            Arch::Jamba(m) => SeqState::Jamba(m.new_state()),
         }
     }
 
@@ -164,7 +204,15 @@ impl Model {
         all_logits: bool,
     ) -> Result<(), ModelError> {
         match (&self.arch, state) {
-            (Arch::Llama(m), SeqState::Llama(c)) => m.forward(compute, tokens, c, &mut scratch.llama, all_logits),
+            (Arch::Llama(m), SeqState::Llama(c)) => {
+                scratch.last_jamba = false;
+                m.forward(compute, tokens, c, &mut scratch.llama, all_logits)
+            }
+            (Arch::Jamba(m), SeqState::Jamba(st)) => {
+                scratch.last_jamba = true;
+                m.forward(compute, tokens, st, &mut scratch.jamba, all_logits)
+            }
+            _ => Err(ModelError::Input("sequence state belongs to another model".into())),
         }
     }
 
@@ -172,6 +220,7 @@ impl Model {
     pub fn new_pool(&self, block_size: usize, blocks: usize) -> KvPool {
         match &self.arch {
             Arch::Llama(m) => m.new_pool(block_size, blocks),
+            Arch::Jamba(m) => KvPool::new(m.config.layers, m.config.kv_heads * m.config.head_dim, block_size, blocks.min(1)),
         }
     }
 
@@ -179,6 +228,7 @@ impl Model {
     pub fn kv_bytes_per_token(&self) -> usize {
         match &self.arch {
             Arch::Llama(m) => 2 * m.config.layers * m.config.kv_dim() * 4,
+            Arch::Jamba(m) => 2 * m.config.layers * m.config.kv_heads * m.config.head_dim * 4,
         }
     }
 
@@ -192,7 +242,13 @@ impl Model {
         scratch: &mut Scratch,
     ) -> Result<(), ModelError> {
         match &self.arch {
-            Arch::Llama(m) => m.forward_batch(compute, items, pool, &mut scratch.llama),
+            Arch::Llama(m) => {
+                scratch.last_jamba = false;
+                m.forward_batch(compute, items, pool, &mut scratch.llama)
+            }
+            Arch::Jamba(_) => Err(ModelError::Input(
+                "batched serving of Jamba models is not implemented yet (their Mamba state needs engine slots)".into(),
+            )),
         }
     }
 

@@ -1,3 +1,4 @@
 //! Model architectures, one module each.
 
+pub mod jamba;
 pub mod llama;

@@ -1,0 +1,150 @@
+//! jamba-tiny-a (HF directory and GGUF) against transformers' float32 reference outputs
+//! (`shared/fixtures/jamba-tiny-a`, see its README).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use taipan_kernels::{Compute, MatmulMode};
+use taipan_model::{ChatMessage, LoadOptions, Model, RenderOptions, Scratch};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("TAIPAN_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+        .join("fixtures")
+}
+
+fn compute() -> &'static Compute {
+    static C: OnceLock<Compute> = OnceLock::new();
+    C.get_or_init(|| Compute::new(2))
+}
+
+fn hf() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| Model::load(&fixtures().join("jamba-tiny-a"), LoadOptions { mode: MatmulMode::Exact }).expect("HF dir loads"))
+}
+
+fn gguf() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| Model::load(&fixtures().join("jamba-tiny-a.gguf"), LoadOptions { mode: MatmulMode::Exact }).expect("GGUF loads"))
+}
+
+fn json(rel: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(rel)).unwrap()).unwrap()
+}
+
+/// A float32 tensor from a reference safetensors file.
+fn tensor(file: &str, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(fixtures().join("jamba-tiny-a/reference").join(file)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap_or_else(|_| panic!("{file}: no {name}"));
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    (t.shape().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+fn prompt(name: &str) -> Vec<u32> {
+    let r = json("jamba-tiny-a/reference/reference.json");
+    let p = r["prompts"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap();
+    p["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+fn logits_all(m: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut st = m.new_state();
+    let mut sc = Scratch::default();
+    m.forward(compute(), ids, &mut st, &mut sc, true).unwrap();
+    sc.logits().to_vec()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+#[test]
+fn full_sequence_logits_match_within_1e4_for_hf_and_gguf() {
+    for (label, m) in [("hf", hf()), ("gguf", gguf())] {
+        for p in ["p1", "p7", "p40"] {
+            let (_, want) = tensor("forward.safetensors", &format!("{p}.logits"));
+            let got = logits_all(m, &prompt(p));
+            let d = max_diff(&got, &want);
+            eprintln!("{label} {p}: max |Δ logit| = {d:.2e}");
+            assert!(d <= 1e-4, "{label} {p}: logits differ by {d}");
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_matches_with_step_logits() {
+    let r = json("jamba-tiny-a/reference/reference.json");
+    for (label, m) in [("hf", hf()), ("gguf", gguf())] {
+        for g in r["generation"].as_array().unwrap() {
+            let p = g["prompt"].as_str().unwrap();
+            let want_ids: Vec<u32> = g["new_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let (_, steps) = tensor("generate.safetensors", &format!("{p}.step_logits"));
+            let vocab = m.vocab_size();
+            let mut st = m.new_state();
+            let mut sc = Scratch::default();
+            m.forward(compute(), &prompt(p), &mut st, &mut sc, false).unwrap();
+            let mut got = Vec::new();
+            for t in 0..want_ids.len() {
+                let d = max_diff(sc.logits(), &steps[t * vocab..(t + 1) * vocab]);
+                assert!(d <= 1e-4, "{label} {p} step {t}: logits differ by {d}");
+                let next = taipan_kernels_argmax(sc.logits());
+                got.push(next);
+                m.forward(compute(), &[next], &mut st, &mut sc, false).unwrap();
+            }
+            assert_eq!(got, want_ids, "{label} {p}");
+        }
+    }
+}
+
+fn taipan_kernels_argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn any_chunked_prefill_equals_one_shot() {
+    let ids = prompt("p40");
+    let (_, want) = tensor("forward.safetensors", "p40.logits");
+    let vocab = hf().vocab_size();
+    for split in [vec![13, 27], vec![1, 39], vec![5, 5, 30], vec![39, 1], (0..40).map(|_| 1).collect::<Vec<_>>()] {
+        let mut st = hf().new_state();
+        let mut sc = Scratch::default();
+        let mut at = 0;
+        for len in &split {
+            hf().forward(compute(), &ids[at..at + len], &mut st, &mut sc, true).unwrap();
+            let d = max_diff(sc.logits(), &want[at * vocab..(at + len) * vocab]);
+            assert!(d <= 1e-4, "split {split:?} at {at}: {d}");
+            at += len;
+        }
+    }
+}
+
+#[test]
+fn tokenizer_cases_match() {
+    let cases = json("jamba-tiny-a/reference/tokenizer_cases.json");
+    for (label, m) in [("hf", hf()), ("gguf", gguf())] {
+        for c in cases["cases"].as_array().unwrap() {
+            let text = c["text"].as_str().unwrap();
+            let want: Vec<u32> = c["ids_no_special"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let got = m.tokenizer.encode(text, true).unwrap();
+            assert_eq!(got, want, "{label} {}", c["name"]);
+            let with_bos: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            assert_eq!(with_bos.first().copied(), m.tokenizer.specials.bos.filter(|_| m.tokenizer.specials.add_bos), "{label}");
+        }
+        let chat = &cases["chat"];
+        let messages: Vec<ChatMessage> = chat["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let text = m.render_chat(&messages, &RenderOptions::default()).unwrap();
+        assert_eq!(text, chat["text"].as_str().unwrap(), "{label} chat");
+    }
+}
