@@ -74,6 +74,16 @@ impl ChatTemplate {
         Ok(ChatTemplate { env, source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 
+    /// Renders with an arbitrary context (`messages`, `tools`, `documents`, `knobs`, ...); the
+    /// template's `bos_token`/`eos_token` are added unless the context sets them.
+    pub fn render_context(&self, context: &serde_json::Map<String, serde_json::Value>) -> Result<String, TemplateError> {
+        let tmpl = self.env.get_template("chat").map_err(|e| TemplateError::Render(e.to_string()))?;
+        let mut ctx = context.clone();
+        ctx.entry("bos_token").or_insert_with(|| self.bos_token.clone().into());
+        ctx.entry("eos_token").or_insert_with(|| self.eos_token.clone().into());
+        tmpl.render(minijinja::value::Serde(&ctx)).map_err(|e| TemplateError::Render(format!("{e:#}")))
+    }
+
     /// Renders a conversation to the prompt text.
     pub fn render(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<String, TemplateError> {
         let tmpl = self.env.get_template("chat").map_err(|e| TemplateError::Render(e.to_string()))?;

@@ -148,3 +148,45 @@ fn tokenizer_cases_match() {
         assert_eq!(text, chat["text"].as_str().unwrap(), "{label} chat");
     }
 }
+
+#[test]
+fn q8_0_gguf_matches_its_dequantized_reference() {
+    let (_, want) = tensor("forward_q8_0_dequant.safetensors", "p40.logits");
+    let path = fixtures().join("jamba-tiny-a-q8_0.gguf");
+    // Exact maths on the dequantized weights: the reference is exactly that computation.
+    let exact = Model::load(&path, LoadOptions { mode: MatmulMode::Exact }).unwrap();
+    let d = max_diff(&logits_all(&exact, &prompt("p40")), &want);
+    eprintln!("q8_0 exact: max |Δ logit| = {d:.2e}");
+    assert!(d <= 1e-4, "{d}");
+    // 8-bit activations: a loose check, as the fixture's README says (logit correlation, argmax).
+    let fast = Model::load(&path, LoadOptions { mode: MatmulMode::Fast }).unwrap();
+    let got = logits_all(&fast, &prompt("p40"));
+    let vocab = fast.vocab_size();
+    let (mut agree, mut corr_sum) = (0, 0.0);
+    for (g, w) in got.chunks_exact(vocab).zip(want.chunks_exact(vocab)) {
+        agree += (taipan_kernels_argmax(g) == taipan_kernels_argmax(w)) as usize;
+        let (mg, mw) = (g.iter().sum::<f32>() / vocab as f32, w.iter().sum::<f32>() / vocab as f32);
+        let cov: f32 = g.iter().zip(w).map(|(a, b)| (a - mg) * (b - mw)).sum();
+        let (vg, vw): (f32, f32) = (g.iter().map(|a| (a - mg).powi(2)).sum(), w.iter().map(|b| (b - mw).powi(2)).sum());
+        corr_sum += cov / (vg.sqrt() * vw.sqrt());
+    }
+    let corr = corr_sum / 40.0;
+    eprintln!("q8_0 fast: argmax agreement {agree}/40, mean logit correlation {corr:.4}");
+    assert!(corr > 0.99 && agree >= 30, "correlation {corr}, argmax agreement {agree}/40");
+}
+
+#[test]
+fn recurrent_state_is_constant_in_context_length() {
+    let m = hf();
+    let mut st = m.new_state();
+    let mut sc = Scratch::default();
+    let taipan_model::SeqState::Jamba(s0) = &st else { panic!("not a Jamba state") };
+    let before = s0.recurrent_bytes();
+    let ids: Vec<u32> = (0..300).map(|i| 10 + (i * 7) % 4000).collect();
+    m.forward(compute(), &ids, &mut st, &mut sc, false).unwrap();
+    let taipan_model::SeqState::Jamba(s1) = &st else { panic!("not a Jamba state") };
+    assert_eq!(s1.recurrent_bytes(), before);
+    // 6 Mamba layers × (3·128 conv + 128·8 ssm) floats.
+    assert_eq!(before, 6 * (3 * 128 + 128 * 8) * 4);
+    assert!(s1.kv_bytes() >= 2 * 2 * 300 * 32 * 4, "the two attention layers hold keys and values");
+}
