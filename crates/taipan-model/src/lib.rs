@@ -112,6 +112,16 @@ impl Scratch {
         }
     }
 
+    /// Records every layer's intermediate outputs of the next forward calls (Jamba only), or stops.
+    pub fn set_trace(&mut self, on: bool) {
+        self.jamba.trace = on.then(Vec::new);
+    }
+
+    /// What was recorded: `(name, values)` in order, names as in transformers' module tree.
+    pub fn trace(&self) -> &[(String, Vec<f32>)] {
+        self.jamba.trace.as_deref().unwrap_or(&[])
+    }
+
     /// The same, writable (samplers mask tokens in place).
     pub fn logits_mut(&mut self) -> &mut [f32] {
         if self.last_jamba {

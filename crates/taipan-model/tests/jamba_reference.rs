@@ -190,3 +190,25 @@ fn recurrent_state_is_constant_in_context_length() {
     assert_eq!(before, 6 * (3 * 128 + 128 * 8) * 4);
     assert!(s1.kv_bytes() >= 2 * 2 * 300 * 32 * 4, "the two attention layers hold keys and values");
 }
+
+#[test]
+fn per_layer_activations_match_and_report_the_first_divergence() {
+    let bytes = std::fs::read(fixtures().join("jamba-tiny-a/reference/activations_p7.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (label, m) in [("hf", hf()), ("gguf", gguf())] {
+        let mut state = m.new_state();
+        let mut sc = Scratch::default();
+        sc.set_trace(true);
+        m.forward(compute(), &prompt("p7"), &mut state, &mut sc, true).unwrap();
+        let mut checked = 0;
+        for (name, got) in sc.trace() {
+            let Ok(t) = st.tensor(name) else { continue };
+            let want: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let d = max_diff(got, &want);
+            // The trace is in forward order, so the first failure is the first diverging layer.
+            assert!(d <= 1e-4, "{label}: first divergence at {name}: max |Δ| = {d}");
+            checked += 1;
+        }
+        assert_eq!(checked, 8 * 5, "{label}: every layer's five activations were compared");
+    }
+}

@@ -332,6 +332,8 @@ pub struct JambaScratch {
     g: Vec<f32>,
     pub logits: Vec<f32>,
     mm: MatmulScratch,
+    /// When set, every layer's intermediate outputs are recorded here (for debugging numerics).
+    pub trace: Option<Vec<(String, Vec<f32>)>>,
 }
 
 fn resize(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -577,6 +579,11 @@ impl Jamba {
                 Mixer::Attention(a) => self.attention(compute, a, hn, out, start, state, s),
                 Mixer::Mamba(m) => self.mamba(compute, m, hn, out, state, s),
             }
+            let li = s.trace.as_ref().map_or(0, |t| t.iter().filter(|(n, _)| n.ends_with(".out")).count());
+            if let Some(t) = s.trace.as_mut() {
+                t.push((format!("layers.{li}.input_layernorm_out"), hn.to_vec()));
+                t.push((format!("layers.{li}.mixer_out"), out.to_vec()));
+            }
             ops::add_in_place(x_rows, out);
             let hn = resize(&mut hb, t_n * h);
             for t in 0..t_n {
@@ -588,6 +595,11 @@ impl Jamba {
                 Ffn::Moe { router, experts, top_k } => self.moe(compute, router, experts, *top_k, hn, out, s),
             }
             ops::add_in_place(x_rows, out);
+            if let Some(t) = s.trace.as_mut() {
+                t.push((format!("layers.{li}.pre_ff_layernorm_out"), hn.to_vec()));
+                t.push((format!("layers.{li}.ffn_out"), out.to_vec()));
+                t.push((format!("layers.{li}.out"), x_rows.to_vec()));
+            }
         }
         state.len = start + t_n;
         let first = if all_logits { 0 } else { t_n - 1 };
