@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use taipan_kernels::ops::log_softmax;
 use taipan_kernels::Compute;
-use taipan_model::{BatchItem, KvPool, Logits, Model, Scratch};
+use taipan_model::{BatchItem, KvPool, Logits, Model, Scratch, SeqState};
 
 /// One generation request, already validated and tokenized.
 #[derive(Debug, Clone)]
@@ -208,6 +208,50 @@ struct Seq {
     last_token_at: Option<Instant>,
     /// Admission order, for preempting the newest first.
     admitted: u64,
+    /// Own state, for models that do not batch over the paged pool (recurrent models).
+    state: Option<SeqState>,
+}
+
+/// Whole sequence states saved at prompt ends and sequence ends, for models whose recurrent state
+/// cannot be rebuilt from cached blocks: a new prompt that extends a saved token sequence resumes
+/// from a copy of its state. Least recently used entries go first when over the byte budget.
+struct Snapshots {
+    entries: Vec<(Vec<u32>, SeqState, u64)>,
+    bytes: usize,
+    budget: usize,
+    tick: u64,
+}
+
+impl Snapshots {
+    /// The saved state with the longest key that is a proper prefix of `tokens`.
+    fn lookup(&mut self, tokens: &[u32]) -> Option<(usize, SeqState)> {
+        self.tick += 1;
+        let best = self
+            .entries
+            .iter_mut()
+            .filter(|(k, _, _)| k.len() < tokens.len() && tokens.starts_with(k))
+            .max_by_key(|(k, _, _)| k.len())?;
+        best.2 = self.tick;
+        Some((best.0.len(), best.1.clone()))
+    }
+
+    fn insert(&mut self, key: &[u32], state: &SeqState) {
+        if key.is_empty() || self.entries.iter().any(|(k, _, _)| k == key) {
+            return;
+        }
+        let size = state.memory_bytes() + 4 * key.len();
+        if size > self.budget {
+            return;
+        }
+        while self.bytes + size > self.budget {
+            let Some(oldest) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.2).map(|(i, _)| i) else { break };
+            let (k, st, _) = self.entries.swap_remove(oldest);
+            self.bytes -= st.memory_bytes() + 4 * k.len();
+        }
+        self.tick += 1;
+        self.bytes += size;
+        self.entries.push((key.to_vec(), state.clone(), self.tick));
+    }
 }
 
 struct Engine {
@@ -226,6 +270,9 @@ struct Engine {
     lp: Vec<f32>,
     /// Requests whose listener refused an event this step.
     gone: Vec<u64>,
+    /// Whether the model batches over the paged pool; otherwise sequences keep their own state.
+    batched: bool,
+    snapshots: Snapshots,
 }
 
 fn token_logprob(logprobs: &[f32], id: u32, top: usize) -> TokenLogprob {
@@ -253,8 +300,13 @@ struct Planned {
 impl Engine {
     fn new(model: Arc<Model>, config: EngineConfig, stats: Arc<EngineStats>) -> Self {
         let bs = config.block_size.max(1);
+        let batched = model.supports_batching();
         let block_bytes = model.kv_bytes_per_token() * bs;
-        let n_blocks = (config.kv_cache_bytes / block_bytes.max(1)).max(model.context_length().div_ceil(bs) + 1);
+        let n_blocks = if batched {
+            (config.kv_cache_bytes / block_bytes.max(1)).max(model.context_length().div_ceil(bs) + 1)
+        } else {
+            0
+        };
         stats.kv_blocks_total.store(n_blocks, Ordering::Relaxed);
         let pool = model.new_pool(bs, n_blocks);
         Engine {
@@ -263,6 +315,7 @@ impl Engine {
             pool,
             blocks: BlockManager::new(n_blocks, bs),
             stats,
+            snapshots: Snapshots { entries: Vec::new(), bytes: 0, budget: config.kv_cache_bytes / 2, tick: 0 },
             config,
             requests: HashMap::new(),
             waiting: VecDeque::new(),
@@ -271,6 +324,7 @@ impl Engine {
             admissions: 0,
             lp: vec![0f32; model.vocab_size()],
             gone: Vec::new(),
+            batched,
             model,
         }
     }
@@ -311,6 +365,7 @@ impl Engine {
             prompt_logprobs: Vec::new(),
             last_token_at: None,
             admitted: 0,
+            state: None,
         }
     }
 
@@ -328,7 +383,7 @@ impl Engine {
             failed: false,
         };
         let blocks_needed = (request.prompt.len() + 1).div_ceil(self.blocks.block_size);
-        if request.prompt.is_empty() || blocks_needed > self.blocks.total() {
+        if request.prompt.is_empty() || (self.batched && blocks_needed > self.blocks.total()) {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             self.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
             state.sink.send(Event::Error(format!(
@@ -351,6 +406,7 @@ impl Engine {
         seq.blocks.clear();
         seq.hashes.clear();
         seq.computed = 0;
+        seq.state = None;
     }
 
     /// Ends a request early: frees every sequence of it.
@@ -397,14 +453,21 @@ impl Engine {
         while self.running.len() < self.config.max_running {
             let Some(mut seq) = self.waiting.pop_front() else { break };
             let wants_prompt_lp = self.requests.get(&seq.req).is_some_and(|r| r.request.prompt_logprobs.is_some());
-            if seq.blocks.is_empty() && !wants_prompt_lp {
+            if !self.batched {
+                if seq.state.is_none() {
+                    let hit = if wants_prompt_lp { None } else { self.snapshots.lookup(&seq.tokens) };
+                    let (computed, state) = hit.unwrap_or_else(|| (0, self.model.new_state()));
+                    seq.computed = computed;
+                    seq.state = Some(state);
+                }
+            } else if seq.blocks.is_empty() && !wants_prompt_lp {
                 let (hit, hashes) = self.blocks.match_prefix(&seq.tokens);
                 seq.computed = hit.len() * self.blocks.block_size;
                 seq.blocks = hit;
                 seq.hashes = hashes;
             }
             let need = (seq.tokens.len() + 1).div_ceil(self.blocks.block_size).saturating_sub(seq.blocks.len());
-            if need > self.blocks.available() {
+            if self.batched && need > self.blocks.available() {
                 // Not now: give back what the prefix match took and wait for blocks to free up.
                 self.release_seq(&mut seq);
                 self.waiting.push_front(seq);
@@ -475,7 +538,7 @@ impl Engine {
         for (admitted, len) in chosen {
             let Some(i) = self.running.iter().position(|s| s.admitted == admitted) else { continue };
             let upto = self.running[i].computed + len;
-            if !self.ensure_blocks(i, upto) {
+            if self.batched && !self.ensure_blocks(i, upto) {
                 continue;
             }
             let Some(i) = self.running.iter().position(|s| s.admitted == admitted) else { continue };
@@ -508,62 +571,59 @@ impl Engine {
             }
             return;
         }
-        let items: Vec<BatchItem<'_>> = plan
-            .iter()
-            .map(|p| {
-                let s = &self.running[p.seq];
-                BatchItem {
-                    tokens: &s.tokens[p.start..p.start + p.len],
-                    start: p.start,
-                    blocks: &s.blocks,
-                    logits: p.logits,
-                }
-            })
-            .collect();
-        let result = self.model.forward_batch(&self.compute, &items, &mut self.pool, &mut self.scratch);
-        drop(items);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = result {
-            let reqs: Vec<u64> = plan.iter().map(|p| self.running[p.seq].req).collect();
-            for r in reqs {
-                self.fail(r, e.to_string());
-            }
-            return;
-        }
-        let vocab = self.model.vocab_size();
-        let mut row = 0;
         let mut finished: Vec<usize> = Vec::new();
-        for p in &plan {
-            let rows = match p.logits {
-                Logits::None => 0,
-                Logits::Last => 1,
-                Logits::All => p.len,
-            };
-            let s = &mut self.running[p.seq];
-            s.computed += p.len;
-            self.register_full_blocks(p.seq);
-            let s = &mut self.running[p.seq];
-            if p.logits == Logits::All {
-                let top = self.requests.get(&s.req).and_then(|r| r.request.prompt_logprobs).unwrap_or(0);
-                let logits = self.scratch.logits();
-                for k in 0..rows {
-                    let pos = p.start + k;
-                    if s.prompt_logprobs.is_empty() {
-                        s.prompt_logprobs.push(None);
-                    }
-                    if pos + 1 < s.prompt_len {
-                        log_softmax(&mut self.lp, &logits[(row + k) * vocab..(row + k + 1) * vocab]);
-                        s.prompt_logprobs.push(Some(token_logprob(&self.lp, s.tokens[pos + 1], top)));
-                    }
+        if self.batched {
+            let items: Vec<BatchItem<'_>> = plan
+                .iter()
+                .map(|p| {
+                    let s = &self.running[p.seq];
+                    BatchItem { tokens: &s.tokens[p.start..p.start + p.len], start: p.start, blocks: &s.blocks, logits: p.logits }
+                })
+                .collect();
+            let result = self.model.forward_batch(&self.compute, &items, &mut self.pool, &mut self.scratch);
+            drop(items);
+            if let Err(e) = result {
+                let reqs: Vec<u64> = plan.iter().map(|p| self.running[p.seq].req).collect();
+                for r in reqs {
+                    self.fail(r, e.to_string());
                 }
+                return;
             }
-            if rows > 0 && s.computed == s.tokens.len() {
-                let last = row + rows - 1;
-                if self.sample_into(p.seq, last) {
-                    finished.push(p.seq);
+            let mut row = 0;
+            for p in &plan {
+                row += self.after_forward(p, row, &mut finished);
+            }
+        } else {
+            // Recurrent models: one forward per sequence on its own state.
+            let mut failed = Vec::new();
+            for p in &plan {
+                let s = &mut self.running[p.seq];
+                let Some(state) = s.state.as_mut() else { continue };
+                let all = p.logits == Logits::All;
+                let tokens = &s.tokens[p.start..p.start + p.len];
+                if let Err(e) = self.model.forward(&self.compute, tokens, state, &mut self.scratch, all) {
+                    failed.push((s.req, e.to_string()));
+                    continue;
                 }
+                let logits = if p.logits == Logits::None { Logits::Last } else { p.logits };
+                let rows_plan = Planned { seq: p.seq, start: p.start, len: p.len, logits };
+                self.after_forward(&rows_plan, 0, &mut finished);
             }
-            row += rows;
+            finished.sort_unstable();
+            finished.dedup();
+            let mut keep = Vec::new();
+            for i in finished.into_iter().rev() {
+                let mut s = self.running.remove(i);
+                if let Some(st) = s.state.as_ref() {
+                    self.snapshots.insert(&s.tokens[..s.computed], st);
+                }
+                self.release_seq(&mut s);
+            }
+            finished = std::mem::take(&mut keep);
+            for (req, e) in failed {
+                self.fail(req, e);
+            }
         }
         finished.sort_unstable();
         for i in finished.into_iter().rev() {
@@ -576,6 +636,46 @@ impl Engine {
                 self.drop_request(req);
             }
         }
+    }
+
+    /// Book-keeping after a forward pass for one planned item whose logits start at `row`:
+    /// progress, prefix registration, prompt logprobs, sampling. Returns the logits rows it used.
+    fn after_forward(&mut self, p: &Planned, row: usize, finished: &mut Vec<usize>) -> usize {
+        let vocab = self.model.vocab_size();
+        let rows = match p.logits {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All => p.len,
+        };
+        self.running[p.seq].computed += p.len;
+        if self.batched {
+            self.register_full_blocks(p.seq);
+        }
+        let s = &mut self.running[p.seq];
+        if p.logits == Logits::All {
+            let top = self.requests.get(&s.req).and_then(|r| r.request.prompt_logprobs).unwrap_or(0);
+            let logits = self.scratch.logits();
+            for k in 0..rows {
+                let pos = p.start + k;
+                if s.prompt_logprobs.is_empty() {
+                    s.prompt_logprobs.push(None);
+                }
+                if pos + 1 < s.prompt_len {
+                    log_softmax(&mut self.lp, &logits[(row + k) * vocab..(row + k + 1) * vocab]);
+                    s.prompt_logprobs.push(Some(token_logprob(&self.lp, s.tokens[pos + 1], top)));
+                }
+            }
+        }
+        if !self.batched && s.computed == s.prompt_len && s.generated == 0 {
+            if let Some(st) = s.state.as_ref() {
+                self.snapshots.insert(&s.tokens[..s.prompt_len], st);
+            }
+        }
+        let s = &self.running[p.seq];
+        if rows > 0 && s.computed == s.tokens.len() && self.sample_into(p.seq, row + rows - 1) {
+            finished.push(p.seq);
+        }
+        rows
     }
 
     /// Registers the sequence's newly completed full blocks in the prefix cache.

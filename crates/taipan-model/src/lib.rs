@@ -79,6 +79,14 @@ impl SeqState {
         self.len() == 0
     }
 
+    /// Bytes held (caches and recurrent state).
+    pub fn memory_bytes(&self) -> usize {
+        match self {
+            SeqState::Llama(c) => c.memory_bytes(),
+            SeqState::Jamba(s) => s.recurrent_bytes() + s.kv_bytes(),
+        }
+    }
+
     /// Forgets positions from `len` on (attention caches can rewind).
     /// Recurrent (Mamba) state cannot rewind, so a Jamba state only accepts its own length.
     pub fn truncate(&mut self, len: usize) -> Result<(), ModelError> {
@@ -173,6 +181,12 @@ impl Model {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let name = file.get("general.name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or(stem);
         Ok(Model { name, path: path.into(), arch, tokenizer, template })
+    }
+
+    /// Whether [`Model::forward_batch`] can run several sequences over a shared paged KV pool.
+    /// Models with recurrent state run sequence by sequence on their own [`SeqState`].
+    pub fn supports_batching(&self) -> bool {
+        matches!(self.arch, Arch::Llama(_))
     }
 
     pub fn vocab_size(&self) -> usize {

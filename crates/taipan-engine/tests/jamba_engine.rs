@@ -1,0 +1,129 @@
+//! The engine serving a hybrid (Jamba) model: sequences run on their own recurrent state, and
+//! saved states let the next turn of a conversation skip recomputing its history.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, OnceLock};
+use taipan_engine::engine::start;
+use taipan_engine::{EngineConfig, EngineHandle, Event, GenRequest, SamplingParams};
+use taipan_kernels::{Compute, MatmulMode};
+use taipan_model::{LoadOptions, Model, Scratch};
+
+fn model() -> Arc<Model> {
+    static M: OnceLock<Arc<Model>> = OnceLock::new();
+    Arc::clone(M.get_or_init(|| {
+        let dir = shared_dir().join("fixtures/jamba-tiny-a");
+        Arc::new(Model::load(&dir, LoadOptions { mode: MatmulMode::Exact }).expect("jamba-tiny-a loads"))
+    }))
+}
+
+fn engine() -> EngineHandle {
+    start(model(), EngineConfig { threads: 2, max_queue: 16, kv_cache_bytes: 64 << 20, block_size: 16, max_batch_tokens: 32, max_running: 8 })
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {
+    GenRequest {
+        prompt,
+        n: 1,
+        max_tokens,
+        min_tokens: 0,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+        ignore_eos: true,
+        logprobs: None,
+        prompt_logprobs: None,
+    }
+}
+
+/// Token ids of the answer, recovered from the text is not possible, so ask for logprobs.
+fn run_ids(e: &EngineHandle, mut req: GenRequest) -> Vec<u32> {
+    req.logprobs = Some(0);
+    let (tx, rx) = mpsc::channel();
+    e.submit(req, Box::new(tx)).unwrap();
+    let mut ids = Vec::new();
+    loop {
+        match rx.recv().unwrap() {
+            Event::Delta { logprobs, .. } => ids.extend(logprobs.iter().map(|l| l.id)),
+            Event::Done { .. } => return ids,
+            Event::Error(e) => panic!("{e}"),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+}
+
+fn direct_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
+    let m = model();
+    let compute = Compute::new(2);
+    let mut st = m.new_state();
+    let mut sc = Scratch::default();
+    m.forward(&compute, prompt, &mut st, &mut sc, false).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = taipan_engine::sampler::argmax(sc.logits());
+        out.push(next);
+        m.forward(&compute, &[next], &mut st, &mut sc, false).unwrap();
+    }
+    out
+}
+
+fn prompt_ids(text: &str) -> Vec<u32> {
+    let m = model();
+    let mut ids = vec![m.tokenizer.specials.bos.unwrap()];
+    ids.extend(m.tokenizer.encode(text, true).unwrap());
+    ids
+}
+
+#[test]
+fn engine_output_equals_direct_generation_even_when_concurrent_and_chunked() {
+    let e = engine();
+    let prompts: Vec<Vec<u32>> = ["Hello, my name is", "def parse(self, text):", "The quick brown fox", "import os\nimport sys\n\nclass Config:"]
+        .iter()
+        .map(|t| prompt_ids(t))
+        .collect();
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| direct_greedy(p, 12)).collect();
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (tx, rx) = mpsc::channel();
+            let mut r = greedy(p.clone(), 12);
+            r.logprobs = Some(0);
+            e.submit(r, Box::new(tx)).unwrap();
+            rx
+        })
+        .collect();
+    for (rx, w) in receivers.into_iter().zip(&want) {
+        let mut ids = Vec::new();
+        loop {
+            match rx.recv().unwrap() {
+                Event::Delta { logprobs, .. } => ids.extend(logprobs.iter().map(|l| l.id)),
+                Event::Done { .. } => break,
+                Event::Error(err) => panic!("{err}"),
+                Event::PromptLogprobs(_) => {}
+            }
+        }
+        assert_eq!(&ids, w);
+    }
+}
+
+#[test]
+fn next_turn_resumes_from_the_saved_state_and_matches_a_cold_run() {
+    let m = model();
+    let warm = engine();
+    let turn1 = prompt_ids("<|im_start|>user\nWrite a function that parses a date.<|im_end|>\n<|im_start|>assistant\n");
+    let answer = run_ids(&warm, greedy(turn1.clone(), 16));
+    // The client resends the history verbatim plus a new message.
+    let mut turn2 = turn1.clone();
+    turn2.extend(&answer);
+    turn2.extend(m.tokenizer.encode("<|im_end|>\n<|im_start|>user\nNow make it handle time zones.<|im_end|>\n<|im_start|>assistant\n", true).unwrap());
+    let hits_before = warm.stats.prefix_hit_tokens.load(Ordering::Relaxed);
+    let warm_answer = run_ids(&warm, greedy(turn2.clone(), 12));
+    let reused = warm.stats.prefix_hit_tokens.load(Ordering::Relaxed) - hits_before;
+    // The state saved at the end of turn 1 covers its prompt and all but the last answer token.
+    assert_eq!(reused as usize, turn1.len() + answer.len() - 1, "turn 2 recomputed its history");
+    let cold = engine();
+    let cold_answer = run_ids(&cold, greedy(turn2, 12));
+    assert_eq!(cold.stats.prefix_hit_tokens.load(Ordering::Relaxed), 0);
+    assert_eq!(warm_answer, cold_answer, "a resumed state must give the cold run's answer");
+}
