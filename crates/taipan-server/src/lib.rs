@@ -94,10 +94,12 @@ where
                 ec.max_queue = state.config.max_queue;
                 let kv_mb = ec.kv_cache_bytes >> 20;
                 let engine = taipan_engine::engine::start(model, ec);
-                eprintln!(
-                    "taipan: KV cache {kv_mb} MiB ({} blocks)",
-                    engine.stats.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed)
-                );
+                let blocks = engine.stats.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed);
+                if blocks > 0 {
+                    eprintln!("taipan: KV cache {kv_mb} MiB ({blocks} blocks of 16 positions), continuous batching");
+                } else {
+                    eprintln!("taipan: recurrent model: each sequence keeps its own state; saved states for prefix reuse up to {} MiB", kv_mb / 2);
+                }
                 state.set_engine(engine);
                 let names = state.names.get().cloned().unwrap_or_default();
                 eprintln!("taipan: model ready; serving it as: {}", names.join(", "));
