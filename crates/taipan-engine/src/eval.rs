@@ -63,6 +63,8 @@ pub struct BenchResult {
     /// Median over repetitions, tokens per second.
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
+    /// Share of decode time per part of the model, where the architecture reports it.
+    pub decode_breakdown: Vec<(&'static str, f64)>,
 }
 
 /// Times a prefill of `prompt_tokens` from an empty state, and `gen_tokens` single-token decode
@@ -87,6 +89,7 @@ pub fn bench(
         let p = t.elapsed().as_secs_f64();
         let mut state = model.new_state();
         let mut next = (rep as u32 * 31 + 5) % vocab;
+        scratch.set_profile(rep > 0);
         let t = Instant::now();
         for _ in 0..gen_tokens {
             model.forward(compute, &[next], &mut state, &mut scratch, false)?;
@@ -102,5 +105,14 @@ pub fn bench(
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    Ok(BenchResult { prompt_tokens, gen_tokens, prefill_tok_s: median(&mut pre), decode_tok_s: median(&mut dec) })
+    let parts = scratch.profile();
+    let total: f64 = parts.iter().map(|p| p.1).sum();
+    let decode_breakdown = parts.into_iter().map(|(n, v)| (n, if total > 0.0 { v / total } else { 0.0 })).collect();
+    Ok(BenchResult {
+        prompt_tokens,
+        gen_tokens,
+        prefill_tok_s: median(&mut pre),
+        decode_tok_s: median(&mut dec),
+        decode_breakdown,
+    })
 }

@@ -15,6 +15,20 @@ pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
 /// `scores` is the caller's scratch.
 pub type AttendHeadFn = fn(&mut [f32], &[f32], &crate::ops::KvView<'_>, usize, f32, &mut Vec<f32>);
 
+/// The gated selective scan; see [`crate::ssm::selective_scan_ref`].
+pub type ScanFn = fn(
+    &mut [f32],
+    &[f32],
+    &[f32],
+    &[f32],
+    &[f32],
+    &[f32],
+    &[f32],
+    &[f32],
+    &mut [f32],
+    crate::ssm::ScanShape,
+);
+
 /// Instruction-set levels with kernels of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -30,6 +44,7 @@ pub struct Kernels {
     pub packed_tile: PackedTileFn,
     pub f32_tile: F32TileFn,
     pub attend_head: AttendHeadFn,
+    pub selective_scan: ScanFn,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -71,6 +86,22 @@ mod x86_entry {
         // SAFETY: only installed after detecting avx512f.
         unsafe { avx512::attend_head(out, q, kv, n, scale, scores) }
     }
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan_avx512(
+        y: &mut [f32],
+        x: &[f32],
+        dt: &[f32],
+        z: &[f32],
+        b: &[f32],
+        c: &[f32],
+        a: &[f32],
+        d: &[f32],
+        h: &mut [f32],
+        s: crate::ssm::ScanShape,
+    ) {
+        // SAFETY: only installed after detecting avx512f.
+        unsafe { avx512::selective_scan(y, x, dt, z, b, c, a, d, h, s) }
+    }
     pub fn f32_avx512(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx512f.
         unsafe { avx512::dot_tile_f32(ws, xs, out) }
@@ -93,6 +124,7 @@ impl Kernels {
             packed_tile: packed_tile_ref,
             f32_tile: f32_tile_ref,
             attend_head: crate::ops::attend_head_ref,
+            selective_scan: crate::ssm::selective_scan_ref,
         }
     }
 
@@ -106,6 +138,7 @@ impl Kernels {
                 packed_tile: x86_entry::packed_avx2,
                 f32_tile: x86_entry::f32_avx2,
                 attend_head: crate::ops::attend_head_ref,
+                selective_scan: crate::ssm::selective_scan_ref,
             }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (is_x86_feature_detected!("avx512f")
@@ -116,6 +149,7 @@ impl Kernels {
                 packed_tile: x86_entry::packed_avx512,
                 f32_tile: x86_entry::f32_avx512,
                 attend_head: x86_entry::attend_avx512,
+                selective_scan: x86_entry::scan_avx512,
             }),
             #[cfg(not(target_arch = "x86_64"))]
             _ => None,

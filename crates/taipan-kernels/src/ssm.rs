@@ -61,7 +61,7 @@ pub struct ScanShape {
 /// `x`, `dt`, `z`, `y`: `[tokens, channels]`; `b`, `c`: `[tokens, state]`; `a`: `[channels, state]`
 /// (already `−exp(A_log)`); `d`: `[channels]`; `h`: `[channels, state]`, carried across calls.
 #[allow(clippy::too_many_arguments)]
-pub fn selective_scan(
+pub fn selective_scan_ref(
     y: &mut [f32],
     x: &[f32],
     dt: &[f32],
@@ -131,19 +131,42 @@ mod tests {
         let shape = |t| ScanShape { tokens: t, channels: ch, state: n };
         let mut y = vec![0f32; t_n * ch];
         let mut h = vec![0f32; ch * n];
-        selective_scan(&mut y, &x, &dt, &z, &b, &c, &a, &d, &mut h, shape(t_n));
+        selective_scan_ref(&mut y, &x, &dt, &z, &b, &c, &a, &d, &mut h, shape(t_n));
         let mut y2 = vec![0f32; t_n * ch];
         let mut h2 = vec![0f32; ch * n];
         for (lo, hi) in [(0, 1), (1, 4), (4, 5)] {
             let r = lo * ch..hi * ch;
             let rn = lo * n..hi * n;
-            selective_scan(&mut y2[r.clone()], &x[r.clone()], &dt[r.clone()], &z[r.clone()], &b[rn.clone()], &c[rn], &a, &d, &mut h2, shape(hi - lo));
+            selective_scan_ref(&mut y2[r.clone()], &x[r.clone()], &dt[r.clone()], &z[r.clone()], &b[rn.clone()], &c[rn], &a, &d, &mut h2, shape(hi - lo));
         }
         assert_eq!(y, y2);
         assert_eq!(h, h2);
         // First token from a zero state: h = dt·B·x.
         let want: f32 = (0..n).map(|i| dt[0] * b[i] * x[0] * c[i]).sum::<f32>() + d[0] * x[0];
         assert!((y[0] - want * z[0] / (1.0 + (-z[0]).exp())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn simd_scans_match_the_reference() {
+        let (t_n, ch, n) = (3, 5, 32);
+        let f = |k: usize, s: f32| -> Vec<f32> { (0..k).map(|i| ((i as f32 + 1.0) * s).sin()).collect() };
+        let (x, z) = (f(t_n * ch, 0.3), f(t_n * ch, 1.1));
+        let dt: Vec<f32> = f(t_n * ch, 0.7).iter().map(|v| v.abs()).collect();
+        let (b, c) = (f(t_n * n, 0.5), f(t_n * n, 0.9));
+        let a: Vec<f32> = f(ch * n, 1.3).iter().map(|v| -v.abs() * 3.0).collect();
+        let d = f(ch, 2.0);
+        let shape = ScanShape { tokens: t_n, channels: ch, state: n };
+        let mut want = vec![0f32; t_n * ch];
+        let mut h0 = vec![0.1f32; ch * n];
+        selective_scan_ref(&mut want, &x, &dt, &z, &b, &c, &a, &d, &mut h0, shape);
+        for k in crate::Kernels::available() {
+            let mut y = vec![0f32; t_n * ch];
+            let mut h = vec![0.1f32; ch * n];
+            (k.selective_scan)(&mut y, &x, &dt, &z, &b, &c, &a, &d, &mut h, shape);
+            for (g, w) in y.iter().zip(&want).chain(h.iter().zip(&h0)) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{:?}: {g} vs {w}", k.isa);
+            }
+        }
     }
 
     #[test]

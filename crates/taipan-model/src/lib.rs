@@ -8,6 +8,7 @@
 
 pub mod arch;
 mod hf;
+pub mod synth;
 pub mod chat;
 pub mod gguf;
 pub mod kv;
@@ -128,6 +129,19 @@ impl Scratch {
     /// What was recorded: `(name, values)` in order, names as in transformers' module tree.
     pub fn trace(&self) -> &[(String, Vec<f32>)] {
         self.jamba.trace.as_deref().unwrap_or(&[])
+    }
+
+    /// Starts (or stops) adding up where forward time goes (Jamba only).
+    pub fn set_profile(&mut self, on: bool) {
+        self.jamba.profile = on.then_some([0.0; 5]);
+    }
+
+    /// Seconds per part since profiling started: attention, Mamba mixer, experts, dense MLP, rest.
+    pub fn profile(&self) -> Vec<(&'static str, f64)> {
+        match self.jamba.profile {
+            Some(p) => arch::jamba::PROFILE_PARTS.iter().copied().zip(p).collect(),
+            None => vec![],
+        }
     }
 
     /// The same, writable (samplers mask tokens in place).

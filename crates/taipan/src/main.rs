@@ -36,6 +36,23 @@ enum Command {
     },
     /// Measure prefill and decode speed.
     Bench(BenchArgs),
+    /// Write a synthetic Jamba GGUF with random weights (hidden 1024, 8 layers, 16 experts by
+    /// default: Jamba-1.5-Mini's proportions scaled down), for benchmarks.
+    SynthJamba {
+        /// Output file.
+        out: PathBuf,
+        /// A Jamba GGUF whose tokenizer to copy (e.g. the jamba-tiny-a fixture).
+        #[arg(long)]
+        tokenizer_from: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        hidden: usize,
+        #[arg(long, default_value_t = 8)]
+        layers: usize,
+        #[arg(long, default_value_t = 16)]
+        experts: usize,
+        #[arg(long, default_value_t = 2816)]
+        intermediate: usize,
+    },
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity {
         /// The model (GGUF).
@@ -315,6 +332,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
         Command::Inspect { file, tensors } => cmd_inspect(&file, tensors),
+        Command::SynthJamba { out, tokenizer_from, hidden, layers, experts, intermediate } => {
+            let spec = taipan_model::synth::SynthJamba {
+                hidden,
+                layers,
+                experts,
+                intermediate,
+                heads: (hidden / 64).max(1),
+                kv_heads: (hidden / 256).max(1),
+                dt_rank: hidden.div_ceil(16),
+                ..Default::default()
+            };
+            let params = taipan_model::synth::write_synthetic_jamba(&out, &tokenizer_from, &spec)?;
+            println!("wrote {} ({params} parameters)", out.display());
+            Ok(())
+        }
         Command::Bench(a) => cmd_bench(a),
         Command::Perplexity { file, text, ctx, run } => {
             let model = load(&file, run.exact)?;
@@ -485,7 +517,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             .map(|(t, r, isa)| {
                 serde_json::json!({"model": path.display().to_string(), "threads": t, "isa": format!("{isa:?}"),
                     "prompt_tokens": r.prompt_tokens, "gen_tokens": r.gen_tokens,
-                    "prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s})
+                    "prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s,
+                    "decode_breakdown": r.decode_breakdown.iter().map(|(n, v)| (n.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>()})
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -498,8 +531,16 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             format!("prefill {} tok/s", a.prompt),
             format!("decode {} tok/s", a.gen)
         );
-        for (t, r, isa) in rows {
+        for (t, r, isa) in &rows {
             println!("{t:>7} {:>10} {:>16.1} {:>16.1}", format!("{isa:?}"), r.prefill_tok_s, r.decode_tok_s);
+        }
+        if let Some((t, r, _)) = rows.last() {
+            if !r.decode_breakdown.is_empty() {
+                println!("where decode time goes ({t} threads):");
+                for (part, share) in &r.decode_breakdown {
+                    println!("  {part:<14} {:>5.1}%", 100.0 * share);
+                }
+            }
         }
     }
     Ok(())

@@ -334,7 +334,13 @@ pub struct JambaScratch {
     mm: MatmulScratch,
     /// When set, every layer's intermediate outputs are recorded here (for debugging numerics).
     pub trace: Option<Vec<(String, Vec<f32>)>>,
+    /// When set, seconds spent in attention, Mamba mixers, routed experts, dense MLPs, and the
+    /// rest (embedding, norms, output head) are added here.
+    pub profile: Option<[f64; 5]>,
 }
+
+/// Names of the entries of [`JambaScratch::profile`].
+pub const PROFILE_PARTS: [&str; 5] = ["attention", "mamba mixer", "experts (MoE)", "dense MLP", "other"];
 
 fn resize(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if v.len() < n {
@@ -569,15 +575,24 @@ impl Jamba {
         }
         let mut hb = std::mem::take(&mut s.h);
         let mut mixed = std::mem::take(&mut s.g);
+        let started = std::time::Instant::now();
+        let mut parts = [0f64; 5];
         for layer in &self.layers {
             let hn = resize(&mut hb, t_n * h);
             for t in 0..t_n {
                 ops::rms_norm_into(&mut hn[t * h..(t + 1) * h], &x_rows[t * h..(t + 1) * h], &layer.attn_norm, c.rms_eps);
             }
             let out = resize(&mut mixed, t_n * h);
+            let t0 = std::time::Instant::now();
             match &layer.mixer {
-                Mixer::Attention(a) => self.attention(compute, a, hn, out, start, state, s),
-                Mixer::Mamba(m) => self.mamba(compute, m, hn, out, state, s),
+                Mixer::Attention(a) => {
+                    self.attention(compute, a, hn, out, start, state, s);
+                    parts[0] += t0.elapsed().as_secs_f64();
+                }
+                Mixer::Mamba(m) => {
+                    self.mamba(compute, m, hn, out, state, s);
+                    parts[1] += t0.elapsed().as_secs_f64();
+                }
             }
             let li = s.trace.as_ref().map_or(0, |t| t.iter().filter(|(n, _)| n.ends_with(".out")).count());
             if let Some(t) = s.trace.as_mut() {
@@ -590,9 +605,16 @@ impl Jamba {
                 ops::rms_norm_into(&mut hn[t * h..(t + 1) * h], &x_rows[t * h..(t + 1) * h], &layer.ffn_norm, c.rms_eps);
             }
             let out = resize(&mut mixed, t_n * h);
+            let t0 = std::time::Instant::now();
             match &layer.ffn {
-                Ffn::Dense(mlp) => self.mlp(compute, mlp, hn, t_n, out, s),
-                Ffn::Moe { router, experts, top_k } => self.moe(compute, router, experts, *top_k, hn, out, s),
+                Ffn::Dense(mlp) => {
+                    self.mlp(compute, mlp, hn, t_n, out, s);
+                    parts[3] += t0.elapsed().as_secs_f64();
+                }
+                Ffn::Moe { router, experts, top_k } => {
+                    self.moe(compute, router, experts, *top_k, hn, out, s);
+                    parts[2] += t0.elapsed().as_secs_f64();
+                }
             }
             ops::add_in_place(x_rows, out);
             if let Some(t) = s.trace.as_mut() {
@@ -612,6 +634,13 @@ impl Jamba {
             s.logits.resize(rows * c.vocab, 0.0);
         }
         compute.matmul(&mut s.logits, hn, rows, &self.output, &mut s.mm);
+        if let Some(p) = s.profile.as_mut() {
+            let accounted: f64 = parts.iter().sum();
+            parts[4] = (started.elapsed().as_secs_f64() - accounted).max(0.0);
+            for (acc, v) in p.iter_mut().zip(parts) {
+                *acc += v;
+            }
+        }
         s.x = x;
         s.h = hb;
         s.g = mixed;
@@ -695,7 +724,7 @@ impl Jamba {
         let xa = &s.d[..t_n * di];
         let z = &s.c[..t_n * di];
         let dt = &s.f[..t_n * di];
-        ssm::selective_scan(y, xa, dt, z, &bm, &cm, &m.a, &m.d, &mut state.ssm[m.slot], shape);
+        (compute.kernels.selective_scan)(y, xa, dt, z, &bm, &cm, &m.a, &m.d, &mut state.ssm[m.slot], shape);
         compute.matmul(out, y, t_n, &m.out_proj, &mut s.mm);
         if let Some(b) = &m.out_bias {
             for row in out.chunks_exact_mut(c.hidden) {
