@@ -42,6 +42,9 @@ pub struct GenRequest {
     pub logprobs: Option<usize>,
     /// Report log-probabilities of the prompt tokens (with this many alternatives).
     pub prompt_logprobs: Option<usize>,
+    /// Prompt positions (e.g. chat-message boundaries) where a recurrent model's state is saved
+    /// for reuse by later prompts that share the prefix.
+    pub snapshot_at: Vec<usize>,
 }
 
 /// A token with its log-probability and the most likely alternatives.
@@ -530,7 +533,13 @@ impl Engine {
             }
             let s = &self.running[i];
             let left = s.tokens.len() - s.computed;
-            let len = left.min(budget);
+            let mut len = left.min(budget);
+            if !self.batched {
+                // Stop prefill chunks at snapshot positions so the state there can be saved.
+                if let Some(b) = self.requests.get(&s.req).and_then(|r| r.request.snapshot_at.iter().copied().filter(|&b| b > s.computed).min()) {
+                    len = len.min(b - s.computed);
+                }
+            }
             budget -= len;
             chosen.push((s.admitted, len));
         }
@@ -666,9 +675,13 @@ impl Engine {
                 }
             }
         }
-        if !self.batched && s.computed == s.prompt_len && s.generated == 0 {
-            if let Some(st) = s.state.as_ref() {
-                self.snapshots.insert(&s.tokens[..s.prompt_len], st);
+        if !self.batched && s.generated == 0 {
+            let at_boundary = s.computed == s.prompt_len
+                || self.requests.get(&s.req).is_some_and(|r| r.request.snapshot_at.contains(&s.computed));
+            if at_boundary {
+                if let Some(st) = s.state.as_ref() {
+                    self.snapshots.insert(&s.tokens[..s.computed], st);
+                }
             }
         }
         let s = &self.running[p.seq];

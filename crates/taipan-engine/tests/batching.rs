@@ -50,6 +50,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {
         ignore_eos: false,
         logprobs: None,
         prompt_logprobs: None,
+        snapshot_at: vec![],
     }
 }
 

@@ -34,6 +34,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {
         ignore_eos: true,
         logprobs: None,
         prompt_logprobs: None,
+        snapshot_at: vec![],
     }
 }
 

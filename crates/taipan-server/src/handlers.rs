@@ -2,7 +2,7 @@
 
 use crate::error::{dialect_of, HttpError};
 use crate::ids::{new_id, random_u64, unix_now};
-use crate::prompt::{chat_prompt, resolve_max_tokens};
+use crate::prompt::{chat_prompt, message_boundaries, resolve_max_tokens};
 use crate::state::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -153,12 +153,17 @@ async fn chat(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>, dialec
     check_model(state, &req.model, dialect)?;
     let model = Arc::clone(&eng.model);
     let req = Arc::new(req);
-    let prompt = {
+    let (prompt, snapshot_at) = {
         let (model, req) = (Arc::clone(&model), Arc::clone(&req));
-        tokio::task::spawn_blocking(move || chat_prompt(&model, &req))
-            .await
-            .map_err(|e| fail(dialect, ApiError::new(ErrorKind::Internal, e.to_string())))?
-            .map_err(|e| fail(dialect, e))?
+        tokio::task::spawn_blocking(move || {
+            let ids = chat_prompt(&model, &req)?;
+            // Recurrent models can only resume where a state was saved: at message boundaries.
+            let bounds = if model.supports_batching() { vec![] } else { message_boundaries(&model, &req, &ids) };
+            Ok::<_, ApiError>((ids, bounds))
+        })
+        .await
+        .map_err(|e| fail(dialect, ApiError::new(ErrorKind::Internal, e.to_string())))?
+        .map_err(|e| fail(dialect, e))?
     };
     let cap = if dialect == Dialect::Ai21 { Some(AI21_MAX_TOKENS) } else { None };
     let max_tokens =
@@ -179,6 +184,7 @@ async fn chat(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>, dialec
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs.then_some(req.top_logprobs),
         prompt_logprobs: None,
+        snapshot_at,
     };
     let rx = submit(&eng, gen, dialect)?;
     let id = new_id(if dialect == Dialect::Ai21 { "chat-" } else { "chatcmpl-" });
@@ -373,6 +379,7 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
                     ignore_eos: req.ignore_eos,
                     logprobs: req.logprobs,
                     prompt_logprobs: (req.echo && req.logprobs.is_some()).then(|| req.logprobs.unwrap_or(0)),
+                    snapshot_at: vec![],
                 };
                 let mut rx = submit(&eng, gen, d)?;
                 usage.prompt_tokens += ids.len();

@@ -41,6 +41,36 @@ pub fn chat_prompt(model: &Model, req: &ChatRequest) -> Result<Vec<u32>, ApiErro
     Ok(ids)
 }
 
+/// Token positions in `ids` where each of the last few messages ends, found by rendering the
+/// conversation up to that message; a position counts only if its tokens are exactly a prefix
+/// of the full prompt (so a state saved there can be reused by the next turn).
+pub fn message_boundaries(model: &Model, req: &ChatRequest, ids: &[u32]) -> Vec<usize> {
+    const LAST: usize = 4;
+    let messages: Vec<ChatMessage> = req.messages.iter().map(template_message).collect();
+    let mut out = Vec::new();
+    for k in messages.len().saturating_sub(LAST).max(1)..messages.len() {
+        let opts = RenderOptions {
+            add_generation_prompt: false,
+            tools: (!req.tools.is_empty()).then(|| Value::Array(req.tools.clone())),
+            documents: (!req.documents.is_empty()).then(|| Value::Array(req.documents.clone())),
+            extra: Map::new(),
+        };
+        let Ok(text) = model.render_chat(&messages[..k], &opts) else { continue };
+        let Ok(mut prefix) = model.tokenizer.encode(&text, true) else { continue };
+        if model.tokenizer.specials.add_bos {
+            if let Some(bos) = model.tokenizer.specials.bos {
+                if prefix.first() != Some(&bos) {
+                    prefix.insert(0, bos);
+                }
+            }
+        }
+        if !prefix.is_empty() && prefix.len() < ids.len() && ids.starts_with(&prefix) {
+            out.push(prefix.len());
+        }
+    }
+    out
+}
+
 /// Token budget for the answer: the request's, else `default_cap` (None: all the room left), never
 /// more than the context has left. A prompt that fills the context is an error.
 pub fn resolve_max_tokens(
