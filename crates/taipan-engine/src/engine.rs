@@ -536,7 +536,11 @@ impl Engine {
             let mut len = left.min(budget);
             if !self.batched {
                 // Stop prefill chunks at snapshot positions so the state there can be saved.
-                if let Some(b) = self.requests.get(&s.req).and_then(|r| r.request.snapshot_at.iter().copied().filter(|&b| b > s.computed).min()) {
+                if let Some(b) = self
+                    .requests
+                    .get(&s.req)
+                    .and_then(|r| r.request.snapshot_at.iter().copied().filter(|&b| b > s.computed).min())
+                {
                     len = len.min(b - s.computed);
                 }
             }
@@ -587,7 +591,12 @@ impl Engine {
                 .iter()
                 .map(|p| {
                     let s = &self.running[p.seq];
-                    BatchItem { tokens: &s.tokens[p.start..p.start + p.len], start: p.start, blocks: &s.blocks, logits: p.logits }
+                    BatchItem {
+                        tokens: &s.tokens[p.start..p.start + p.len],
+                        start: p.start,
+                        blocks: &s.blocks,
+                        logits: p.logits,
+                    }
                 })
                 .collect();
             let result = self.model.forward_batch(&self.compute, &items, &mut self.pool, &mut self.scratch);

@@ -20,7 +20,17 @@ fn model() -> Arc<Model> {
 }
 
 fn engine() -> EngineHandle {
-    start(model(), EngineConfig { threads: 2, max_queue: 16, kv_cache_bytes: 64 << 20, block_size: 16, max_batch_tokens: 32, max_running: 8 })
+    start(
+        model(),
+        EngineConfig {
+            threads: 2,
+            max_queue: 16,
+            kv_cache_bytes: 64 << 20,
+            block_size: 16,
+            max_batch_tokens: 32,
+            max_running: 8,
+        },
+    )
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {
@@ -79,10 +89,15 @@ fn prompt_ids(text: &str) -> Vec<u32> {
 #[test]
 fn engine_output_equals_direct_generation_even_when_concurrent_and_chunked() {
     let e = engine();
-    let prompts: Vec<Vec<u32>> = ["Hello, my name is", "def parse(self, text):", "The quick brown fox", "import os\nimport sys\n\nclass Config:"]
-        .iter()
-        .map(|t| prompt_ids(t))
-        .collect();
+    let prompts: Vec<Vec<u32>> = [
+        "Hello, my name is",
+        "def parse(self, text):",
+        "The quick brown fox",
+        "import os\nimport sys\n\nclass Config:",
+    ]
+    .iter()
+    .map(|t| prompt_ids(t))
+    .collect();
     let want: Vec<Vec<u32>> = prompts.iter().map(|p| direct_greedy(p, 12)).collect();
     let receivers: Vec<_> = prompts
         .iter()
@@ -117,7 +132,14 @@ fn next_turn_resumes_from_the_saved_state_and_matches_a_cold_run() {
     // The client resends the history verbatim plus a new message.
     let mut turn2 = turn1.clone();
     turn2.extend(&answer);
-    turn2.extend(m.tokenizer.encode("<|im_end|>\n<|im_start|>user\nNow make it handle time zones.<|im_end|>\n<|im_start|>assistant\n", true).unwrap());
+    turn2.extend(
+        m.tokenizer
+            .encode(
+                "<|im_end|>\n<|im_start|>user\nNow make it handle time zones.<|im_end|>\n<|im_start|>assistant\n",
+                true,
+            )
+            .unwrap(),
+    );
     let hits_before = warm.stats.prefix_hit_tokens.load(Ordering::Relaxed);
     let warm_answer = run_ids(&warm, greedy(turn2.clone(), 12));
     let reused = warm.stats.prefix_hit_tokens.load(Ordering::Relaxed) - hits_before;

@@ -16,18 +16,8 @@ pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
 pub type AttendHeadFn = fn(&mut [f32], &[f32], &crate::ops::KvView<'_>, usize, f32, &mut Vec<f32>);
 
 /// The gated selective scan; see [`crate::ssm::selective_scan_ref`].
-pub type ScanFn = fn(
-    &mut [f32],
-    &[f32],
-    &[f32],
-    &[f32],
-    &[f32],
-    &[f32],
-    &[f32],
-    &[f32],
-    &mut [f32],
-    crate::ssm::ScanShape,
-);
+pub type ScanFn =
+    fn(&mut [f32], &[f32], &[f32], &[f32], &[f32], &[f32], &[f32], &[f32], &mut [f32], crate::ssm::ScanShape);
 
 /// Instruction-set levels with kernels of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -124,7 +124,8 @@ mod tests {
     fn scan_in_chunks_equals_one_shot_and_matches_the_recurrence() {
         let (t_n, ch, n) = (5, 2, 3);
         let f = |k: usize, s: f32| -> Vec<f32> { (0..k).map(|i| ((i as f32 + 1.0) * s).sin()).collect() };
-        let (x, dt, z) = (f(t_n * ch, 0.3), f(t_n * ch, 0.7).iter().map(|v| v.abs()).collect::<Vec<_>>(), f(t_n * ch, 1.1));
+        let (x, dt, z) =
+            (f(t_n * ch, 0.3), f(t_n * ch, 0.7).iter().map(|v| v.abs()).collect::<Vec<_>>(), f(t_n * ch, 1.1));
         let (b, c) = (f(t_n * n, 0.5), f(t_n * n, 0.9));
         let a: Vec<f32> = f(ch * n, 1.3).iter().map(|v| -v.abs()).collect();
         let d = f(ch, 2.0);
@@ -137,7 +138,18 @@ mod tests {
         for (lo, hi) in [(0, 1), (1, 4), (4, 5)] {
             let r = lo * ch..hi * ch;
             let rn = lo * n..hi * n;
-            selective_scan_ref(&mut y2[r.clone()], &x[r.clone()], &dt[r.clone()], &z[r.clone()], &b[rn.clone()], &c[rn], &a, &d, &mut h2, shape(hi - lo));
+            selective_scan_ref(
+                &mut y2[r.clone()],
+                &x[r.clone()],
+                &dt[r.clone()],
+                &z[r.clone()],
+                &b[rn.clone()],
+                &c[rn],
+                &a,
+                &d,
+                &mut h2,
+                shape(hi - lo),
+            );
         }
         assert_eq!(y, y2);
         assert_eq!(h, h2);

@@ -76,7 +76,10 @@ impl ChatTemplate {
 
     /// Renders with an arbitrary context (`messages`, `tools`, `documents`, `knobs`, ...); the
     /// template's `bos_token`/`eos_token` are added unless the context sets them.
-    pub fn render_context(&self, context: &serde_json::Map<String, serde_json::Value>) -> Result<String, TemplateError> {
+    pub fn render_context(
+        &self,
+        context: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, TemplateError> {
         let tmpl = self.env.get_template("chat").map_err(|e| TemplateError::Render(e.to_string()))?;
         let mut ctx = context.clone();
         ctx.entry("bos_token").or_insert_with(|| self.bos_token.clone().into());

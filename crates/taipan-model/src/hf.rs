@@ -14,7 +14,11 @@ fn read_json(path: &Path) -> Result<Value, ModelError> {
         field: "(file)".into(),
         message: e.to_string(),
     })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.into(), field: "(json)".into(), message: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.into(),
+        field: "(json)".into(),
+        message: e.to_string(),
+    })
 }
 
 fn optional_json(path: &Path) -> Result<Value, ModelError> {
@@ -56,7 +60,10 @@ pub(crate) fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model, ModelErro
 
     let tk_config = optional_json(&dir.join("tokenizer_config.json"))?;
     let gen_config = optional_json(&dir.join("generation_config.json"))?;
-    let mut specials = SpecialTokens { add_bos: tk_config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(true), ..Default::default() };
+    let mut specials = SpecialTokens {
+        add_bos: tk_config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(true),
+        ..Default::default()
+    };
     let tokenizer_path = dir.join("tokenizer.json");
     if !tokenizer_path.exists() {
         return Err(ModelError::Tokenizer(TokenizerError::Invalid {

@@ -7,11 +7,11 @@
 //! their state lives.
 
 pub mod arch;
-mod hf;
-pub mod synth;
 pub mod chat;
 pub mod gguf;
+mod hf;
 pub mod kv;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
@@ -258,7 +258,9 @@ impl Model {
     pub fn new_pool(&self, block_size: usize, blocks: usize) -> KvPool {
         match &self.arch {
             Arch::Llama(m) => m.new_pool(block_size, blocks),
-            Arch::Jamba(m) => KvPool::new(m.config.layers, m.config.kv_heads * m.config.head_dim, block_size, blocks.min(1)),
+            Arch::Jamba(m) => {
+                KvPool::new(m.config.layers, m.config.kv_heads * m.config.head_dim, block_size, blocks.min(1))
+            }
         }
     }
 

@@ -106,7 +106,9 @@ pub fn write_synthetic_jamba(out: &Path, donor: &Path, s: &SynthJamba) -> Result
         (
             "jamba.attention.head_count_kv".into(),
             Value::Array(
-                (0..s.layers).map(|i| Value::U32(if i % s.attn_period == s.attn_offset { s.kv_heads as u32 } else { 0 })).collect(),
+                (0..s.layers)
+                    .map(|i| Value::U32(if i % s.attn_period == s.attn_offset { s.kv_heads as u32 } else { 0 }))
+                    .collect(),
             ),
         ),
         ("jamba.ssm.conv_kernel".into(), Value::U32(k as u32)),

@@ -106,7 +106,8 @@ impl SafetensorsDir {
             let file = std::fs::File::open(f).map_err(|e| st_err(f, e.to_string()))?;
             // SAFETY: read-only map of a checkpoint file; contents are validated before use.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| st_err(f, e.to_string()))?;
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| st_err(f, e.to_string()))?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&map).map_err(|e| st_err(f, e.to_string()))?;
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let dtype = match info.dtype {
@@ -123,10 +124,17 @@ impl SafetensorsDir {
                 };
                 let (s, e) = info.data_offsets;
                 if base + e > map.len() || s > e {
-                    return Err(ModelError::Tensor { path: f.clone(), tensor: name.clone(), message: "data runs past the end of the file".into() });
+                    return Err(ModelError::Tensor {
+                        path: f.clone(),
+                        tensor: name.clone(),
+                        message: "data runs past the end of the file".into(),
+                    });
                 }
                 let Some(gguf_name) = rename(&name) else { continue };
-                tensors.insert(gguf_name, ShardTensor { shard: i, dtype, shape: info.shape.clone(), range: base + s..base + e });
+                tensors.insert(
+                    gguf_name,
+                    ShardTensor { shard: i, dtype, shape: info.shape.clone(), range: base + s..base + e },
+                );
             }
             maps.push(map);
         }
@@ -156,7 +164,12 @@ impl WeightSource for SafetensorsDir {
                 message: format!("{} bytes do not hold shape {:?}", t.range.len(), t.shape),
             });
         }
-        Ok(RawTensor { name: name.into(), dtype: t.dtype, dims, data: Cow::Borrowed(&self.maps[t.shard][t.range.clone()]) })
+        Ok(RawTensor {
+            name: name.into(),
+            dtype: t.dtype,
+            dims,
+            data: Cow::Borrowed(&self.maps[t.shard][t.range.clone()]),
+        })
     }
     fn is_hf(&self) -> bool {
         true

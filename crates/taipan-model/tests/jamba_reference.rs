@@ -20,12 +20,16 @@ fn compute() -> &'static Compute {
 
 fn hf() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
-    M.get_or_init(|| Model::load(&fixtures().join("jamba-tiny-a"), LoadOptions { mode: MatmulMode::Exact }).expect("HF dir loads"))
+    M.get_or_init(|| {
+        Model::load(&fixtures().join("jamba-tiny-a"), LoadOptions { mode: MatmulMode::Exact }).expect("HF dir loads")
+    })
 }
 
 fn gguf() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
-    M.get_or_init(|| Model::load(&fixtures().join("jamba-tiny-a.gguf"), LoadOptions { mode: MatmulMode::Exact }).expect("GGUF loads"))
+    M.get_or_init(|| {
+        Model::load(&fixtures().join("jamba-tiny-a.gguf"), LoadOptions { mode: MatmulMode::Exact }).expect("GGUF loads")
+    })
 }
 
 fn json(rel: &str) -> serde_json::Value {
@@ -78,7 +82,8 @@ fn greedy_generation_matches_with_step_logits() {
     for (label, m) in [("hf", hf()), ("gguf", gguf())] {
         for g in r["generation"].as_array().unwrap() {
             let p = g["prompt"].as_str().unwrap();
-            let want_ids: Vec<u32> = g["new_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let want_ids: Vec<u32> =
+                g["new_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             let (_, steps) = tensor("generate.safetensors", &format!("{p}.step_logits"));
             let vocab = m.vocab_size();
             let mut st = m.new_state();
@@ -131,11 +136,16 @@ fn tokenizer_cases_match() {
     for (label, m) in [("hf", hf()), ("gguf", gguf())] {
         for c in cases["cases"].as_array().unwrap() {
             let text = c["text"].as_str().unwrap();
-            let want: Vec<u32> = c["ids_no_special"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let want: Vec<u32> =
+                c["ids_no_special"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             let got = m.tokenizer.encode(text, true).unwrap();
             assert_eq!(got, want, "{label} {}", c["name"]);
             let with_bos: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            assert_eq!(with_bos.first().copied(), m.tokenizer.specials.bos.filter(|_| m.tokenizer.specials.add_bos), "{label}");
+            assert_eq!(
+                with_bos.first().copied(),
+                m.tokenizer.specials.bos.filter(|_| m.tokenizer.specials.add_bos),
+                "{label}"
+            );
         }
         let chat = &cases["chat"];
         let messages: Vec<ChatMessage> = chat["messages"]
@@ -203,7 +213,8 @@ fn per_layer_activations_match_and_report_the_first_divergence() {
         let mut checked = 0;
         for (name, got) in sc.trace() {
             let Ok(t) = st.tensor(name) else { continue };
-            let want: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let want: Vec<f32> =
+                t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             let d = max_diff(got, &want);
             // The trace is in forward order, so the first failure is the first diverging layer.
             assert!(d <= 1e-4, "{label}: first divergence at {name}: max |Δ| = {d}");

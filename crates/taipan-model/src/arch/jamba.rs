@@ -53,7 +53,10 @@ impl JambaConfig {
         let int = |k: &str| -> Result<Option<usize>, ModelError> {
             match v.get(k) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| cfg_err(path, k, "must be a non-negative integer")),
+                Some(x) => x
+                    .as_u64()
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| cfg_err(path, k, "must be a non-negative integer")),
             }
         };
         let req = |k: &str| int(k)?.ok_or_else(|| cfg_err(path, k, "required field is missing"));
@@ -75,7 +78,9 @@ impl JambaConfig {
         let dt_rank = match v.get("mamba_dt_rank") {
             None | Some(Value::Null) => hidden.div_ceil(16),
             Some(Value::String(s)) if s == "auto" => hidden.div_ceil(16),
-            Some(x) => x.as_u64().ok_or_else(|| cfg_err(path, "mamba_dt_rank", "must be an integer or \"auto\""))? as usize,
+            Some(x) => {
+                x.as_u64().ok_or_else(|| cfg_err(path, "mamba_dt_rank", "must be an integer or \"auto\""))? as usize
+            }
         };
         let experts = int("num_experts")?.or(int("num_local_experts")?).unwrap_or(16);
         let c = JambaConfig {
@@ -146,9 +151,21 @@ impl JambaConfig {
     fn validate(&self, path: &std::path::Path) -> Result<(), ModelError> {
         let checks = [
             (self.hidden > 0, "hidden_size", "must be positive"),
-            (self.heads > 0 && self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads), "num_key_value_heads", "must divide num_attention_heads"),
-            (self.d_conv >= 1 && self.d_state >= 1 && self.dt_rank >= 1, "mamba_d_conv", "Mamba sizes must be positive"),
-            (self.experts_per_token >= 1 && self.experts_per_token <= self.experts.max(1), "num_experts_per_tok", "must be between 1 and num_experts"),
+            (
+                self.heads > 0 && self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
+                "num_key_value_heads",
+                "must divide num_attention_heads",
+            ),
+            (
+                self.d_conv >= 1 && self.d_state >= 1 && self.dt_rank >= 1,
+                "mamba_d_conv",
+                "Mamba sizes must be positive",
+            ),
+            (
+                self.experts_per_token >= 1 && self.experts_per_token <= self.experts.max(1),
+                "num_experts_per_tok",
+                "must be between 1 and num_experts",
+            ),
             (self.vocab > 0, "vocab_size", "must be positive"),
         ];
         for (ok, field, msg) in checks {
@@ -376,7 +393,13 @@ fn optional_vector(src: &dyn WeightSource, name: &str, n: usize) -> Result<Optio
 }
 
 /// A `[rows, cols]` matrix (GGUF dims `{cols, rows}`).
-fn matrix(src: &dyn WeightSource, name: &str, rows: usize, cols: usize, mode: MatmulMode) -> Result<Matrix, ModelError> {
+fn matrix(
+    src: &dyn WeightSource,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    mode: MatmulMode,
+) -> Result<Matrix, ModelError> {
     let t = src.get(name)?;
     if t.dims != [cols, rows] {
         return Err(tensor_err(src, name, format!("shape {:?}, expected {:?}", t.dims, [cols, rows])));
@@ -385,7 +408,12 @@ fn matrix(src: &dyn WeightSource, name: &str, rows: usize, cols: usize, mode: Ma
 }
 
 /// Matrices with the same input size stacked by rows (one product instead of several).
-fn stacked(src: &dyn WeightSource, parts: &[(&str, usize)], cols: usize, mode: MatmulMode) -> Result<Matrix, ModelError> {
+fn stacked(
+    src: &dyn WeightSource,
+    parts: &[(&str, usize)],
+    cols: usize,
+    mode: MatmulMode,
+) -> Result<Matrix, ModelError> {
     let tensors: Vec<RawTensor<'_>> = parts.iter().map(|(n, _)| src.get(n)).collect::<Result<_, _>>()?;
     for (t, (n, rows)) in tensors.iter().zip(parts) {
         if t.dims != [cols, *rows] {
@@ -395,7 +423,8 @@ fn stacked(src: &dyn WeightSource, parts: &[(&str, usize)], cols: usize, mode: M
     let rows: usize = parts.iter().map(|p| p.1).sum();
     if tensors.iter().all(|t| t.dtype == tensors[0].dtype) {
         let bytes: Vec<u8> = tensors.iter().flat_map(|t| t.data.iter().copied()).collect();
-        return Matrix::from_stored(tensors[0].dtype, &bytes, rows, cols, mode).map_err(|e| tensor_err(src, parts[0].0, e.to_string()));
+        return Matrix::from_stored(tensors[0].dtype, &bytes, rows, cols, mode)
+            .map_err(|e| tensor_err(src, parts[0].0, e.to_string()));
     }
     let mut data = Vec::with_capacity(rows * cols);
     for t in &tensors {
@@ -405,14 +434,24 @@ fn stacked(src: &dyn WeightSource, parts: &[(&str, usize)], cols: usize, mode: M
 }
 
 /// Expert `e`'s `[rows, cols]` matrix from a GGUF stack `{cols, rows, E}` or a per-expert tensor.
-fn expert_part(src: &dyn WeightSource, layer: usize, kind: &str, e: usize, experts: usize, rows: usize, cols: usize) -> Result<(DType, Vec<u8>), ModelError> {
+fn expert_part(
+    src: &dyn WeightSource,
+    layer: usize,
+    kind: &str,
+    e: usize,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<(DType, Vec<u8>), ModelError> {
     let stacked = format!("blk.{layer}.{kind}_exps.weight");
     if src.has(&stacked) {
         let t = src.get(&stacked)?;
         if t.dims != [cols, rows, experts] {
             return Err(tensor_err(src, &stacked, format!("shape {:?}, expected {:?}", t.dims, [cols, rows, experts])));
         }
-        let per = t.dtype.row_bytes(cols).ok_or_else(|| tensor_err(src, &stacked, "rows are not whole blocks".into()))? * rows;
+        let per =
+            t.dtype.row_bytes(cols).ok_or_else(|| tensor_err(src, &stacked, "rows are not whole blocks".into()))?
+                * rows;
         return Ok((t.dtype, t.data[e * per..(e + 1) * per].to_vec()));
     }
     let name = format!("blk.{layer}.{kind}.{e}.weight");
@@ -431,16 +470,28 @@ impl Jamba {
         let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let emb = src.get("token_embd.weight")?;
         if emb.dims != [h, c.vocab] {
-            return Err(tensor_err(src, "token_embd.weight", format!("shape {:?}, expected {:?}", emb.dims, [h, c.vocab])));
+            return Err(tensor_err(
+                src,
+                "token_embd.weight",
+                format!("shape {:?}, expected {:?}", emb.dims, [h, c.vocab]),
+            ));
         }
-        let emb_row_bytes = emb.dtype.row_bytes(h).ok_or_else(|| tensor_err(src, "token_embd.weight", "rows are not whole blocks".into()))?;
+        let emb_row_bytes = emb
+            .dtype
+            .row_bytes(h)
+            .ok_or_else(|| tensor_err(src, "token_embd.weight", "rows are not whole blocks".into()))?;
         let (mut attn_slots, mut mamba_slots) = (0, 0);
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
             let name = |s: &str| format!("blk.{i}.{s}");
             let mixer = if c.attention[i] {
                 let a = Attention {
-                    wqkv: stacked(src, &[(&name("attn_q.weight"), qd), (&name("attn_k.weight"), kvd), (&name("attn_v.weight"), kvd)], h, mode)?,
+                    wqkv: stacked(
+                        src,
+                        &[(&name("attn_q.weight"), qd), (&name("attn_k.weight"), kvd), (&name("attn_v.weight"), kvd)],
+                        h,
+                        mode,
+                    )?,
                     wo: matrix(src, &name("attn_output.weight"), h, qd, mode)?,
                     slot: attn_slots,
                 };
@@ -449,11 +500,19 @@ impl Jamba {
             } else {
                 let conv = src.get(&name("ssm_conv1d.weight"))?;
                 if conv.elements() != di * k || conv.dims[0] != k {
-                    return Err(tensor_err(src, &name("ssm_conv1d.weight"), format!("shape {:?}, expected [{k}, {di}]", conv.dims)));
+                    return Err(tensor_err(
+                        src,
+                        &name("ssm_conv1d.weight"),
+                        format!("shape {:?}, expected [{k}, {di}]", conv.dims),
+                    ));
                 }
                 let a_t = src.get(&name("ssm_a"))?;
                 if a_t.dims != [n, di] {
-                    return Err(tensor_err(src, &name("ssm_a"), format!("shape {:?}, expected {:?}", a_t.dims, [n, di])));
+                    return Err(tensor_err(
+                        src,
+                        &name("ssm_a"),
+                        format!("shape {:?}, expected {:?}", a_t.dims, [n, di]),
+                    ));
                 }
                 let mut a = f32s(src, &a_t)?;
                 if src.is_hf() {
@@ -489,7 +548,9 @@ impl Jamba {
                     let (gt, gb) = expert_part(src, i, "ffn_gate", e, e_n, f, h)?;
                     let (ut, ub) = expert_part(src, i, "ffn_up", e, e_n, f, h)?;
                     let (dt, db) = expert_part(src, i, "ffn_down", e, e_n, h, f)?;
-                    let err = |e: taipan_kernels::formats::SizeMismatch| tensor_err(src, &name("ffn_gate_exps.weight"), e.to_string());
+                    let err = |e: taipan_kernels::formats::SizeMismatch| {
+                        tensor_err(src, &name("ffn_gate_exps.weight"), e.to_string())
+                    };
                     let gate_up = if gt == ut {
                         Matrix::from_stored(gt, &[gb, ub].concat(), 2 * f, h, mode).map_err(err)?
                     } else {
@@ -500,7 +561,11 @@ impl Jamba {
                     };
                     experts.push(Mlp { gate_up, down: Matrix::from_stored(dt, &db, h, f, mode).map_err(err)? });
                 }
-                Ffn::Moe { router: matrix(src, &name("ffn_gate_inp.weight"), e_n, h, MatmulMode::Exact)?, experts, top_k: c.experts_per_token }
+                Ffn::Moe {
+                    router: matrix(src, &name("ffn_gate_inp.weight"), e_n, h, MatmulMode::Exact)?,
+                    experts,
+                    top_k: c.experts_per_token,
+                }
             } else {
                 Ffn::Dense(Mlp {
                     gate_up: stacked(src, &[(&name("ffn_gate.weight"), f), (&name("ffn_up.weight"), f)], h, mode)?,
@@ -517,7 +582,8 @@ impl Jamba {
         let output = if src.has("output.weight") {
             matrix(src, "output.weight", c.vocab, h, mode)?
         } else {
-            Matrix::from_stored(emb.dtype, &emb.data, c.vocab, h, mode).map_err(|e| tensor_err(src, "token_embd.weight", e.to_string()))?
+            Matrix::from_stored(emb.dtype, &emb.data, c.vocab, h, mode)
+                .map_err(|e| tensor_err(src, "token_embd.weight", e.to_string()))?
         };
         Ok(Jamba {
             out_norm: vector(src, "output_norm.weight", h)?,
@@ -561,7 +627,11 @@ impl Jamba {
         }
         let start = state.len;
         if start + t_n > c.context {
-            return Err(ModelError::Input(format!("sequence of {} tokens exceeds the context length {}", start + t_n, c.context)));
+            return Err(ModelError::Input(format!(
+                "sequence of {} tokens exceeds the context length {}",
+                start + t_n,
+                c.context
+            )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
             return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
@@ -571,7 +641,8 @@ impl Jamba {
         let x_rows = resize(&mut x, t_n * h);
         for (t, &tok) in tokens.iter().enumerate() {
             let row = &self.embedding[tok as usize * self.emb_row_bytes..][..self.emb_row_bytes];
-            formats::dequantize(self.emb_dtype, row, &mut x_rows[t * h..(t + 1) * h]).map_err(|e| ModelError::Input(e.to_string()))?;
+            formats::dequantize(self.emb_dtype, row, &mut x_rows[t * h..(t + 1) * h])
+                .map_err(|e| ModelError::Input(e.to_string()))?;
         }
         let mut hb = std::mem::take(&mut s.h);
         let mut mixed = std::mem::take(&mut s.g);
@@ -580,7 +651,12 @@ impl Jamba {
         for layer in &self.layers {
             let hn = resize(&mut hb, t_n * h);
             for t in 0..t_n {
-                ops::rms_norm_into(&mut hn[t * h..(t + 1) * h], &x_rows[t * h..(t + 1) * h], &layer.attn_norm, c.rms_eps);
+                ops::rms_norm_into(
+                    &mut hn[t * h..(t + 1) * h],
+                    &x_rows[t * h..(t + 1) * h],
+                    &layer.attn_norm,
+                    c.rms_eps,
+                );
             }
             let out = resize(&mut mixed, t_n * h);
             let t0 = std::time::Instant::now();
@@ -602,7 +678,12 @@ impl Jamba {
             ops::add_in_place(x_rows, out);
             let hn = resize(&mut hb, t_n * h);
             for t in 0..t_n {
-                ops::rms_norm_into(&mut hn[t * h..(t + 1) * h], &x_rows[t * h..(t + 1) * h], &layer.ffn_norm, c.rms_eps);
+                ops::rms_norm_into(
+                    &mut hn[t * h..(t + 1) * h],
+                    &x_rows[t * h..(t + 1) * h],
+                    &layer.ffn_norm,
+                    c.rms_eps,
+                );
             }
             let out = resize(&mut mixed, t_n * h);
             let t0 = std::time::Instant::now();
@@ -648,7 +729,16 @@ impl Jamba {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn attention(&self, compute: &Compute, a: &Attention, hn: &[f32], out: &mut [f32], start: usize, state: &mut JambaState, s: &mut JambaScratch) {
+    fn attention(
+        &self,
+        compute: &Compute,
+        a: &Attention,
+        hn: &[f32],
+        out: &mut [f32],
+        start: usize,
+        state: &mut JambaState,
+        s: &mut JambaScratch,
+    ) {
         let c = &self.config;
         let t_n = hn.len() / c.hidden;
         let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
@@ -673,12 +763,33 @@ impl Jamba {
         let positions = kc.len() / kvd;
         let table = [0u32];
         let seq = [AttnSeq { first_row: 0, tokens: t_n, start, blocks: &table }];
-        let shape = AttentionShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim, scale: 1.0 / (c.head_dim as f32).sqrt() };
-        ops::attention(&compute.kernels, att, q, KvLayer { k: kc, v: vc, block_size: positions }, &seq, shape, &compute.pool);
+        let shape = AttentionShape {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        ops::attention(
+            &compute.kernels,
+            att,
+            q,
+            KvLayer { k: kc, v: vc, block_size: positions },
+            &seq,
+            shape,
+            &compute.pool,
+        );
         compute.matmul(out, att, t_n, &a.wo, &mut s.mm);
     }
 
-    fn mamba(&self, compute: &Compute, m: &Mamba, hn: &[f32], out: &mut [f32], state: &mut JambaState, s: &mut JambaScratch) {
+    fn mamba(
+        &self,
+        compute: &Compute,
+        m: &Mamba,
+        hn: &[f32],
+        out: &mut [f32],
+        state: &mut JambaState,
+        s: &mut JambaScratch,
+    ) {
         let c = &self.config;
         let t_n = hn.len() / c.hidden;
         let (di, r, n) = (c.d_inner, c.dt_rank, c.d_state);
@@ -750,7 +861,16 @@ impl Jamba {
     /// Softmax router over all experts, top-k, weights not renormalised; tokens are grouped per
     /// expert so each expert's matrices are read once per call.
     #[allow(clippy::too_many_arguments)]
-    fn moe(&self, compute: &Compute, router: &Matrix, experts: &[Mlp], top_k: usize, hn: &[f32], out: &mut [f32], s: &mut JambaScratch) {
+    fn moe(
+        &self,
+        compute: &Compute,
+        router: &Matrix,
+        experts: &[Mlp],
+        top_k: usize,
+        hn: &[f32],
+        out: &mut [f32],
+        s: &mut JambaScratch,
+    ) {
         let h = self.config.hidden;
         let t_n = hn.len() / h;
         let e_n = experts.len();
