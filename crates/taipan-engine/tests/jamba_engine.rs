@@ -15,7 +15,9 @@ fn model() -> Arc<Model> {
     static M: OnceLock<Arc<Model>> = OnceLock::new();
     Arc::clone(M.get_or_init(|| {
         let dir = shared_dir().join("fixtures/jamba-tiny-a");
-        Arc::new(Model::load(&dir, LoadOptions { mode: MatmulMode::Exact }).expect("jamba-tiny-a loads"))
+        Arc::new(
+            Model::load(&dir, LoadOptions { mode: MatmulMode::Exact, quantize: None }).expect("jamba-tiny-a loads"),
+        )
     }))
 }
 

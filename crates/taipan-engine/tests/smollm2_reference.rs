@@ -24,7 +24,9 @@ fn model(mode: MatmulMode) -> &'static Model {
     static EXACT: OnceLock<Model> = OnceLock::new();
     static FAST: OnceLock<Model> = OnceLock::new();
     let cell = if mode == MatmulMode::Exact { &EXACT } else { &FAST };
-    cell.get_or_init(|| Model::load(&default_model(), LoadOptions { mode }).expect("default model loads"))
+    cell.get_or_init(|| {
+        Model::load(&default_model(), LoadOptions { mode, quantize: None }).expect("default model loads")
+    })
 }
 
 fn greedy() -> &'static Value {

@@ -308,3 +308,16 @@ fn simd_activation_quantization_is_bit_identical() {
         assert_eq!((d[b], s[b]), (scale, scale * sum as f32));
     }
 }
+
+#[test]
+fn q8_0_quantizer_round_trips_within_half_a_step() {
+    let mut rng = Lcg(3);
+    let x: Vec<f32> = (0..32 * 20).map(|_| rng.unit() * 2.5).collect();
+    let q = legacy::quantize_q8_0(&x);
+    let mut back = vec![0f32; x.len()];
+    dequantize(DType::Q8_0, &q, &mut back).unwrap();
+    // Each block's step is at most 2.5/127; rounding errs by at most half a step.
+    for (a, y) in x.iter().zip(&back) {
+        assert!((a - y).abs() <= 2.5 / 127.0 * 0.51 + 1e-3, "{a} vs {y}");
+    }
+}

@@ -56,7 +56,7 @@ pub(crate) fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model, ModelErro
     }
     let jc = JambaConfig::from_hf(&config_path, &config)?;
     let weights = SafetensorsDir::open(dir, &hf_name)?;
-    let jamba = Jamba::load(&weights, jc, opts.mode)?;
+    let jamba = Jamba::load(&weights, jc, opts)?;
 
     let tk_config = optional_json(&dir.join("tokenizer_config.json"))?;
     let gen_config = optional_json(&dir.join("generation_config.json"))?;

@@ -51,6 +51,10 @@ impl ModelError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
     pub mode: MatmulMode,
+    /// Quantize f32/f16/bf16 weight matrices to this format at load (only Q8_0 for now), so that
+    /// Hugging Face checkpoints run on the integer kernels. Vectors and matrices whose rows are not
+    /// whole 32-element blocks stay as they are.
+    pub quantize: Option<taipan_kernels::DType>,
 }
 
 /// The architecture-specific weights.
@@ -177,7 +181,7 @@ impl Model {
             "llama" => Arch::Llama(arch::llama::Llama::from_gguf(&file, "llama", opts.mode)?),
             "jamba" => {
                 let config = arch::jamba::JambaConfig::from_gguf(&file)?;
-                Arch::Jamba(arch::jamba::Jamba::load(&file, config, opts.mode)?)
+                Arch::Jamba(arch::jamba::Jamba::load(&file, config, opts)?)
             }
             _ => return Err(ModelError::UnsupportedArch { path: path.into(), arch: arch_name }),
         };

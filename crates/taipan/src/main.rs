@@ -115,6 +115,9 @@ struct ServeArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     exact: bool,
+    /// Quantize f32/f16/bf16 weight matrices at load: q8_0.
+    #[arg(long, env = "TAIPAN_QUANTIZE")]
+    quantize: Option<String>,
 }
 
 /// The optional TOML configuration file.
@@ -186,10 +189,11 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         },
     };
     let mode = if a.exact { MatmulMode::Exact } else { MatmulMode::Fast };
+    let quantize = parse_quantize(a.quantize.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(taipan_server::serve(
         config,
-        move || Model::load(&model_path, LoadOptions { mode }).map_err(|e| format!("{e}")),
+        move || Model::load(&model_path, LoadOptions { mode, quantize }).map_err(|e| format!("{e}")),
         taipan_server::shutdown_signal(),
     ))?;
     Ok(())
@@ -203,6 +207,9 @@ struct RunArgs {
     /// Exact maths: f32 activations against dequantized weights (slower, for verification).
     #[arg(long)]
     exact: bool,
+    /// Quantize f32/f16/bf16 weight matrices at load: q8_0.
+    #[arg(long, env = "TAIPAN_QUANTIZE")]
+    quantize: Option<String>,
 }
 
 #[derive(Args)]
@@ -280,6 +287,9 @@ struct BenchArgs {
     threads: Vec<usize>,
     #[arg(long)]
     exact: bool,
+    /// Quantize f32/f16/bf16 weight matrices at load: q8_0.
+    #[arg(long)]
+    quantize: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -304,7 +314,15 @@ fn threads(n: Option<usize>) -> usize {
     n.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
 }
 
-fn load(path: &Path, exact: bool) -> Result<Model> {
+fn parse_quantize(q: Option<&str>) -> Result<Option<taipan_kernels::DType>> {
+    match q.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("") | Some("none") => Ok(None),
+        Some("q8_0") => Ok(Some(taipan_kernels::DType::Q8_0)),
+        Some(other) => bail!("--quantize {other}: supported formats: q8_0"),
+    }
+}
+
+fn load(path: &Path, exact: bool, quantize: Option<&str>) -> Result<Model> {
     if !path.exists() {
         bail!(
             "model file {} not found; run scripts/get-model.sh to fetch the default model, or pass --model",
@@ -312,7 +330,8 @@ fn load(path: &Path, exact: bool) -> Result<Model> {
         );
     }
     let mode = if exact { MatmulMode::Exact } else { MatmulMode::Fast };
-    Model::load(path, LoadOptions { mode }).with_context(|| format!("loading {}", path.display()))
+    let quantize = parse_quantize(quantize)?;
+    Model::load(path, LoadOptions { mode, quantize }).with_context(|| format!("loading {}", path.display()))
 }
 
 fn main() {
@@ -349,7 +368,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => cmd_bench(a),
         Command::Perplexity { file, text, ctx, run } => {
-            let model = load(&file, run.exact)?;
+            let model = load(&file, run.exact, run.quantize.as_deref())?;
             let compute = Compute::new(threads(run.threads));
             let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
             let mut ids = model.tokenizer.encode(&text, false)?;
@@ -388,7 +407,7 @@ fn read_messages(path: &Path) -> Result<Vec<ChatMessage>> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let model = load(&resolve_model(&a.model), a.run.exact)?;
+    let model = load(&resolve_model(&a.model), a.run.exact, a.run.quantize.as_deref())?;
     let compute = Compute::new(threads(a.run.threads));
     let prompt_text = match (&a.prompt, &a.messages) {
         (Some(p), _) if a.raw => p.clone(),
@@ -439,7 +458,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
-    let model = load(&resolve_model(&a.model), a.run.exact)?;
+    let model = load(&resolve_model(&a.model), a.run.exact, a.run.quantize.as_deref())?;
     let compute = Compute::new(threads(a.run.threads));
     let mut history = Vec::new();
     if let Some(s) = &a.system {
@@ -504,7 +523,7 @@ fn cmd_inspect(path: &Path, list_tensors: bool) -> Result<()> {
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     let path = resolve_model(&a.model);
-    let model = load(&path, a.exact)?;
+    let model = load(&path, a.exact, a.quantize.as_deref())?;
     let mut rows = Vec::new();
     for &t in &a.threads {
         let compute = Compute::new(t.max(1));

@@ -156,3 +156,18 @@ pub fn dequantize_q8_0(src: &[u8], out: &mut [f32]) {
         }
     }
 }
+
+/// Quantizes f32 values (a whole number of 32-blocks) to Q8_0 the way ggml's reference
+/// quantizer does: `d = max|x| / 127`, `q = round(x / d)`, `d` stored as f16.
+pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    assert!(x.len().is_multiple_of(32), "Q8_0 needs whole blocks of 32");
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for block in x.chunks_exact(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    out
+}

@@ -392,28 +392,44 @@ fn optional_vector(src: &dyn WeightSource, name: &str, n: usize) -> Result<Optio
     }
 }
 
-/// A `[rows, cols]` matrix (GGUF dims `{cols, rows}`).
-fn matrix(
-    src: &dyn WeightSource,
-    name: &str,
-    rows: usize,
-    cols: usize,
+/// How matrices are built: the matmul mode, and an optional on-load quantization.
+#[derive(Clone, Copy)]
+struct Build {
     mode: MatmulMode,
-) -> Result<Matrix, ModelError> {
+    quantize: Option<DType>,
+}
+
+impl Build {
+    /// A `[rows, cols]` matrix from stored bytes, quantized first when asked and possible.
+    fn matrix(
+        &self,
+        dtype: DType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Matrix, taipan_kernels::formats::SizeMismatch> {
+        let float = matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
+        if self.quantize == Some(DType::Q8_0) && float && cols.is_multiple_of(32) {
+            let mut f = vec![0f32; rows * cols];
+            formats::dequantize(dtype, data, &mut f)?;
+            let q = formats::legacy::quantize_q8_0(&f);
+            return Matrix::from_stored(DType::Q8_0, &q, rows, cols, self.mode);
+        }
+        Matrix::from_stored(dtype, data, rows, cols, self.mode)
+    }
+}
+
+/// A `[rows, cols]` matrix (GGUF dims `{cols, rows}`).
+fn matrix(src: &dyn WeightSource, name: &str, rows: usize, cols: usize, b: Build) -> Result<Matrix, ModelError> {
     let t = src.get(name)?;
     if t.dims != [cols, rows] {
         return Err(tensor_err(src, name, format!("shape {:?}, expected {:?}", t.dims, [cols, rows])));
     }
-    Matrix::from_stored(t.dtype, &t.data, rows, cols, mode).map_err(|e| tensor_err(src, name, e.to_string()))
+    b.matrix(t.dtype, &t.data, rows, cols).map_err(|e| tensor_err(src, name, e.to_string()))
 }
 
 /// Matrices with the same input size stacked by rows (one product instead of several).
-fn stacked(
-    src: &dyn WeightSource,
-    parts: &[(&str, usize)],
-    cols: usize,
-    mode: MatmulMode,
-) -> Result<Matrix, ModelError> {
+fn stacked(src: &dyn WeightSource, parts: &[(&str, usize)], cols: usize, mode: Build) -> Result<Matrix, ModelError> {
     let tensors: Vec<RawTensor<'_>> = parts.iter().map(|(n, _)| src.get(n)).collect::<Result<_, _>>()?;
     for (t, (n, rows)) in tensors.iter().zip(parts) {
         if t.dims != [cols, *rows] {
@@ -423,7 +439,8 @@ fn stacked(
     let rows: usize = parts.iter().map(|p| p.1).sum();
     if tensors.iter().all(|t| t.dtype == tensors[0].dtype) {
         let bytes: Vec<u8> = tensors.iter().flat_map(|t| t.data.iter().copied()).collect();
-        return Matrix::from_stored(tensors[0].dtype, &bytes, rows, cols, mode)
+        return mode
+            .matrix(tensors[0].dtype, &bytes, rows, cols)
             .map_err(|e| tensor_err(src, parts[0].0, e.to_string()));
     }
     let mut data = Vec::with_capacity(rows * cols);
@@ -464,7 +481,9 @@ fn expert_part(
 
 impl Jamba {
     /// Loads the weights; `config` comes from the same source.
-    pub fn load(src: &dyn WeightSource, config: JambaConfig, mode: MatmulMode) -> Result<Self, ModelError> {
+    pub fn load(src: &dyn WeightSource, config: JambaConfig, opts: crate::LoadOptions) -> Result<Self, ModelError> {
+        let mode = Build { mode: opts.mode, quantize: opts.quantize };
+        let exact = Build { mode: MatmulMode::Exact, quantize: None };
         let c = &config;
         let (h, f, di, r, n, k) = (c.hidden, c.intermediate, c.d_inner, c.dt_rank, c.d_state, c.d_conv);
         let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
@@ -552,17 +571,17 @@ impl Jamba {
                         tensor_err(src, &name("ffn_gate_exps.weight"), e.to_string())
                     };
                     let gate_up = if gt == ut {
-                        Matrix::from_stored(gt, &[gb, ub].concat(), 2 * f, h, mode).map_err(err)?
+                        mode.matrix(gt, &[gb, ub].concat(), 2 * f, h).map_err(err)?
                     } else {
                         let mut both = vec![0f32; 2 * f * h];
                         formats::dequantize(gt, &gb, &mut both[..f * h]).map_err(err)?;
                         formats::dequantize(ut, &ub, &mut both[f * h..]).map_err(err)?;
                         Matrix::from_f32(both, 2 * f, h)
                     };
-                    experts.push(Mlp { gate_up, down: Matrix::from_stored(dt, &db, h, f, mode).map_err(err)? });
+                    experts.push(Mlp { gate_up, down: mode.matrix(dt, &db, h, f).map_err(err)? });
                 }
                 Ffn::Moe {
-                    router: matrix(src, &name("ffn_gate_inp.weight"), e_n, h, MatmulMode::Exact)?,
+                    router: matrix(src, &name("ffn_gate_inp.weight"), e_n, h, exact)?,
                     experts,
                     top_k: c.experts_per_token,
                 }
@@ -582,13 +601,23 @@ impl Jamba {
         let output = if src.has("output.weight") {
             matrix(src, "output.weight", c.vocab, h, mode)?
         } else {
-            Matrix::from_stored(emb.dtype, &emb.data, c.vocab, h, mode)
+            mode.matrix(emb.dtype, &emb.data, c.vocab, h)
                 .map_err(|e| tensor_err(src, "token_embd.weight", e.to_string()))?
+        };
+        // With on-load quantization the embedding rows are quantized too, as converters do.
+        let (emb_dtype, embedding, emb_row_bytes) = if opts.quantize == Some(DType::Q8_0)
+            && matches!(emb.dtype, DType::F32 | DType::F16 | DType::BF16)
+            && h.is_multiple_of(32)
+        {
+            let f = f32s(src, &emb)?;
+            (DType::Q8_0, formats::legacy::quantize_q8_0(&f), h / 32 * 34)
+        } else {
+            (emb.dtype, emb.data.to_vec(), emb_row_bytes)
         };
         Ok(Jamba {
             out_norm: vector(src, "output_norm.weight", h)?,
-            emb_dtype: emb.dtype,
-            embedding: emb.data.to_vec(),
+            emb_dtype,
+            embedding,
             emb_row_bytes,
             layers,
             output,
