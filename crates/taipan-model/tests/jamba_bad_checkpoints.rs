@@ -112,3 +112,94 @@ fn unsupported_dtype_is_named() {
         "{msg}"
     );
 }
+
+/// The fixture re-saved as bf16 in two shards with an index, as large checkpoints ship.
+#[test]
+fn sharded_bf16_checkpoints_load_and_agree_with_f32() {
+    let dir = std::env::temp_dir().join(format!("taipan-jamba-bf16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture_dir();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = names
+        .iter()
+        .map(|n| {
+            let t = st.tensor(n).unwrap();
+            let bf: Vec<u8> = t
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+                .collect();
+            (n.clone(), t.shape().to_vec(), bf)
+        })
+        .collect();
+    let half_at = converted.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [&converted[..half_at], &converted[half_at..]].iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = part
+            .iter()
+            .map(|(n, s, b)| {
+                (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap())
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for (n, _, _) in part.iter() {
+            weight_map.insert(n.clone(), serde_json::Value::from(file.clone()));
+        }
+    }
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"weight_map": weight_map}).to_string())
+        .unwrap();
+    let bf = Model::load(&dir, LoadOptions::default()).expect("sharded bf16 loads");
+    let f32m = Model::load(&src, LoadOptions::default()).unwrap();
+    let compute = taipan_kernels::Compute::new(2);
+    let ids = [1u32, 1979, 351, 4027, 2543, 595, 298];
+    let run = |m: &Model| {
+        let mut s = m.new_state();
+        let mut sc = taipan_model::Scratch::default();
+        m.forward(&compute, &ids, &mut s, &mut sc, false).unwrap();
+        sc.logits().to_vec()
+    };
+    let (a, b) = (run(&bf), run(&f32m));
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let argmax = |v: &[f32]| v.iter().enumerate().fold(0, |best, (i, &x)| if x > v[best] { i } else { best });
+    assert!(d < 0.5 && argmax(&a) == argmax(&b), "bf16 vs f32: max |Δ| {d}");
+}
+
+/// A synthetic Jamba of larger proportions keeps a constant recurrent state per sequence.
+#[test]
+fn synthetic_jamba_state_is_constant_in_context_length() {
+    let out = std::env::temp_dir().join(format!("taipan-synth-{}.gguf", std::process::id()));
+    let spec = taipan_model::synth::SynthJamba {
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 512,
+        experts: 4,
+        dt_rank: 16,
+        ..Default::default()
+    };
+    let donor = fixture_dir().parent().unwrap().join("jamba-tiny-a.gguf");
+    taipan_model::synth::write_synthetic_jamba(&out, &donor, &spec).unwrap();
+    let m = Model::load(&out, LoadOptions::default()).unwrap();
+    let compute = taipan_kernels::Compute::new(2);
+    let mut sizes = Vec::new();
+    for len in [16usize, 256, 1024] {
+        let mut st = m.new_state();
+        let mut sc = taipan_model::Scratch::default();
+        let ids: Vec<u32> = (0..len as u32).map(|i| 10 + i % 4000).collect();
+        m.forward(&compute, &ids, &mut st, &mut sc, false).unwrap();
+        let taipan_model::SeqState::Jamba(s) = &st else { panic!("not a Jamba state") };
+        assert!(sc.logits().iter().all(|v| v.is_finite()));
+        sizes.push((s.recurrent_bytes(), s.kv_bytes()));
+    }
+    // 7 Mamba layers × (3·512 conv + 512·16 SSM) floats, whatever the length; KV grows.
+    assert!(sizes.iter().all(|s| s.0 == 7 * (3 * 512 + 512 * 16) * 4), "{sizes:?}");
+    assert!(sizes[2].1 > sizes[0].1);
+    let _ = std::fs::remove_file(out);
+}
