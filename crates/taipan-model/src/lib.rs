@@ -224,7 +224,7 @@ impl Model {
     pub fn weight_bytes(&self) -> usize {
         match &self.arch {
             Arch::Llama(m) => m.weight_bytes(),
-            Arch::Jamba(_) => 0,
+            Arch::Jamba(m) => m.weight_bytes(),
         }
     }
 

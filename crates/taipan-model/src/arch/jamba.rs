@@ -349,6 +349,9 @@ pub struct JambaScratch {
     g: Vec<f32>,
     pub logits: Vec<f32>,
     mm: MatmulScratch,
+    dt_lr: Vec<f32>,
+    bm: Vec<f32>,
+    cm: Vec<f32>,
     /// When set, every layer's intermediate outputs are recorded here (for debugging numerics).
     pub trace: Option<Vec<(String, Vec<f32>)>>,
     /// When set, seconds spent in attention, Mamba mixers, routed experts, dense MLPs, and the
@@ -625,6 +628,33 @@ impl Jamba {
         })
     }
 
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let mlp = |m: &Mlp| m.gate_up.memory_bytes() + m.down.memory_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mixer = match &l.mixer {
+                    Mixer::Attention(a) => a.wqkv.memory_bytes() + a.wo.memory_bytes(),
+                    Mixer::Mamba(m) => {
+                        m.in_proj.memory_bytes()
+                            + m.x_proj.memory_bytes()
+                            + m.dt_proj.memory_bytes()
+                            + m.out_proj.memory_bytes()
+                            + 4 * (m.conv_w.len() + m.a.len())
+                    }
+                };
+                let ffn = match &l.ffn {
+                    Ffn::Dense(m) => mlp(m),
+                    Ffn::Moe { router, experts, .. } => router.memory_bytes() + experts.iter().map(mlp).sum::<usize>(),
+                };
+                mixer + ffn
+            })
+            .sum();
+        layers + self.embedding.len() + self.output.memory_bytes()
+    }
+
     /// A fresh sequence state.
     pub fn new_state(&self) -> JambaState {
         let c = &self.config;
@@ -842,7 +872,11 @@ impl Jamba {
         let p_w = r + 2 * n;
         let p = resize(&mut s.e, t_n * p_w);
         compute.matmul(p, xa, t_n, &m.x_proj, &mut s.mm);
-        let (mut dt_lr, mut bm, mut cm) = (vec![0f32; t_n * r], vec![0f32; t_n * n], vec![0f32; t_n * n]);
+        let (mut dt_lr, mut bm, mut cm) =
+            (std::mem::take(&mut s.dt_lr), std::mem::take(&mut s.bm), std::mem::take(&mut s.cm));
+        dt_lr.resize(t_n * r, 0.0);
+        bm.resize(t_n * n, 0.0);
+        cm.resize(t_n * n, 0.0);
         for t in 0..t_n {
             let row = &p[t * p_w..(t + 1) * p_w];
             dt_lr[t * r..(t + 1) * r].copy_from_slice(&row[..r]);
@@ -865,6 +899,7 @@ impl Jamba {
         let z = &s.c[..t_n * di];
         let dt = &s.f[..t_n * di];
         (compute.kernels.selective_scan)(y, xa, dt, z, &bm, &cm, &m.a, &m.d, &mut state.ssm[m.slot], shape);
+        (s.dt_lr, s.bm, s.cm) = (dt_lr, bm, cm);
         compute.matmul(out, y, t_n, &m.out_proj, &mut s.mm);
         if let Some(b) = &m.out_bias {
             for row in out.chunks_exact_mut(c.hidden) {
