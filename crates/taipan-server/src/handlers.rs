@@ -585,76 +585,51 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     );
     if let Some(e) = state.engine.get() {
         let s = &e.stats;
-        let gauge = |v: usize| vec![(String::new(), v as u64)];
-        let counter = |a: &std::sync::atomic::AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed))];
-        metric(
-            "taipan_queue_length",
-            "gauge",
-            "Requests waiting for admission.",
-            gauge(s.queued.load(Ordering::Relaxed)),
-        );
-        metric(
-            "taipan_running_sequences",
-            "gauge",
-            "Sequences in the running batch.",
-            gauge(s.running.load(Ordering::Relaxed)),
-        );
-        metric(
-            "taipan_kv_cache_blocks_total",
-            "gauge",
-            "KV cache blocks in the pool.",
-            gauge(s.kv_blocks_total.load(Ordering::Relaxed)),
-        );
-        metric(
-            "taipan_kv_cache_blocks_used",
-            "gauge",
-            "KV cache blocks referenced by sequences.",
-            gauge(s.kv_blocks_used.load(Ordering::Relaxed)),
-        );
-        metric(
-            "taipan_kv_cache_blocks_cached",
-            "gauge",
-            "KV cache blocks holding a reusable prefix.",
-            gauge(s.kv_blocks_cached.load(Ordering::Relaxed)),
-        );
-        metric(
-            "taipan_requests_finished_total",
-            "counter",
-            "Requests generated to the end.",
-            counter(&s.requests_finished),
-        );
-        metric(
-            "taipan_requests_cancelled_total",
-            "counter",
-            "Requests dropped because the client left.",
-            counter(&s.requests_cancelled),
-        );
-        metric(
-            "taipan_requests_failed_total",
-            "counter",
-            "Requests that failed in the engine.",
-            counter(&s.requests_failed),
-        );
-        metric(
-            "taipan_prompt_tokens_total",
-            "counter",
-            "Prompt tokens of admitted requests.",
-            counter(&s.prompt_tokens),
-        );
-        metric(
-            "taipan_prefix_cache_hit_tokens_total",
-            "counter",
-            "Prompt tokens served from the prefix cache.",
-            counter(&s.prefix_hit_tokens),
-        );
-        metric("taipan_generated_tokens_total", "counter", "Tokens generated.", counter(&s.generated_tokens));
-        metric(
-            "taipan_preemptions_total",
-            "counter",
-            "Sequences preempted for lack of KV blocks.",
-            counter(&s.preemptions),
-        );
-        metric("taipan_engine_steps_total", "counter", "Batched forward passes run.", counter(&s.steps));
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let size = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
+        let simple: [(&str, &str, &str, u64); 13] = [
+            ("taipan_queue_length", "gauge", "Requests waiting for admission.", size(&s.queued)),
+            ("taipan_running_sequences", "gauge", "Sequences in the running batch.", size(&s.running)),
+            ("taipan_kv_cache_blocks_total", "gauge", "KV cache blocks in the pool.", size(&s.kv_blocks_total)),
+            (
+                "taipan_kv_cache_blocks_used",
+                "gauge",
+                "KV cache blocks referenced by sequences.",
+                size(&s.kv_blocks_used),
+            ),
+            (
+                "taipan_kv_cache_blocks_cached",
+                "gauge",
+                "KV cache blocks holding a reusable prefix.",
+                size(&s.kv_blocks_cached),
+            ),
+            ("taipan_requests_finished_total", "counter", "Requests generated to the end.", load(&s.requests_finished)),
+            (
+                "taipan_requests_cancelled_total",
+                "counter",
+                "Requests dropped because the client left.",
+                load(&s.requests_cancelled),
+            ),
+            (
+                "taipan_requests_failed_total",
+                "counter",
+                "Requests that failed in the engine.",
+                load(&s.requests_failed),
+            ),
+            ("taipan_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", load(&s.prompt_tokens)),
+            (
+                "taipan_prefix_cache_hit_tokens_total",
+                "counter",
+                "Prompt tokens served from the prefix cache.",
+                load(&s.prefix_hit_tokens),
+            ),
+            ("taipan_generated_tokens_total", "counter", "Tokens generated.", load(&s.generated_tokens)),
+            ("taipan_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", load(&s.preemptions)),
+            ("taipan_engine_steps_total", "counter", "Forward steps run.", load(&s.steps)),
+        ];
+        for (name, kind, help, v) in simple {
+            metric(name, kind, help, vec![(String::new(), v)]);
+        }
         let prompt = s.prompt_tokens.load(Ordering::Relaxed);
         let hit = s.prefix_hit_tokens.load(Ordering::Relaxed);
         let _ = writeln!(

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use taipan_engine::{eval, generate, GenerateParams, SamplingParams};
+use taipan_engine::{eval, generate, GenerateParams, Generation, SamplingParams};
 use taipan_kernels::{Compute, MatmulMode};
 use taipan_model::{ChatMessage, GgufFile, LoadOptions, Model, RenderOptions};
 
@@ -406,24 +406,33 @@ fn read_messages(path: &Path) -> Result<Vec<ChatMessage>> {
         .collect()
 }
 
+/// The chat-templated prompt text for `messages`, ready for the assistant's turn.
+fn chat_text(model: &Model, messages: &[ChatMessage]) -> Result<String> {
+    Ok(model.render_chat(messages, &RenderOptions { add_generation_prompt: true, ..Default::default() })?)
+}
+
+/// Generates from `ids`, streaming the text to stdout as it comes.
+fn stream_to_stdout(model: &Model, compute: &Compute, ids: &[u32], params: &GenerateParams) -> Result<Generation> {
+    let mut out = std::io::stdout().lock();
+    let g = generate(model, compute, ids, params, |piece| {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    let _ = writeln!(out);
+    Ok(g)
+}
+
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let model = load(&resolve_model(&a.model), a.run.exact, a.run.quantize.as_deref())?;
     let compute = Compute::new(threads(a.run.threads));
     let prompt_text = match (&a.prompt, &a.messages) {
         (Some(p), _) if a.raw => p.clone(),
-        (Some(p), _) => model.render_chat(
-            &[ChatMessage::new("user", p)],
-            &RenderOptions { add_generation_prompt: true, ..Default::default() },
-        )?,
-        (None, Some(file)) => model
-            .render_chat(&read_messages(file)?, &RenderOptions { add_generation_prompt: true, ..Default::default() })?,
+        (Some(p), _) => chat_text(&model, &[ChatMessage::new("user", p)])?,
+        (None, Some(file)) => chat_text(&model, &read_messages(file)?)?,
         (None, None) => {
             let mut s = String::new();
             std::io::stdin().lock().read_line(&mut s)?;
-            model.render_chat(
-                &[ChatMessage::new("user", s.trim_end())],
-                &RenderOptions { add_generation_prompt: true, ..Default::default() },
-            )?
+            chat_text(&model, &[ChatMessage::new("user", s.trim_end())])?
         }
     };
     let mut ids = model.tokenizer.encode(&prompt_text, true)?;
@@ -435,12 +444,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed },
         ignore_eos: false,
     };
-    let mut out = std::io::stdout().lock();
-    let g = generate(&model, &compute, &ids, &params, |piece| {
-        let _ = out.write_all(piece.as_bytes());
-        let _ = out.flush();
-    })?;
-    let _ = writeln!(out);
+    let g = stream_to_stdout(&model, &compute, &ids, &params)?;
     if a.stats {
         let steps = g.tokens.len().saturating_sub(1).max(1);
         eprintln!(
@@ -474,21 +478,14 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             break;
         }
         history.push(ChatMessage::new("user", line.trim_end()));
-        let prompt =
-            model.render_chat(&history, &RenderOptions { add_generation_prompt: true, ..Default::default() })?;
-        let ids = model.tokenizer.encode(&prompt, true)?;
+        let ids = model.tokenizer.encode(&chat_text(&model, &history)?, true)?;
         let params = GenerateParams {
             max_tokens: a.max_tokens,
             sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: 0, seed },
             ignore_eos: false,
         };
         seed = seed.wrapping_add(1);
-        let mut out = std::io::stdout().lock();
-        let g = generate(&model, &compute, &ids, &params, |piece| {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        })?;
-        let _ = writeln!(out);
+        let g = stream_to_stdout(&model, &compute, &ids, &params)?;
         history.push(ChatMessage::new("assistant", &g.text));
     }
     Ok(())
