@@ -16,8 +16,7 @@ pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
 pub type AttendHeadFn = fn(&mut [f32], &[f32], &crate::ops::KvView<'_>, usize, f32, &mut Vec<f32>);
 
 /// The gated selective scan; see [`crate::ssm::selective_scan_ref`].
-pub type ScanFn =
-    fn(&mut [f32], &[f32], &[f32], &[f32], &[f32], &[f32], &[f32], &[f32], &mut [f32], crate::ssm::ScanShape);
+pub type ScanFn = fn(&mut [f32], &crate::ssm::ScanInputs<'_>, &mut [f32], crate::ssm::ScanShape);
 
 /// Instruction-set levels with kernels of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,21 +75,9 @@ mod x86_entry {
         // SAFETY: only installed after detecting avx512f.
         unsafe { avx512::attend_head(out, q, kv, n, scale, scores) }
     }
-    #[allow(clippy::too_many_arguments)]
-    pub fn scan_avx512(
-        y: &mut [f32],
-        x: &[f32],
-        dt: &[f32],
-        z: &[f32],
-        b: &[f32],
-        c: &[f32],
-        a: &[f32],
-        d: &[f32],
-        h: &mut [f32],
-        s: crate::ssm::ScanShape,
-    ) {
+    pub fn scan_avx512(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
         // SAFETY: only installed after detecting avx512f.
-        unsafe { avx512::selective_scan(y, x, dt, z, b, c, a, d, h, s) }
+        unsafe { avx512::selective_scan(y, i, h, s) }
     }
     pub fn f32_avx512(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx512f.

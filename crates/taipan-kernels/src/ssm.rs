@@ -54,42 +54,52 @@ pub struct ScanShape {
     pub state: usize,
 }
 
+/// The per-token inputs and parameters of one selective scan.
+///
+/// `x`, `dt`, `z`: `[tokens, channels]`; `b`, `c`: `[tokens, state]`; `a`: `[channels, state]`
+/// (already `−exp(A_log)`); `d`: `[channels]`.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanInputs<'a> {
+    pub x: &'a [f32],
+    pub dt: &'a [f32],
+    pub z: &'a [f32],
+    pub b: &'a [f32],
+    pub c: &'a [f32],
+    pub a: &'a [f32],
+    pub d: &'a [f32],
+}
+
+impl ScanInputs<'_> {
+    /// Panics unless every input has the shape `s` asks for (and `y`, `h` too).
+    pub fn check(&self, y: &[f32], h: &[f32], s: ScanShape) {
+        let (t, ch, n) = (s.tokens, s.channels, s.state);
+        assert!(self.x.len() == t * ch && self.dt.len() == t * ch && self.z.len() == t * ch && y.len() == t * ch);
+        assert!(self.b.len() == t * n && self.c.len() == t * n && self.a.len() == ch * n);
+        assert!(self.d.len() == ch && h.len() == ch * n);
+    }
+}
+
 /// The selective scan, gated: for each token `t` and channel `c`,
 /// `h[c, n] = exp(dt[t,c]·A[c,n])·h[c,n] + (dt[t,c]·B[t,n])·x[t,c]`,
 /// `y[t,c] = (Σ_n h[c,n]·C[t,n] + D[c]·x[t,c]) · silu(z[t,c])`.
-///
-/// `x`, `dt`, `z`, `y`: `[tokens, channels]`; `b`, `c`: `[tokens, state]`; `a`: `[channels, state]`
-/// (already `−exp(A_log)`); `d`: `[channels]`; `h`: `[channels, state]`, carried across calls.
-#[allow(clippy::too_many_arguments)]
-pub fn selective_scan_ref(
-    y: &mut [f32],
-    x: &[f32],
-    dt: &[f32],
-    z: &[f32],
-    b: &[f32],
-    c: &[f32],
-    a: &[f32],
-    d: &[f32],
-    h: &mut [f32],
-    s: ScanShape,
-) {
+/// `y` is `[tokens, channels]`; `h` (`[channels, state]`) is carried across calls.
+pub fn selective_scan_ref(y: &mut [f32], i: &ScanInputs<'_>, h: &mut [f32], s: ScanShape) {
+    i.check(y, h, s);
     let (t_n, ch, n) = (s.tokens, s.channels, s.state);
-    assert!(x.len() == t_n * ch && dt.len() == t_n * ch && z.len() == t_n * ch && y.len() == t_n * ch);
-    assert!(b.len() == t_n * n && c.len() == t_n * n && a.len() == ch * n && d.len() == ch && h.len() == ch * n);
     for t in 0..t_n {
-        let (bt, ct) = (&b[t * n..(t + 1) * n], &c[t * n..(t + 1) * n]);
+        let (bt, ct) = (&i.b[t * n..(t + 1) * n], &i.c[t * n..(t + 1) * n]);
         for k in 0..ch {
-            let (dtv, xv) = (dt[t * ch + k], x[t * ch + k]);
+            let (dtv, xv) = (i.dt[t * ch + k], i.x[t * ch + k]);
             let hk = &mut h[k * n..(k + 1) * n];
-            let ak = &a[k * n..(k + 1) * n];
+            let ak = &i.a[k * n..(k + 1) * n];
             let mut acc = 0f32;
-            for i in 0..n {
-                let da = (dtv * ak[i]).exp();
-                hk[i] = da * hk[i] + (dtv * bt[i]) * xv;
-                acc += hk[i] * ct[i];
+            for j in 0..n {
+                let da = (dtv * ak[j]).exp();
+                hk[j] = da * hk[j] + (dtv * bt[j]) * xv;
+                acc += hk[j] * ct[j];
             }
-            let out = acc + d[k] * xv;
-            let zv = z[t * ch + k];
+            let out = acc + i.d[k] * xv;
+            let zv = i.z[t * ch + k];
             y[t * ch + k] = out * (zv / (1.0 + (-zv).exp()));
         }
     }
@@ -132,24 +142,23 @@ mod tests {
         let shape = |t| ScanShape { tokens: t, channels: ch, state: n };
         let mut y = vec![0f32; t_n * ch];
         let mut h = vec![0f32; ch * n];
-        selective_scan_ref(&mut y, &x, &dt, &z, &b, &c, &a, &d, &mut h, shape(t_n));
+        let all = ScanInputs { x: &x, dt: &dt, z: &z, b: &b, c: &c, a: &a, d: &d };
+        selective_scan_ref(&mut y, &all, &mut h, shape(t_n));
         let mut y2 = vec![0f32; t_n * ch];
         let mut h2 = vec![0f32; ch * n];
         for (lo, hi) in [(0, 1), (1, 4), (4, 5)] {
             let r = lo * ch..hi * ch;
             let rn = lo * n..hi * n;
-            selective_scan_ref(
-                &mut y2[r.clone()],
-                &x[r.clone()],
-                &dt[r.clone()],
-                &z[r.clone()],
-                &b[rn.clone()],
-                &c[rn],
-                &a,
-                &d,
-                &mut h2,
-                shape(hi - lo),
-            );
+            let part = ScanInputs {
+                x: &x[r.clone()],
+                dt: &dt[r.clone()],
+                z: &z[r.clone()],
+                b: &b[rn.clone()],
+                c: &c[rn],
+                a: &a,
+                d: &d,
+            };
+            selective_scan_ref(&mut y2[r], &part, &mut h2, shape(hi - lo));
         }
         assert_eq!(y, y2);
         assert_eq!(h, h2);
@@ -170,11 +179,12 @@ mod tests {
         let shape = ScanShape { tokens: t_n, channels: ch, state: n };
         let mut want = vec![0f32; t_n * ch];
         let mut h0 = vec![0.1f32; ch * n];
-        selective_scan_ref(&mut want, &x, &dt, &z, &b, &c, &a, &d, &mut h0, shape);
+        let inputs = ScanInputs { x: &x, dt: &dt, z: &z, b: &b, c: &c, a: &a, d: &d };
+        selective_scan_ref(&mut want, &inputs, &mut h0, shape);
         for k in crate::Kernels::available() {
             let mut y = vec![0f32; t_n * ch];
             let mut h = vec![0.1f32; ch * n];
-            (k.selective_scan)(&mut y, &x, &dt, &z, &b, &c, &a, &d, &mut h, shape);
+            (k.selective_scan)(&mut y, &inputs, &mut h, shape);
             for (g, w) in y.iter().zip(&want).chain(h.iter().zip(&h0)) {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{:?}: {g} vs {w}", k.isa);
             }

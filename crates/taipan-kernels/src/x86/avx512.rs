@@ -300,50 +300,36 @@ unsafe fn attend_head_c<const C: usize>(
     }
 }
 
-/// The selective scan for state sizes that are multiples of 16; see `crate::ssm::selective_scan`.
+/// The selective scan for state sizes that are multiples of 16; see `crate::ssm::selective_scan_ref`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F. Shapes are asserted.
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn selective_scan(
-    y: &mut [f32],
-    x: &[f32],
-    dt: &[f32],
-    z: &[f32],
-    b: &[f32],
-    c: &[f32],
-    a: &[f32],
-    d: &[f32],
-    h: &mut [f32],
-    s: crate::ssm::ScanShape,
-) {
+pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
     let (t_n, ch, n) = (s.tokens, s.channels, s.state);
     if !n.is_multiple_of(16) {
-        crate::ssm::selective_scan_ref(y, x, dt, z, b, c, a, d, h, s);
+        crate::ssm::selective_scan_ref(y, i, h, s);
         return;
     }
-    assert!(x.len() == t_n * ch && dt.len() == t_n * ch && z.len() == t_n * ch && y.len() == t_n * ch);
-    assert!(b.len() == t_n * n && c.len() == t_n * n && a.len() == ch * n && d.len() == ch && h.len() == ch * n);
-    let v = n / 16;
+    i.check(y, h, s);
     for t in 0..t_n {
         for k in 0..ch {
-            let (dtv, xv) = (dt[t * ch + k], x[t * ch + k]);
-            // SAFETY: all offsets are inside the asserted lengths (n is a multiple of 16).
+            let (dtv, xv) = (i.dt[t * ch + k], i.x[t * ch + k]);
+            // SAFETY: all offsets are inside the checked lengths (n is a multiple of 16).
             unsafe {
                 let dtx = _mm512_set1_ps(dtv);
                 let xx = _mm512_set1_ps(xv);
                 let mut acc = _mm512_setzero_ps();
-                for j in 0..v {
-                    let hp = h.as_mut_ptr().add(k * n + 16 * j);
-                    let da = exp16(_mm512_mul_ps(dtx, _mm512_loadu_ps(a.as_ptr().add(k * n + 16 * j))));
-                    let db = _mm512_mul_ps(dtx, _mm512_loadu_ps(b.as_ptr().add(t * n + 16 * j)));
+                for j in (0..n).step_by(16) {
+                    let hp = h.as_mut_ptr().add(k * n + j);
+                    let da = exp16(_mm512_mul_ps(dtx, _mm512_loadu_ps(i.a.as_ptr().add(k * n + j))));
+                    let db = _mm512_mul_ps(dtx, _mm512_loadu_ps(i.b.as_ptr().add(t * n + j)));
                     let hv = _mm512_fmadd_ps(da, _mm512_loadu_ps(hp), _mm512_mul_ps(db, xx));
                     _mm512_storeu_ps(hp, hv);
-                    acc = _mm512_fmadd_ps(hv, _mm512_loadu_ps(c.as_ptr().add(t * n + 16 * j)), acc);
+                    acc = _mm512_fmadd_ps(hv, _mm512_loadu_ps(i.c.as_ptr().add(t * n + j)), acc);
                 }
-                let out = _mm512_reduce_add_ps(acc) + d[k] * xv;
-                let zv = z[t * ch + k];
+                let out = _mm512_reduce_add_ps(acc) + i.d[k] * xv;
+                let zv = i.z[t * ch + k];
                 y[t * ch + k] = out * (zv / (1.0 + (-zv).exp()));
             }
         }

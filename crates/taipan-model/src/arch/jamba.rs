@@ -898,7 +898,8 @@ impl Jamba {
         let xa = &s.d[..t_n * di];
         let z = &s.c[..t_n * di];
         let dt = &s.f[..t_n * di];
-        (compute.kernels.selective_scan)(y, xa, dt, z, &bm, &cm, &m.a, &m.d, &mut state.ssm[m.slot], shape);
+        let inputs = ssm::ScanInputs { x: xa, dt, z, b: &bm, c: &cm, a: &m.a, d: &m.d };
+        (compute.kernels.selective_scan)(y, &inputs, &mut state.ssm[m.slot], shape);
         (s.dt_lr, s.bm, s.cm) = (dt_lr, bm, cm);
         compute.matmul(out, y, t_n, &m.out_proj, &mut s.mm);
         if let Some(b) = &m.out_bias {
