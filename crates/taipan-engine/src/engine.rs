@@ -47,6 +47,24 @@ pub struct GenRequest {
     pub snapshot_at: Vec<usize>,
 }
 
+impl GenRequest {
+    /// One greedy choice of at most `max_tokens` tokens; every other setting at its default.
+    pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        GenRequest {
+            prompt,
+            n: 1,
+            max_tokens,
+            min_tokens: 0,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            ignore_eos: false,
+            logprobs: None,
+            prompt_logprobs: None,
+            snapshot_at: vec![],
+        }
+    }
+}
+
 /// A token with its log-probability and the most likely alternatives.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {

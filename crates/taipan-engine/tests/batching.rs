@@ -40,18 +40,7 @@ fn chat_ids(m: &Model, text: &str) -> Vec<u32> {
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {
-    GenRequest {
-        prompt,
-        n: 1,
-        max_tokens,
-        min_tokens: 0,
-        sampling: SamplingParams::default(),
-        stop: vec![],
-        ignore_eos: false,
-        logprobs: None,
-        prompt_logprobs: None,
-        snapshot_at: vec![],
-    }
+    GenRequest::new(prompt, max_tokens)
 }
 
 /// Text and finish of every choice.

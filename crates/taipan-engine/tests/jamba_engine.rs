@@ -7,7 +7,7 @@ use common::*;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, OnceLock};
 use taipan_engine::engine::start;
-use taipan_engine::{EngineConfig, EngineHandle, Event, GenRequest, SamplingParams};
+use taipan_engine::{EngineConfig, EngineHandle, Event, GenRequest};
 use taipan_kernels::{Compute, MatmulMode};
 use taipan_model::{LoadOptions, Model, Scratch};
 
@@ -36,18 +36,7 @@ fn engine() -> EngineHandle {
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {
-    GenRequest {
-        prompt,
-        n: 1,
-        max_tokens,
-        min_tokens: 0,
-        sampling: SamplingParams::default(),
-        stop: vec![],
-        ignore_eos: true,
-        logprobs: None,
-        prompt_logprobs: None,
-        snapshot_at: vec![],
-    }
+    GenRequest { ignore_eos: true, ..GenRequest::new(prompt, max_tokens) }
 }
 
 /// Token ids of the answer, recovered from the text is not possible, so ask for logprobs.
