@@ -5,64 +5,30 @@ Builds (once) a synthetic Jamba GGUF of Jamba-1.5-Mini's proportions scaled to h
 and measures time to first token of turn 2 (a ~2,000-token history resent verbatim plus a new
 user message) on a server that answered turn 1 against a fresh server; checks that both answer
 the same at temperature 0 and reports how many prompt tokens turn 2 computed."""
-import json, os, re, socket, subprocess, sys, time
+import json, os, subprocess, sys, time
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "taipan")
-SHARED = os.path.join(ROOT, "..", "shared")
+from server import BIN, ROOT, SHARED, Server
+
 MODEL = os.path.join(ROOT, "bench", "out", "synth-jamba.gguf")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([BIN, "serve", "-m", MODEL, "--port", str(self.port), "-t", "2"], stderr=subprocess.DEVNULL)
-        for _ in range(1200):
-            try:
-                if urllib.request.urlopen(self.base + "/health").status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("server not ready")
-
-    def post(self, path, body):
-        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return json.loads(r.read())
-
-    def chat(self, messages, max_tokens=8):
-        """Returns (time to first content chunk, full text)."""
-        body = {"model": "jamba-mini", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-        req = urllib.request.Request(self.base + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        t0 = time.perf_counter()
-        ttft, text = None, ""
-        with urllib.request.urlopen(req, timeout=600) as r:
-            for line in r:
-                if line.startswith(b"data: {"):
-                    chunk = json.loads(line[6:])
-                    for c in chunk["choices"]:
-                        piece = c["delta"].get("content") or ""
-                        if piece and ttft is None:
-                            ttft = time.perf_counter() - t0
-                        text += piece
-        return ttft if ttft is not None else time.perf_counter() - t0, text
-
-    def metric(self, name):
-        text = urllib.request.urlopen(self.base + "/metrics").read().decode()
-        return float(re.search(rf"^{name} (\S+)", text, re.M).group(1))
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait()
+def chat(server, messages, max_tokens=8):
+    """Returns (time to first content chunk, full text)."""
+    body = {"model": "jamba-mini", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    req = urllib.request.Request(server.base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    ttft, text = None, ""
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    piece = c["delta"].get("content") or ""
+                    if piece and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    text += piece
+    return ttft if ttft is not None else time.perf_counter() - t0, text
 
 
 def main():
@@ -70,7 +36,7 @@ def main():
     if not os.path.exists(MODEL):
         subprocess.run([BIN, "synth-jamba", MODEL, "--tokenizer-from", os.path.join(SHARED, "fixtures", "jamba-tiny-a.gguf")], check=True)
     words = open(os.path.join(SHARED, "fixtures", "smollm2-llamacpp", "ppl_text.txt")).read().split()
-    s = Server()
+    s = Server("-m", MODEL)
     try:
         # About 2,000 tokens of history.
         n = 1200
@@ -78,17 +44,17 @@ def main():
             n += 100
         history = " ".join(words[:n])
         turn1 = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": history}]
-        _, answer = s.chat(turn1)
+        _, answer = chat(s, turn1)
         turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Summarise that in one line."}]
         prompt_before, hit_before = s.metric("taipan_prompt_tokens_total"), s.metric("taipan_prefix_cache_hit_tokens_total")
-        warm_ttft, warm_text = s.chat(turn2)
+        warm_ttft, warm_text = chat(s, turn2)
         prompt2 = s.metric("taipan_prompt_tokens_total") - prompt_before
         hit2 = s.metric("taipan_prefix_cache_hit_tokens_total") - hit_before
     finally:
         s.stop()
-    c = Server()
+    c = Server("-m", MODEL)
     try:
-        cold_ttft, cold_text = c.chat(turn2)
+        cold_ttft, cold_text = chat(c, turn2)
     finally:
         c.stop()
     print(json.dumps({

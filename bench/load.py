@@ -6,42 +6,14 @@ answer), then: resident memory across a 500-request run, time to first token for
 a 1,000-token prefix with an earlier one vs a cold prompt of the same length, and an overload of
 200 simultaneous requests against a queue of 8. Also runs `taipan bench` for the single-stream
 decode rate in the same run. Prints a markdown report."""
-import json, os, re, socket, statistics, subprocess, sys, threading, time
+import json, os, re, statistics, subprocess, sys, threading, time
 import urllib.error
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "taipan")
-TEXT = open(os.path.join(ROOT, "..", "shared", "fixtures", "smollm2-llamacpp", "ppl_text.txt")).read()
+from server import BIN, SHARED, Server
+
+TEXT = open(os.path.join(SHARED, "fixtures", "smollm2-llamacpp", "ppl_text.txt")).read()
 WORDS = TEXT.split()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *args):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([BIN, "serve", "--port", str(self.port), "-t", "2", *args], stderr=subprocess.DEVNULL)
-        for _ in range(1200):
-            try:
-                if urllib.request.urlopen(self.base + "/health").status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("server not ready")
-
-    def rss_mb(self):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait()
 
 
 def stream(base, content, max_tokens, ignore_eos=True):

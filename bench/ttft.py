@@ -3,32 +3,19 @@
 Starts a server on the default model (2 threads), sends streaming chat requests one at a time, and
 times the first content chunk; then measures, warm, the engine's prefill of the same number of
 prompt tokens and one decode step (`taipan bench`). Prints JSON with both and their ratio."""
-import json, os, re, socket, statistics, subprocess, sys, time
+import json, os, re, statistics, subprocess, sys, time
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "taipan")
+from server import BIN, Server
+
 MESSAGE = "What is the capital of France?"
 REPS = int(os.environ.get("REPS", "20"))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
-    port = free_port()
-    server = subprocess.Popen([BIN, "serve", "--port", str(port), "-t", "2"], stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    server = Server()
+    base = server.base
     try:
-        for _ in range(600):
-            try:
-                if urllib.request.urlopen(base + "/health").status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
         body = json.dumps({"model": "jamba-mini", "messages": [{"role": "user", "content": MESSAGE}],
                            "max_tokens": 16, "temperature": 0, "stream": True}).encode()
         ttfts = []
@@ -44,8 +31,7 @@ def main():
                 r.read()
         ttfts = ttfts[2:]
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
     # The engine's own cost, warm (median over repetitions after a warm-up): prefill of the same
     # number of prompt tokens plus one decode step.
     n_prompt = int(re.search(r"prompt (\d+) tokens", subprocess.run(
