@@ -707,16 +707,9 @@ impl Jamba {
         let mut mixed = std::mem::take(&mut s.g);
         let started = std::time::Instant::now();
         let mut parts = [0f64; 5];
-        for layer in &self.layers {
+        for (li, layer) in self.layers.iter().enumerate() {
             let hn = resize(&mut hb, t_n * h);
-            for t in 0..t_n {
-                ops::rms_norm_into(
-                    &mut hn[t * h..(t + 1) * h],
-                    &x_rows[t * h..(t + 1) * h],
-                    &layer.attn_norm,
-                    c.rms_eps,
-                );
-            }
+            ops::rms_norm_into(hn, &x_rows[..hn.len()], &layer.attn_norm, c.rms_eps);
             let out = resize(&mut mixed, t_n * h);
             let t0 = std::time::Instant::now();
             match &layer.mixer {
@@ -729,21 +722,13 @@ impl Jamba {
                     parts[1] += t0.elapsed().as_secs_f64();
                 }
             }
-            let li = s.trace.as_ref().map_or(0, |t| t.iter().filter(|(n, _)| n.ends_with(".out")).count());
             if let Some(t) = s.trace.as_mut() {
                 t.push((format!("layers.{li}.input_layernorm_out"), hn.to_vec()));
                 t.push((format!("layers.{li}.mixer_out"), out.to_vec()));
             }
             ops::add_in_place(x_rows, out);
             let hn = resize(&mut hb, t_n * h);
-            for t in 0..t_n {
-                ops::rms_norm_into(
-                    &mut hn[t * h..(t + 1) * h],
-                    &x_rows[t * h..(t + 1) * h],
-                    &layer.ffn_norm,
-                    c.rms_eps,
-                );
-            }
+            ops::rms_norm_into(hn, &x_rows[..hn.len()], &layer.ffn_norm, c.rms_eps);
             let out = resize(&mut mixed, t_n * h);
             let t0 = std::time::Instant::now();
             match &layer.ffn {

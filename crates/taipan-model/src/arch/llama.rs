@@ -361,9 +361,7 @@ impl Llama {
         };
         for (li, layer) in self.layers.iter().enumerate() {
             let h = &mut s.h[..t_n * d];
-            for t in 0..t_n {
-                ops::rms_norm_into(&mut h[t * d..(t + 1) * d], &x[t * d..(t + 1) * d], &layer.attn_norm, c.rms_eps);
-            }
+            ops::rms_norm_into(h, &x[..h.len()], &layer.attn_norm, c.rms_eps);
             let qkv = &mut s.qkv[..t_n * qkv_w];
             compute.matmul(qkv, h, t_n, &layer.wqkv, &mut s.mm);
             let q = &mut s.q[..t_n * qd];
@@ -394,9 +392,7 @@ impl Llama {
             compute.matmul(proj, att, t_n, &layer.wo, &mut s.mm);
             ops::add_in_place(x, proj);
             let h = &mut s.h[..t_n * d];
-            for t in 0..t_n {
-                ops::rms_norm_into(&mut h[t * d..(t + 1) * d], &x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps);
-            }
+            ops::rms_norm_into(h, &x[..h.len()], &layer.ffn_norm, c.rms_eps);
             let gu = &mut s.gate_up[..t_n * 2 * ff];
             compute.matmul(gu, h, t_n, &layer.w_gate_up, &mut s.mm);
             let act = &mut s.act[..t_n * ff];
