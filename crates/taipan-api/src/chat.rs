@@ -2,6 +2,7 @@
 
 use crate::error::{ApiError, Dialect};
 use crate::fields::*;
+use crate::tools::{parse_tool_choice, ToolChoice};
 use serde_json::Value;
 
 /// One conversation message after validation.
@@ -48,7 +49,9 @@ pub struct ChatRequest {
     /// Extensions accepted as vLLM and llama.cpp accept them.
     pub ignore_eos: bool,
     pub min_tokens: usize,
-    pub tool_choice: Option<Value>,
+    pub tool_choice: ToolChoice,
+    /// OpenAI `parallel_tool_calls` (default true): more than one call per answer.
+    pub parallel_tool_calls: bool,
 }
 
 /// Largest `max_tokens` the AI21 dialect accepts.
@@ -99,10 +102,12 @@ pub fn parse_chat(body: &[u8], dialect: Dialect) -> Result<ChatRequest, ApiError
             (include_usage, logprobs, top.unwrap_or(0) as usize)
         }
     };
+    let tools = parse_tools(&o)?;
+    let tool_choice = parse_tool_choice(present(&o, "tool_choice"), &tools)?;
     Ok(ChatRequest {
         model,
         messages,
-        tools: parse_tools(&o)?,
+        tools,
         documents: parse_documents(&o)?,
         n,
         max_tokens,
@@ -118,7 +123,8 @@ pub fn parse_chat(body: &[u8], dialect: Dialect) -> Result<ChatRequest, ApiError
         top_logprobs,
         ignore_eos: opt_bool(&o, "ignore_eos")?.unwrap_or(false),
         min_tokens: opt_int(&o, "min_tokens", 0, i32::MAX as i64)?.unwrap_or(0) as usize,
-        tool_choice: present(&o, "tool_choice").cloned(),
+        tool_choice,
+        parallel_tool_calls: opt_bool(&o, "parallel_tool_calls")?.unwrap_or(true),
     })
 }
 

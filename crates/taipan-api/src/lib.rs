@@ -14,7 +14,9 @@ pub mod error;
 mod fields;
 pub mod pyjson;
 pub mod response;
+pub mod tools;
 
 pub use chat::{parse_chat, ChatRequest, ResponseFormat};
 pub use completions::{parse_completion, CompletionRequest, PromptInput};
 pub use error::{ApiError, Dialect, ErrorKind};
+pub use tools::{ToolCall, ToolChoice, ToolSyntax};

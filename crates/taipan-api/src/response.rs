@@ -1,6 +1,7 @@
 //! Results shaped into each dialect's responses and stream chunks (pure functions).
 
 use crate::pyjson;
+use crate::tools::ToolCall;
 use serde_json::{json, Map, Value};
 
 /// Token counts of a request.
@@ -37,9 +38,22 @@ fn openai_logprob(e: &LogprobEntry) -> Value {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChoiceOut {
     pub index: usize,
-    pub text: String,
+    /// `None` when the answer is only tool calls.
+    pub content: Option<String>,
+    pub tool_calls: Vec<ToolCall>,
     pub finish_reason: String,
     pub logprobs: Option<Vec<LogprobEntry>>,
+}
+
+impl ChoiceOut {
+    /// `tool_calls` as the wire shows them: `null` when there are none.
+    fn tool_calls_json(&self) -> Value {
+        if self.tool_calls.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(self.tool_calls.iter().map(ToolCall::to_json).collect())
+        }
+    }
 }
 
 /// AI21 non-streaming response; keys in the order of the captured exchange.
@@ -48,7 +62,7 @@ pub fn ai21_chat_response(id: &str, choices: &[ChoiceOut], usage: Usage) -> Stri
         .iter()
         .map(|c| {
             json!({"index": c.index,
-                   "message": {"role": "assistant", "content": c.text, "tool_calls": null},
+                   "message": {"role": "assistant", "content": c.content, "tool_calls": c.tool_calls_json()},
                    "logprobs": null, "finish_reason": c.finish_reason})
         })
         .collect();
@@ -76,7 +90,8 @@ pub fn openai_chat_response(id: &str, created: u64, model: &str, choices: &[Choi
                 .as_ref()
                 .map(|l| json!({"content": l.iter().map(openai_logprob).collect::<Vec<_>>(), "refusal": null}));
             json!({"index": c.index,
-                   "message": {"role": "assistant", "content": c.text, "refusal": null, "tool_calls": null},
+                   "message": {"role": "assistant", "content": c.content, "refusal": null,
+                               "tool_calls": c.tool_calls_json()},
                    "logprobs": logprobs, "finish_reason": c.finish_reason})
         })
         .collect();
@@ -206,7 +221,13 @@ mod tests {
 
     #[test]
     fn ai21_response_has_the_captured_shape() {
-        let c = ChoiceOut { index: 0, text: "Hi".into(), finish_reason: "stop".into(), logprobs: None };
+        let c = ChoiceOut {
+            index: 0,
+            content: Some("Hi".into()),
+            tool_calls: vec![],
+            finish_reason: "stop".into(),
+            logprobs: None,
+        };
         let s = ai21_chat_response("chat-0123", &[c], Usage { prompt_tokens: 40, completion_tokens: 2 });
         assert_eq!(
             s,

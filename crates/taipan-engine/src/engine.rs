@@ -12,6 +12,7 @@
 //! is computed once and its blocks are shared.
 
 use crate::cache::BlockManager;
+use crate::constraint::{Constraint, Guide, Progress};
 use crate::detokenizer::IncrementalDecoder;
 use crate::generate::FinishReason;
 pub use crate::metrics::EngineStats;
@@ -25,6 +26,9 @@ use std::time::{Duration, Instant};
 use taipan_kernels::ops::log_softmax;
 use taipan_kernels::Compute;
 use taipan_model::{BatchItem, KvPool, Logits, Model, Scratch, SeqState};
+
+/// Tokens before the budget ends at which constrained output starts closing its structures.
+const CLOSING_RESERVE: usize = 24;
 
 /// One generation request, already validated and tokenized.
 #[derive(Debug, Clone)]
@@ -45,6 +49,10 @@ pub struct GenRequest {
     /// Prompt positions (e.g. chat-message boundaries) where a recurrent model's state is saved
     /// for reuse by later prompts that share the prefix.
     pub snapshot_at: Vec<usize>,
+    /// A grammar the output must follow (JSON mode, tool calls).
+    pub constraint: Option<Constraint>,
+    /// Decode special tokens as their text (a tool-call tag may be one).
+    pub special_text: bool,
 }
 
 impl GenRequest {
@@ -61,6 +69,8 @@ impl GenRequest {
             logprobs: None,
             prompt_logprobs: None,
             snapshot_at: vec![],
+            constraint: None,
+            special_text: false,
         }
     }
 }
@@ -231,6 +241,7 @@ struct Seq {
     admitted: u64,
     /// Own state, for models that do not batch over the paged pool (recurrent models).
     state: Option<SeqState>,
+    guide: Option<Guide>,
 }
 
 /// Whole sequence states saved at prompt ends and sequence ends, for models whose recurrent state
@@ -380,13 +391,14 @@ impl Engine {
             blocks: Vec::new(),
             hashes: Vec::new(),
             sampler: Sampler::new(params),
-            detok: IncrementalDecoder::new(true),
+            detok: IncrementalDecoder::new(!r.special_text),
             stops: StopMatcher::new(r.stop.clone()),
             generated: 0,
             prompt_logprobs: Vec::new(),
             last_token_at: None,
             admitted: 0,
             state: None,
+            guide: r.constraint.as_ref().map(Guide::new),
         }
     }
 
@@ -780,6 +792,14 @@ impl Engine {
                 }
             }
         }
+        if let Some(g) = s.guide.as_mut() {
+            let left =
+                (req.max_tokens.saturating_sub(s.generated)).min(model.context_length().saturating_sub(s.tokens.len()));
+            if !g.mask(logits, left <= CLOSING_RESERVE) {
+                // The grammar allows nothing more (it cannot happen once complete: stop ids stay).
+                return self.finish(i, FinishReason::Stop);
+            }
+        }
         let next = s.sampler.sample(logits);
         s.generated += 1;
         s.tokens.push(next);
@@ -807,6 +827,14 @@ impl Engine {
             return self.finish(i, FinishReason::Stop);
         }
         let piece = s.detok.push(tok, next);
+        let grammar_done = match s.guide.as_mut().map(|g| g.advance(next, &piece)) {
+            Some(Progress::Complete) => true,
+            Some(Progress::Abandoned) => {
+                s.guide = None;
+                false
+            }
+            _ => false,
+        };
         let check = s.stops.push(&piece);
         if (!check.emit.is_empty() || !logprobs.is_empty())
             && !r.sink.send(Event::Delta { choice: s.choice, text: check.emit, logprobs })
@@ -816,6 +844,9 @@ impl Engine {
         }
         if check.stopped {
             return self.finish_matched(i);
+        }
+        if grammar_done {
+            return self.finish(i, FinishReason::Stop);
         }
         if s.generated >= req.max_tokens || s.tokens.len() >= model.context_length() {
             return self.finish(i, FinishReason::Length);

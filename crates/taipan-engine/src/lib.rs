@@ -4,6 +4,7 @@
 //! the server turns its results into JSON.
 
 pub mod cache;
+pub mod constraint;
 pub mod detokenizer;
 pub mod engine;
 pub mod eval;
@@ -12,6 +13,7 @@ pub mod metrics;
 pub mod sampler;
 pub mod stop;
 
+pub use constraint::{Constraint, ConstraintError, Grammar, GrammarCompiler};
 pub use detokenizer::IncrementalDecoder;
 pub use engine::{EngineConfig, EngineHandle, EngineStats, Event, EventSink, GenRequest, SubmitError, TokenLogprob};
 pub use generate::{generate, FinishReason, GenerateParams, Generation};

@@ -46,6 +46,8 @@ pub struct ChatTemplate {
     pub source: String,
     pub bos_token: String,
     pub eos_token: String,
+    /// Top-level variables the template reads (`tools`, `documents`, `knobs`, ...).
+    variables: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -71,7 +73,21 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string()).map_err(|e| TemplateError::Compile(format!("{e:#}")))?;
-        Ok(ChatTemplate { env, source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() })
+        let variables =
+            env.get_template("chat").map_err(|e| TemplateError::Compile(e.to_string()))?.undeclared_variables(false);
+        Ok(ChatTemplate {
+            env,
+            source: source.into(),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+            variables,
+        })
+    }
+
+    /// Whether the template reads a variable, e.g. `tools` or `documents`: a template that does
+    /// not would silently drop what the request put there.
+    pub fn reads(&self, variable: &str) -> bool {
+        self.variables.contains(variable)
     }
 
     /// Renders with an arbitrary context (`messages`, `tools`, `documents`, `knobs`, ...); the

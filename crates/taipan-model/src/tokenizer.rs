@@ -44,6 +44,48 @@ pub struct Tokenizer {
     /// Piece text per id, for display and logprobs.
     pieces: Vec<String>,
     control: Vec<bool>,
+    /// How vocabulary strings spell bytes (needed to know each token's raw bytes).
+    spelling: PieceSpelling,
+}
+
+/// How a vocabulary string encodes the token's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceSpelling {
+    /// GPT-2 byte-level: every byte is one printable character.
+    ByteLevel,
+    /// SentencePiece: text with `▁` for spaces, `<0xNN>` for raw bytes.
+    SentencePiece,
+}
+
+/// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are shifted to
+/// code points from U+0100 up, in byte order.
+fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut map = std::collections::HashMap::with_capacity(256);
+    let mut shifted = 0x100u32;
+    for b in 0..=255u8 {
+        if printable(b) {
+            map.insert(b as char, b);
+        } else {
+            if let Some(c) = char::from_u32(shifted) {
+                map.insert(c, b);
+            }
+            shifted += 1;
+        }
+    }
+    map
+}
+
+fn spelling_of(json: &Json) -> PieceSpelling {
+    let decoder = &json["decoder"];
+    let is_byte_level = |d: &Json| d["type"].as_str() == Some("ByteLevel");
+    let byte_level =
+        is_byte_level(decoder) || decoder["decoders"].as_array().is_some_and(|ds| ds.iter().any(is_byte_level));
+    if byte_level {
+        PieceSpelling::ByteLevel
+    } else {
+        PieceSpelling::SentencePiece
+    }
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -78,7 +120,7 @@ impl Tokenizer {
                 }
             }
         }
-        Ok(Tokenizer { special, plain, specials, vocab_size, pieces, control })
+        Ok(Tokenizer { special, plain, specials, vocab_size, pieces, control, spelling: spelling_of(json) })
     }
 
     /// Loads a Hugging Face `tokenizer.json`.
@@ -228,10 +270,52 @@ impl Tokenizer {
         self.control.get(id as usize).copied().unwrap_or(false)
     }
 
+    /// The raw bytes of every token, for byte-level grammar matching. Special tokens are
+    /// `0xFF` followed by their text so that no plain text can spell them.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let byte_level = (self.spelling == PieceSpelling::ByteLevel).then(byte_level_decoder);
+        let added = self.special.get_added_tokens_decoder();
+        let mut out = Vec::with_capacity(self.vocab_size);
+        for (id, piece) in self.pieces.iter().enumerate() {
+            let bytes = if self.control[id] {
+                let mut b = vec![0xFF];
+                b.extend_from_slice(piece.as_bytes());
+                b
+            } else if added.contains_key(&(id as u32)) {
+                piece.as_bytes().to_vec()
+            } else if let Some(map) = &byte_level {
+                // A character outside the alphabet cannot come from a byte; keep its UTF-8.
+                let mut b = Vec::with_capacity(piece.len());
+                for c in piece.chars() {
+                    match map.get(&c) {
+                        Some(&byte) => b.push(byte),
+                        None => b.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                    }
+                }
+                b
+            } else if let Some(byte) = sentencepiece_byte(piece) {
+                vec![byte]
+            } else {
+                piece.replace('▁', " ").into_bytes()
+            };
+            out.push(bytes);
+        }
+        out
+    }
+
     /// The id of a token given by its exact vocabulary string.
     pub fn token_id(&self, piece: &str) -> Option<u32> {
         self.special.token_to_id(piece)
     }
+}
+
+/// The byte a SentencePiece byte-fallback piece (`<0x0A>`) stands for.
+fn sentencepiece_byte(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
 }
 
 /// Turns SentencePiece scores into BPE merges: a token that can be split into two vocabulary

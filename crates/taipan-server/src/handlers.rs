@@ -1,9 +1,10 @@
 //! Route handlers: read, validate, submit to the engine, shape the answer.
 
 use crate::error::{dialect_of, HttpError};
-use crate::ids::{new_id, random_u64, unix_now};
+use crate::ids::{new_id, new_tool_id, random_u64, unix_now};
 use crate::prompt::{chat_prompt, message_boundaries, resolve_max_tokens};
 use crate::state::AppState;
+use crate::structured::{plan_output, OutputPlan};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -16,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use taipan_api::chat::{ChatRequest, AI21_MAX_TOKENS};
 use taipan_api::response::{self, ChoiceOut, LogprobEntry, OpenAiStream, Usage};
+use taipan_api::tools::{parse_answer, StreamPiece, ToolStream};
 use taipan_api::{parse_chat, parse_completion, ApiError, Dialect, ErrorKind, PromptInput};
 use taipan_engine::{
     EngineHandle, Event, EventSink, FinishReason, GenRequest, SamplingParams, SubmitError, TokenLogprob,
@@ -153,13 +155,14 @@ async fn chat(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>, dialec
     check_model(state, &req.model, dialect)?;
     let model = Arc::clone(&eng.model);
     let req = Arc::new(req);
-    let (prompt, snapshot_at) = {
-        let (model, req) = (Arc::clone(&model), Arc::clone(&req));
+    let (prompt, snapshot_at, plan) = {
+        let (model, req, state) = (Arc::clone(&model), Arc::clone(&req), Arc::clone(state));
         tokio::task::spawn_blocking(move || {
             let ids = chat_prompt(&model, &req)?;
+            let plan = plan_output(&model, &req, || state.grammar_compiler())?;
             // Recurrent models can only resume where a state was saved: at message boundaries.
             let bounds = if model.supports_batching() { vec![] } else { message_boundaries(&model, &req, &ids) };
-            Ok::<_, ApiError>((ids, bounds))
+            Ok::<_, ApiError>((ids, bounds, plan))
         })
         .await
         .map_err(|e| fail(dialect, ApiError::new(ErrorKind::Internal, e.to_string())))?
@@ -185,15 +188,27 @@ async fn chat(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>, dialec
         logprobs: req.logprobs.then_some(req.top_logprobs),
         prompt_logprobs: None,
         snapshot_at,
+        constraint: plan.constraint.clone(),
+        special_text: plan.special_text,
     };
     let rx = submit(&eng, gen, dialect)?;
     let id = new_id(if dialect == Dialect::Ai21 { "chat-" } else { "chatcmpl-" });
     if req.stream {
         let (tx, out) = mpsc::channel(64);
-        tokio::spawn(stream_chat(rx, tx, dialect, id, Arc::clone(&req), model, prompt_tokens));
+        tokio::spawn(stream_chat(rx, tx, dialect, id, Arc::clone(&req), model, prompt_tokens, plan));
         return Ok(sse_response(out));
     }
-    let choices = collect_choices(rx, req.n, &model, dialect).await?;
+    let mut choices = collect_choices(rx, req.n, &model, dialect).await?;
+    if let Some(syntax) = &plan.tool_syntax {
+        for (c, _) in choices.iter_mut() {
+            let answer = parse_answer(c.content.as_deref().unwrap_or_default(), syntax, &req.tools, &mut new_tool_id);
+            if !answer.calls.is_empty() {
+                c.finish_reason = "tool_calls".into();
+            }
+            c.content = answer.content;
+            c.tool_calls = answer.calls;
+        }
+    }
     let usage = Usage { prompt_tokens, completion_tokens: choices.iter().map(|c| c.1).sum() };
     let choices: Vec<ChoiceOut> = choices.into_iter().map(|c| c.0).collect();
     Ok(json_response(match dialect {
@@ -210,14 +225,23 @@ async fn collect_choices(
     dialect: Dialect,
 ) -> HttpResult<Vec<(ChoiceOut, usize)>> {
     let mut out: Vec<(ChoiceOut, usize)> = (0..n)
-        .map(|i| (ChoiceOut { index: i, text: String::new(), finish_reason: String::new(), logprobs: None }, 0))
+        .map(|i| {
+            let c = ChoiceOut {
+                index: i,
+                content: Some(String::new()),
+                tool_calls: vec![],
+                finish_reason: String::new(),
+                logprobs: None,
+            };
+            (c, 0)
+        })
         .collect();
     let mut done = 0;
     while done < n {
         match rx.recv().await {
             Some(Event::Delta { choice, text, logprobs }) => {
                 let c = &mut out[choice].0;
-                c.text.push_str(&text);
+                c.content.get_or_insert_with(String::new).push_str(&text);
                 if !logprobs.is_empty() {
                     c.logprobs.get_or_insert_with(Vec::new).extend(logprobs.iter().map(|t| logprob_entry(model, t)));
                 }
@@ -239,6 +263,24 @@ fn stream_error(message: &str) -> String {
     json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}}).to_string()
 }
 
+/// A stream delta for one piece of an answer that may hold tool calls.
+fn piece_delta(piece: StreamPiece, dialect: Dialect) -> Value {
+    match piece {
+        StreamPiece::Content(text) => json!({"content": text}),
+        StreamPiece::CallStart { index, id, name } => {
+            let function = match dialect {
+                Dialect::Ai21 => json!({"name": name}),
+                Dialect::OpenAi => json!({"name": name, "arguments": ""}),
+            };
+            json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": function}]})
+        }
+        StreamPiece::CallArguments { index, arguments } => {
+            json!({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn stream_chat(
     mut rx: mpsc::UnboundedReceiver<Event>,
     tx: mpsc::Sender<String>,
@@ -247,6 +289,7 @@ async fn stream_chat(
     req: Arc<ChatRequest>,
     model: Arc<Model>,
     prompt_tokens: usize,
+    plan: OutputPlan,
 ) {
     let created = unix_now();
     let oa = OpenAiStream { id: &id, created, model: &req.model, include_usage: req.include_usage };
@@ -261,31 +304,63 @@ async fn stream_chat(
             return;
         }
     }
+    // Answers that may hold tool calls go through a parser per choice.
+    let mut tool_streams: Vec<Option<ToolStream>> =
+        (0..req.n).map(|_| plan.tool_syntax.as_ref().map(|s| ToolStream::new(s.clone(), req.tools.clone()))).collect();
     let mut completion_tokens = 0;
     let mut done = 0;
     while done < req.n {
-        let payload = match rx.recv().await {
-            Some(Event::Delta { choice, text, logprobs }) => match dialect {
-                Dialect::Ai21 if text.is_empty() => continue,
-                Dialect::Ai21 => response::ai21_chat_chunk(&id, json!({"content": text}), None, None),
-                Dialect::OpenAi => {
-                    let lp: Vec<LogprobEntry> = logprobs.iter().map(|t| logprob_entry(&model, t)).collect();
-                    let lp = req.logprobs.then_some(lp.as_slice());
-                    oa.chat_chunk(choice, json!({"content": text}), None, lp)
+        let mut payloads: Vec<String> = Vec::new();
+        match rx.recv().await {
+            Some(Event::Delta { choice, text, logprobs }) => {
+                let deltas: Vec<Value> = match tool_streams.get_mut(choice).and_then(Option::as_mut) {
+                    Some(ts) => ts.push(&text, &mut new_tool_id).into_iter().map(|p| piece_delta(p, dialect)).collect(),
+                    None => vec![json!({"content": text})],
+                };
+                match dialect {
+                    Dialect::Ai21 => payloads.extend(
+                        deltas
+                            .into_iter()
+                            .filter(|d| d.get("content").is_none_or(|c| c.as_str() != Some("")))
+                            .map(|d| response::ai21_chat_chunk(&id, d, None, None)),
+                    ),
+                    Dialect::OpenAi => {
+                        let lp: Vec<LogprobEntry> = logprobs.iter().map(|t| logprob_entry(&model, t)).collect();
+                        let lp = req.logprobs.then_some(lp.as_slice());
+                        if deltas.is_empty() && lp.is_some_and(|l| !l.is_empty()) {
+                            payloads.push(oa.chat_chunk(choice, json!({"content": ""}), None, lp));
+                        }
+                        for (k, d) in deltas.into_iter().enumerate() {
+                            payloads.push(oa.chat_chunk(choice, d, None, if k == 0 { lp } else { None }));
+                        }
+                    }
                 }
-            },
+            }
             Some(Event::Done { choice, finish, completion_tokens: c }) => {
                 completion_tokens += c;
                 done += 1;
-                match dialect {
+                let mut finish = finish_str(finish);
+                if let Some(ts) = tool_streams.get_mut(choice).and_then(Option::as_mut) {
+                    for p in ts.finish() {
+                        let d = piece_delta(p, dialect);
+                        payloads.push(match dialect {
+                            Dialect::Ai21 => response::ai21_chat_chunk(&id, d, None, None),
+                            Dialect::OpenAi => oa.chat_chunk(choice, d, None, None),
+                        });
+                    }
+                    if ts.has_calls() {
+                        finish = "tool_calls";
+                    }
+                }
+                payloads.push(match dialect {
                     Dialect::Ai21 => response::ai21_chat_chunk(
                         &id,
                         json!({"content": ""}),
-                        Some(finish_str(finish)),
+                        Some(finish),
                         Some(Usage { prompt_tokens, completion_tokens }),
                     ),
-                    Dialect::OpenAi => oa.chat_chunk(choice, json!({}), Some(finish_str(finish)), None),
-                }
+                    Dialect::OpenAi => oa.chat_chunk(choice, json!({}), Some(finish), None),
+                });
             }
             Some(Event::PromptLogprobs(_)) => continue,
             Some(Event::Error(e)) => {
@@ -299,8 +374,10 @@ async fn stream_chat(
                 return;
             }
         };
-        if tx.send(payload).await.is_err() {
-            return; // Client gone: dropping `rx` cancels the sequence.
+        for payload in payloads {
+            if tx.send(payload).await.is_err() {
+                return; // Client gone: dropping `rx` cancels the sequence.
+            }
         }
     }
     if dialect == Dialect::OpenAi && req.include_usage {
@@ -380,6 +457,8 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
                     logprobs: req.logprobs,
                     prompt_logprobs: (req.echo && req.logprobs.is_some()).then(|| req.logprobs.unwrap_or(0)),
                     snapshot_at: vec![],
+                    constraint: None,
+                    special_text: false,
                 };
                 let mut rx = submit(&eng, gen, d)?;
                 usage.prompt_tokens += ids.len();

@@ -24,3 +24,8 @@ pub fn new_id(prefix: &str) -> String {
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
+
+/// A tool call's id, in vLLM's form.
+pub fn new_tool_id() -> String {
+    new_id("chatcmpl-tool-")
+}

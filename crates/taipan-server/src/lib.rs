@@ -12,6 +12,7 @@ mod handlers;
 mod ids;
 mod prompt;
 mod state;
+mod structured;
 
 pub use state::{AppState, ServerConfig};
 

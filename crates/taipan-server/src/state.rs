@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use taipan_engine::EngineHandle;
+use std::sync::{Arc, OnceLock};
+use taipan_engine::{EngineHandle, GrammarCompiler};
 
 /// AI21's public model names, served by the loaded model when no aliases are configured.
 pub const AI21_MODEL_NAMES: [&str; 11] = [
@@ -91,6 +91,8 @@ pub struct AppState {
     pub names: OnceLock<Vec<String>>,
     pub http: HttpStats,
     pub created: u64,
+    /// Grammar compiler for the model's vocabulary, built on the first constrained request.
+    pub grammar: OnceLock<Result<Arc<GrammarCompiler>, String>>,
 }
 
 impl AppState {
@@ -101,7 +103,19 @@ impl AppState {
             names: OnceLock::new(),
             http: HttpStats::default(),
             created: crate::ids::unix_now(),
+            grammar: OnceLock::new(),
         }
+    }
+
+    /// The grammar compiler, built once (it indexes the whole vocabulary).
+    pub fn grammar_compiler(&self) -> Result<Arc<GrammarCompiler>, String> {
+        let engine = self.engine.get().ok_or("the model is still loading")?;
+        self.grammar
+            .get_or_init(|| {
+                let m = &engine.model;
+                GrammarCompiler::new(&m.tokenizer, m.vocab_size()).map(Arc::new).map_err(|e| e.to_string())
+            })
+            .clone()
     }
 
     /// Installs the loaded engine; from now on requests are served.

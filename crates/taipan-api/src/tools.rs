@@ -1,0 +1,563 @@
+//! Tool calls and structured output as text: the grammars that constrain them, the parser that
+//! reads tool calls out of a model's answer, and the incremental version of that parser for
+//! streams.
+//!
+//! A tool call is written as `OPEN [{"name": ..., "arguments": {...}}, ...] CLOSE`, where the tags
+//! are the model family's: Jamba's `<tool_calls>`/`</tool_calls>`, or `<tool_call>`/`</tool_call>`
+//! for models whose template knows no tools (the fallback format SmolLM2 was trained on).
+//! Grammars are Lark text for `llguidance`, with JSON schemas embedded as `%json {...}`; JSON is
+//! written compactly with Python's separators (`", "`, `": "`), which is how the templates render
+//! tool calls, so what the model writes is exactly what a later prompt shows it.
+
+use crate::error::ApiError;
+use crate::pyjson;
+use serde_json::{json, Map, Value};
+
+/// Whether and how the model may call tools (OpenAI's `tool_choice`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ToolChoice {
+    /// The model decides; a call, once started, is constrained.
+    #[default]
+    Auto,
+    /// No calls: tools are left out of the prompt and nothing is parsed.
+    None,
+    /// The answer is one or more calls.
+    Required,
+    /// The answer is a call of this function.
+    Named(String),
+}
+
+/// Validates `tool_choice` against the declared tools.
+pub fn parse_tool_choice(value: Option<&Value>, tools: &[Value]) -> Result<ToolChoice, ApiError> {
+    let choice = match value {
+        None | Some(Value::Null) => return Ok(if tools.is_empty() { ToolChoice::None } else { ToolChoice::Auto }),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                ))
+            }
+        },
+        Some(Value::Object(o)) => match o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+            Some(name) if o.get("type").and_then(Value::as_str).unwrap_or("function") == "function" => {
+                ToolChoice::Named(name.to_string())
+            }
+            _ => return Err(ApiError::invalid("tool_choice.function.name", "field required")),
+        },
+        Some(_) => return Err(ApiError::invalid("tool_choice", "tool_choice must be a string or an object")),
+    };
+    match &choice {
+        ToolChoice::Required | ToolChoice::Named(_) if tools.is_empty() => {
+            Err(ApiError::invalid("tool_choice", "tool_choice needs tools to choose from"))
+        }
+        ToolChoice::Named(name) if !tools.iter().any(|t| tool_name(t) == Some(name.as_str())) => {
+            Err(ApiError::invalid("tool_choice.function.name", format!("'{name}' is not one of the declared tools")))
+        }
+        ToolChoice::Auto if tools.is_empty() => Ok(ToolChoice::None),
+        _ => Ok(choice),
+    }
+}
+
+/// The function name of a `{"type": "function", "function": {...}}` tool.
+pub fn tool_name(tool: &Value) -> Option<&str> {
+    tool.pointer("/function/name").and_then(Value::as_str)
+}
+
+/// A tool's parameter schema (an empty object schema when none is given).
+fn tool_parameters(tool: &Value) -> Value {
+    tool.pointer("/function/parameters").cloned().unwrap_or_else(|| json!({"type": "object"}))
+}
+
+/// The tags around a model family's tool calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolSyntax {
+    pub open: String,
+    pub close: String,
+    /// The tags are single special tokens of the vocabulary (written `<tag>` unquoted in Lark).
+    pub special_tags: bool,
+}
+
+impl ToolSyntax {
+    /// Jamba's `<tool_calls>[...]</tool_calls>`.
+    pub fn jamba(special_tags: bool) -> Self {
+        ToolSyntax { open: "<tool_calls>".into(), close: "</tool_calls>".into(), special_tags }
+    }
+
+    /// The fallback for templates without tool support: `<tool_call>[...]</tool_call>`.
+    pub fn generic(special_tags: bool) -> Self {
+        ToolSyntax { open: "<tool_call>".into(), close: "</tool_call>".into(), special_tags }
+    }
+
+    fn lark_tag(&self, tag: &str) -> String {
+        if self.special_tags {
+            tag.to_string()
+        } else {
+            lark_string(tag)
+        }
+    }
+}
+
+fn lark_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// JSON generation options shared by every grammar: no free whitespace (a small model would
+/// loop on it), Python's separators.
+fn with_json_options(schema: &Value) -> Value {
+    let mut out = Map::new();
+    out.insert(
+        "x-guidance".into(),
+        json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+    );
+    match schema {
+        Value::Object(o) => {
+            for (k, v) in o {
+                if k != "x-guidance" {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        other => {
+            // `true`/`false` schemas: wrap so the options still apply.
+            out.insert("allOf".into(), json!([other]));
+        }
+    }
+    Value::Object(out)
+}
+
+/// A grammar for one JSON value following `schema` (`None`: any JSON object).
+pub fn json_grammar(schema: Option<&Value>) -> String {
+    // An empty object is valid but never what JSON mode is for.
+    let schema = schema.cloned().unwrap_or_else(|| json!({"type": "object", "minProperties": 1}));
+    format!("start: %json {}\n", with_json_options(&schema))
+}
+
+/// A grammar for a list of tool calls. `only` restricts the calls to one function; `parallel`
+/// allows more than one call; `with_open` includes the opening tag (a forced call) — without it
+/// the grammar starts right after the tag (a call the model started itself).
+pub fn tool_call_grammar(
+    tools: &[Value],
+    only: Option<&str>,
+    parallel: bool,
+    syntax: &ToolSyntax,
+    with_open: bool,
+) -> String {
+    let variants: Vec<Value> = tools
+        .iter()
+        .filter_map(|t| {
+            let name = tool_name(t)?;
+            if only.is_some_and(|o| o != name) {
+                return None;
+            }
+            Some(json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": tool_parameters(t)},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            }))
+        })
+        .collect();
+    let call = with_json_options(&json!({"anyOf": variants}));
+    let more = if parallel { " (\",\" SPACE call)*" } else { "" };
+    let open = if with_open { format!("\" \"? {} ", syntax.lark_tag(&syntax.open)) } else { String::new() };
+    format!(
+        "start: {open}calls {close}\n\
+         calls: \"[\" SPACE call{more} SPACE \"]\"\n\
+         call: %json {call}\n\
+         SPACE: /[ \\n]{{0,8}}/\n",
+        close = syntax.lark_tag(&syntax.close),
+    )
+}
+
+/// One parsed call, `arguments` as a JSON string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+impl ToolCall {
+    /// The call as the wire shows it.
+    pub fn to_json(&self) -> Value {
+        json!({"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}})
+    }
+}
+
+/// A model's answer split into text and tool calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedAnswer {
+    /// `None` when the answer is only tool calls.
+    pub content: Option<String>,
+    pub calls: Vec<ToolCall>,
+}
+
+/// Text before a call counts as content unless it is blank.
+fn content_before(text: &str) -> Option<String> {
+    (!text.trim().is_empty()).then(|| text.to_string())
+}
+
+/// `{"name", "arguments"}` of a declared tool as a call; arguments re-serialised the way Python's
+/// `json.dumps(ensure_ascii=False)` writes them.
+fn call_from(v: &Value, tools: &[Value], new_id: &mut dyn FnMut() -> String) -> Option<ToolCall> {
+    let name = v.get("name")?.as_str()?;
+    if !tools.iter().any(|t| tool_name(t) == Some(name)) {
+        return None;
+    }
+    let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
+        None => "{}".to_string(),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(parsed) if parsed.is_object() => pyjson::to_string_unicode(&parsed),
+            _ => return None,
+        },
+        Some(a @ Value::Object(_)) => pyjson::to_string_unicode(a),
+        Some(_) => return None,
+    };
+    Some(ToolCall { id: new_id(), name: name.to_string(), arguments })
+}
+
+fn calls_from(v: &Value, tools: &[Value], new_id: &mut dyn FnMut() -> String) -> Option<Vec<ToolCall>> {
+    let calls: Option<Vec<ToolCall>> = match v {
+        Value::Array(items) => items.iter().map(|c| call_from(c, tools, new_id)).collect(),
+        Value::Object(_) => call_from(v, tools, new_id).map(|c| vec![c]),
+        _ => None,
+    };
+    calls.filter(|c| !c.is_empty())
+}
+
+/// Reads tool calls out of an answer: `OPEN json CLOSE` after optional text (the closing tag may
+/// be missing at the very end), or, for models that skip the tags, an answer that is nothing but
+/// such JSON. Anything that does not parse into calls of declared tools stays text.
+pub fn parse_answer(
+    text: &str,
+    syntax: &ToolSyntax,
+    tools: &[Value],
+    new_id: &mut dyn FnMut() -> String,
+) -> ParsedAnswer {
+    let as_text = || ParsedAnswer { content: Some(text.to_string()), calls: vec![] };
+    if let Some(at) = text.find(&syntax.open) {
+        let body = &text[at + syntax.open.len()..];
+        let body = body.find(&syntax.close).map_or(body, |end| &body[..end]);
+        return match serde_json::from_str::<Value>(body.trim()).ok().and_then(|v| calls_from(&v, tools, new_id)) {
+            Some(calls) => ParsedAnswer { content: content_before(&text[..at]), calls },
+            None => as_text(),
+        };
+    }
+    let trimmed = text.trim();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        if let Some(calls) = serde_json::from_str::<Value>(trimmed).ok().and_then(|v| calls_from(&v, tools, new_id)) {
+            return ParsedAnswer { content: None, calls };
+        }
+    }
+    as_text()
+}
+
+/// What a stream sends next for an answer that may contain tool calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamPiece {
+    Content(String),
+    /// A call begins: its id and complete name.
+    CallStart {
+        index: usize,
+        id: String,
+        name: String,
+    },
+    /// Arguments of call `index` (fragments concatenate to the arguments string).
+    CallArguments {
+        index: usize,
+        arguments: String,
+    },
+}
+
+/// Turns a stream of text into content and tool-call pieces. Text that might be the start of the
+/// opening tag is held back until it is clearly not; after the tag, a call's name is sent as soon
+/// as it is complete and its arguments once the call's object is complete (in their final,
+/// re-serialised form, so the stream adds up to the non-streamed answer).
+pub struct ToolStream {
+    syntax: ToolSyntax,
+    tools: Vec<Value>,
+    /// Text not yet sent before the tag, or everything after it.
+    pending: String,
+    in_calls: bool,
+    /// Calls whose start was sent, and how many of them also had their arguments sent.
+    started: Vec<(String, String)>,
+    finished: usize,
+}
+
+impl ToolStream {
+    pub fn new(syntax: ToolSyntax, tools: Vec<Value>) -> Self {
+        ToolStream { syntax, tools, pending: String::new(), in_calls: false, started: vec![], finished: 0 }
+    }
+
+    /// Whether any call was started.
+    pub fn has_calls(&self) -> bool {
+        !self.started.is_empty()
+    }
+
+    pub fn push(&mut self, text: &str, new_id: &mut dyn FnMut() -> String) -> Vec<StreamPiece> {
+        self.pending.push_str(text);
+        let mut out = Vec::new();
+        if !self.in_calls {
+            if let Some(at) = self.pending.find(&self.syntax.open) {
+                if !self.pending[..at].is_empty() {
+                    out.push(StreamPiece::Content(self.pending[..at].to_string()));
+                }
+                self.pending.drain(..at + self.syntax.open.len());
+                self.in_calls = true;
+            } else {
+                let keep = partial_suffix(&self.pending, &self.syntax.open);
+                let send = self.pending.len() - keep;
+                if send > 0 {
+                    out.push(StreamPiece::Content(self.pending[..send].to_string()));
+                    self.pending.drain(..send);
+                }
+                return out;
+            }
+        }
+        self.scan_calls(&mut out, new_id);
+        out
+    }
+
+    /// Finds complete call objects (and complete names of the one in progress) after the tag.
+    fn scan_calls(&mut self, out: &mut Vec<StreamPiece>, new_id: &mut dyn FnMut() -> String) {
+        let body = self.pending.find(&self.syntax.close).map_or(self.pending.as_str(), |e| &self.pending[..e]);
+        for (k, (start, end)) in top_level_objects(body).into_iter().enumerate() {
+            let slice = &body[start..end.unwrap_or(body.len())];
+            if k == self.started.len() {
+                let name = match end {
+                    Some(_) => serde_json::from_str::<Value>(slice)
+                        .ok()
+                        .and_then(|v| v.get("name").and_then(Value::as_str).map(String::from)),
+                    None => complete_name(slice),
+                };
+                let Some(name) = name else { return };
+                if !self.tools.iter().any(|t| tool_name(t) == Some(name.as_str())) {
+                    return;
+                }
+                let id = new_id();
+                out.push(StreamPiece::CallStart { index: k, id: id.clone(), name: name.clone() });
+                self.started.push((id, name));
+            }
+            if k == self.finished && k < self.started.len() {
+                let Some(_) = end else { return };
+                let Ok(v) = serde_json::from_str::<Value>(slice) else { return };
+                let (id, _) = self.started[k].clone();
+                let mut same_id = || id.clone();
+                let Some(call) = call_from(&v, &self.tools, &mut same_id) else { return };
+                out.push(StreamPiece::CallArguments { index: k, arguments: call.arguments });
+                self.finished += 1;
+            }
+        }
+    }
+
+    /// The end of the answer: whatever is still held back. If a call could not be completed the
+    /// raw text after the tag goes out as content (the same answer the non-streamed parser gives
+    /// when nothing started; started calls keep what they sent).
+    pub fn finish(&mut self) -> Vec<StreamPiece> {
+        let rest = std::mem::take(&mut self.pending);
+        if rest.is_empty() || (self.in_calls && self.finished > 0 && self.finished == self.started.len()) {
+            return vec![];
+        }
+        let text = if self.in_calls && self.started.is_empty() { format!("{}{rest}", self.syntax.open) } else { rest };
+        vec![StreamPiece::Content(text)]
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `tag`.
+fn partial_suffix(text: &str, tag: &str) -> usize {
+    (1..tag.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| text.is_char_boundary(text.len() - n) && tag.starts_with(&text[text.len() - n..]))
+        .unwrap_or(0)
+}
+
+/// Byte spans of the objects directly inside the top-level array of `body` (the last one may be
+/// unfinished: end `None`).
+fn top_level_objects(body: &str) -> Vec<(usize, Option<usize>)> {
+    let mut out = Vec::new();
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, b) in body.bytes().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                if depth == 1 && b == b'{' {
+                    out.push((i, None));
+                }
+                depth += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                if depth == 1 && b == b'}' {
+                    if let Some(last) = out.last_mut() {
+                        last.1 = Some(i + 1);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The value of `"name"` in an unfinished call object, once its string is closed.
+fn complete_name(partial: &str) -> Option<String> {
+    let after_key = &partial[partial.find("\"name\"")? + 6..];
+    let value = after_key.trim_start().strip_prefix(':')?.trim_start();
+    if !value.starts_with('"') {
+        return None;
+    }
+    let mut escaped = false;
+    for (i, b) in value.bytes().enumerate().skip(1) {
+        match (escaped, b) {
+            (true, _) => escaped = false,
+            (false, b'\\') => escaped = true,
+            (false, b'"') => return serde_json::from_str(&value[..=i]).ok(),
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tools() -> Vec<Value> {
+        vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+                "properties": {"city": {"type": "string"}}, "required": ["city"]}}}),
+            json!({"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+                "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}),
+        ]
+    }
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("call-{n}")
+        }
+    }
+
+    #[test]
+    fn tool_choice_is_validated_against_tools() {
+        let t = tools();
+        assert_eq!(parse_tool_choice(None, &t).unwrap(), ToolChoice::Auto);
+        assert_eq!(parse_tool_choice(None, &[]).unwrap(), ToolChoice::None);
+        assert_eq!(parse_tool_choice(Some(&json!("required")), &t).unwrap(), ToolChoice::Required);
+        assert_eq!(
+            parse_tool_choice(Some(&json!({"type": "function", "function": {"name": "add"}})), &t).unwrap(),
+            ToolChoice::Named("add".into())
+        );
+        let e = parse_tool_choice(Some(&json!({"type": "function", "function": {"name": "nope"}})), &t).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("tool_choice.function.name"));
+        assert_eq!(parse_tool_choice(Some(&json!("sometimes")), &t).unwrap_err().field.as_deref(), Some("tool_choice"));
+        assert!(parse_tool_choice(Some(&json!("required")), &[]).is_err());
+    }
+
+    #[test]
+    fn jamba_calls_parse_with_content_before() {
+        let text = "Let me check. <tool_calls>[\n    {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}},\n    {\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n]</tool_calls>";
+        let a = parse_answer(text, &ToolSyntax::jamba(false), &tools(), &mut ids());
+        assert_eq!(a.content.as_deref(), Some("Let me check. "));
+        assert_eq!(a.calls.len(), 2);
+        assert_eq!(a.calls[0].name, "get_weather");
+        assert_eq!(a.calls[0].arguments, r#"{"city": "Zürich"}"#);
+        assert_eq!(a.calls[1].arguments, r#"{"a": 1, "b": 2}"#);
+        assert_eq!(a.calls[1].id, "call-2");
+    }
+
+    #[test]
+    fn blank_content_is_none_and_bad_calls_stay_text() {
+        let s = ToolSyntax::generic(false);
+        let a =
+            parse_answer(" <tool_call>[{\"name\": \"add\", \"arguments\": {}}]</tool_call>", &s, &tools(), &mut ids());
+        assert_eq!(a.content, None);
+        assert_eq!(a.calls[0].arguments, "{}");
+        for bad in [
+            "<tool_call>[{\"name\": \"rm_rf\", \"arguments\": {}}]</tool_call>",
+            "<tool_call>[{\"name\": \"add\", \"arguments\": {</tool_call>",
+            "<tool_call>[]</tool_call>",
+        ] {
+            let a = parse_answer(bad, &s, &tools(), &mut ids());
+            assert_eq!((a.content.as_deref(), a.calls.len()), (Some(bad), 0));
+        }
+    }
+
+    #[test]
+    fn bare_json_calls_and_string_arguments_parse() {
+        let s = ToolSyntax::generic(false);
+        let a = parse_answer(r#"{"name": "add", "arguments": "{\"a\":1}"}"#, &s, &tools(), &mut ids());
+        assert_eq!(a.calls[0].arguments, r#"{"a": 1}"#);
+        let plain = parse_answer(r#"{"a": 1}"#, &s, &tools(), &mut ids());
+        assert_eq!(plain.calls.len(), 0);
+    }
+
+    #[test]
+    fn stream_adds_up_to_the_parsed_answer() {
+        let text = "Sure.<tool_calls>[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"a}\\\"b\"}}, {\"name\": \"add\", \"arguments\": {\"a\": 1}}]</tool_calls>";
+        let syntax = ToolSyntax::jamba(false);
+        let whole = parse_answer(text, &syntax, &tools(), &mut ids());
+        // Every split into pieces of 1..7 bytes gives the same result.
+        for step in 1..7 {
+            let mut stream = ToolStream::new(syntax.clone(), tools());
+            let mut id = ids();
+            let mut pieces = Vec::new();
+            let chars: Vec<char> = text.chars().collect();
+            for chunk in chars.chunks(step) {
+                pieces.extend(stream.push(&chunk.iter().collect::<String>(), &mut id));
+            }
+            pieces.extend(stream.finish());
+            let mut content = String::new();
+            let mut calls: Vec<(String, String, String)> = Vec::new();
+            for p in pieces {
+                match p {
+                    StreamPiece::Content(c) => content.push_str(&c),
+                    StreamPiece::CallStart { index, id, name } => {
+                        assert_eq!(index, calls.len());
+                        calls.push((id, name, String::new()));
+                    }
+                    StreamPiece::CallArguments { index, arguments } => calls[index].2.push_str(&arguments),
+                }
+            }
+            assert_eq!(Some(content), whole.content, "step {step}");
+            let expect: Vec<(String, String, String)> =
+                whole.calls.iter().map(|c| (c.id.clone(), c.name.clone(), c.arguments.clone())).collect();
+            assert_eq!(calls, expect, "step {step}");
+        }
+    }
+
+    #[test]
+    fn stream_releases_a_false_tag_start_as_content() {
+        let mut stream = ToolStream::new(ToolSyntax::generic(false), tools());
+        let mut id = ids();
+        let mut out = stream.push("a <tool", &mut id);
+        assert_eq!(out, vec![StreamPiece::Content("a ".into())]);
+        out = stream.push("box> b", &mut id);
+        assert_eq!(out, vec![StreamPiece::Content("<toolbox> b".into())]);
+        assert!(stream.finish().is_empty());
+    }
+
+    #[test]
+    fn grammars_name_the_tools_and_tags() {
+        let g = tool_call_grammar(&tools(), Some("add"), false, &ToolSyntax::jamba(false), true);
+        assert!(g.starts_with("start: \" \"? \"<tool_calls>\" calls \"</tool_calls>\""), "{g}");
+        assert!(g.contains(r#""const":"add""#) && !g.contains("get_weather"), "{g}");
+        let special = tool_call_grammar(&tools(), None, true, &ToolSyntax::jamba(true), false);
+        assert!(special.starts_with("start: calls </tool_calls>"), "{special}");
+        assert!(json_grammar(None).contains(r#""type":"object""#));
+    }
+}

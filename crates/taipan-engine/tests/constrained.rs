@@ -1,0 +1,124 @@
+//! Constrained decoding on the default model: whatever the sampler draws, the output follows the
+//! grammar; a lazy constraint leaves text alone until its trigger appears.
+
+mod common;
+
+use common::*;
+use std::sync::{mpsc, Arc, OnceLock};
+use taipan_engine::engine::start;
+use taipan_engine::{
+    Constraint, EngineConfig, EngineHandle, Event, FinishReason, GenRequest, GrammarCompiler, SamplingParams,
+};
+use taipan_model::{ChatMessage, LoadOptions, Model, RenderOptions};
+
+fn model() -> Arc<Model> {
+    static M: OnceLock<Arc<Model>> = OnceLock::new();
+    Arc::clone(M.get_or_init(|| Arc::new(Model::load(&default_model(), LoadOptions::default()).expect("model loads"))))
+}
+
+fn compiler() -> Arc<GrammarCompiler> {
+    static C: OnceLock<Arc<GrammarCompiler>> = OnceLock::new();
+    let m = model();
+    Arc::clone(C.get_or_init(|| Arc::new(GrammarCompiler::new(&m.tokenizer, m.vocab_size()).expect("trie builds"))))
+}
+
+fn engine() -> EngineHandle {
+    start(
+        model(),
+        EngineConfig {
+            threads: 2,
+            max_queue: 256,
+            kv_cache_bytes: 256 << 20,
+            block_size: 16,
+            max_batch_tokens: 384,
+            max_running: 32,
+        },
+    )
+}
+
+fn chat_ids(text: &str) -> Vec<u32> {
+    let m = model();
+    let prompt = m
+        .render_chat(
+            &[ChatMessage::new("user", text)],
+            &RenderOptions { add_generation_prompt: true, ..Default::default() },
+        )
+        .unwrap();
+    m.tokenizer.encode(&prompt, true).unwrap()
+}
+
+fn constraint(lark: &str, trigger: Option<&str>) -> Constraint {
+    let c = compiler();
+    Constraint {
+        grammar: Arc::new(c.compile(lark).expect("grammar compiles")),
+        trigger: trigger.map(String::from),
+        compiler: c,
+    }
+}
+
+fn sampled(prompt: Vec<u32>, max_tokens: usize, seed: u64, c: &Constraint) -> GenRequest {
+    let mut r = GenRequest::new(prompt, max_tokens);
+    r.sampling = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed };
+    r.constraint = Some(c.clone());
+    r
+}
+
+fn collect(rx: mpsc::Receiver<Event>) -> (String, FinishReason) {
+    let mut text = String::new();
+    loop {
+        match rx.recv().expect("engine answers") {
+            Event::Delta { text: t, .. } => text.push_str(&t),
+            Event::Done { finish, .. } => return (text, finish),
+            Event::PromptLogprobs(_) => {}
+            Event::Error(e) => panic!("engine error: {e}"),
+        }
+    }
+}
+
+const OBJECT: &str = r#"start: %json {"x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}, "type": "object"}"#;
+
+/// Sampled at temperature 1 with budgets from tight to roomy, every answer is one JSON object:
+/// near the end of its budget the output is steered to close what it opened.
+#[test]
+fn sampled_json_objects_always_parse() {
+    let e = engine();
+    let c = constraint(OBJECT, None);
+    let prompts = ["Describe a cat.", "Give me a user profile.", "What is the weather like?", "List two fruits."];
+    let budgets = [12, 24, 40, 64, 200];
+    let rxs: Vec<_> = (0..20)
+        .map(|i| {
+            let (tx, rx) = mpsc::channel();
+            let req = sampled(chat_ids(prompts[i % prompts.len()]), budgets[i % budgets.len()], i as u64, &c);
+            e.submit(req, Box::new(tx)).unwrap();
+            rx
+        })
+        .collect();
+    for rx in rxs {
+        let (text, finish) = collect(rx);
+        assert_eq!(finish, FinishReason::Stop, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(v.is_object(), "{text}");
+    }
+}
+
+/// A lazy constraint changes nothing before its trigger and everything after it.
+#[test]
+fn lazy_constraint_starts_at_its_trigger() {
+    let e = engine();
+    let prompt = chat_ids("What is the capital of France?");
+    let free = {
+        let (tx, rx) = mpsc::channel();
+        e.submit(GenRequest::new(prompt.clone(), 12), Box::new(tx)).unwrap();
+        collect(rx).0
+    };
+    // The first word ends where a token ends (the next one starts with its space).
+    let first_word = &free[..free.find(' ').expect("several words")];
+    let c = constraint(r#"start: " Atlantis, of course.""#, Some(first_word));
+    let mut req = GenRequest::new(prompt, 40);
+    req.constraint = Some(c);
+    let (tx, rx) = mpsc::channel();
+    e.submit(req, Box::new(tx)).unwrap();
+    let (text, finish) = collect(rx);
+    assert_eq!(text, format!("{first_word} Atlantis, of course."));
+    assert_eq!(finish, FinishReason::Stop);
+}
