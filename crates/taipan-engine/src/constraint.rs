@@ -9,7 +9,7 @@
 //! tool call's opening tag), and the grammar governs everything after it.
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{self, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::toktrie::{self, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use std::sync::Arc;
 use taipan_model::Tokenizer;
@@ -35,6 +35,10 @@ impl TokenizerEnv for TrieEnv {
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<toktrie::TokenId> {
         self.trie.greedy_tokenize(s)
     }
+    /// Greedy splits are not the model's own: never let the grammar insert tokens by itself.
+    fn tokenize_is_canonical(&self) -> bool {
+        false
+    }
 }
 
 /// Compiles grammars for one model's vocabulary.
@@ -42,13 +46,16 @@ pub struct GrammarCompiler {
     factory: ParserFactory,
     /// Tokens that close JSON, in order of preference, for when the token budget runs out.
     closers: Vec<u32>,
+    /// Byte length of every token (a closing path prefers long tokens where nothing closes).
+    token_len: Vec<u32>,
     stop_ids: Vec<u32>,
 }
 
 /// Single tokens that lead out of any JSON state, in order of preference: close a string, an
 /// object, an array; after a key, its separator; then the shortest value. Taking the first one the
 /// grammar allows at every step ends the JSON in a few tokens per level of nesting (a key opened
-/// by `"` is closed by the next `"`, then gets `: ` and an empty string, then `}`).
+/// by `"` is closed by the next `"`, then gets `: ` and an empty string, then `}`). Where none is
+/// allowed (required keys, enum values, closing tags) the longest allowed token goes furthest.
 const CLOSERS: [&[u8]; 6] = [b"\"", b"}", b"]", b": ", b":", b"0"];
 
 fn closing_tokens(words: &[Vec<u8>]) -> Vec<u32> {
@@ -68,6 +75,7 @@ impl GrammarCompiler {
         let mut words = tokenizer.token_bytes();
         words.resize(vocab_size.max(words.len()), Vec::new());
         let closers = closing_tokens(&words);
+        let token_len = words.iter().map(|w| w.len() as u32).collect();
         let stops = &tokenizer.specials.stop_ids;
         let eos = stops.first().copied().or(tokenizer.specials.eos).unwrap_or(0);
         let info = TokRxInfo::new(words.len() as u32, eos);
@@ -78,7 +86,7 @@ impl GrammarCompiler {
         let env: TokEnv = Arc::new(TrieEnv { trie });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| ConstraintError::Setup(e.to_string()))?;
         factory.quiet();
-        Ok(GrammarCompiler { factory, closers, stop_ids: stops.clone() })
+        Ok(GrammarCompiler { factory, closers, token_len, stop_ids: stops.clone() })
     }
 
     /// Compiles a Lark grammar; errors describe what the grammar or schema got wrong.
@@ -140,39 +148,92 @@ pub(crate) struct Guide {
     /// Text generated while waiting for the trigger.
     seen: String,
     abandoned: bool,
+    /// The budget is nearly spent: every token now comes from the closing path.
+    closing: bool,
+    /// The last mask, while near the end of the budget (for replacing a sampled token).
+    last_mask: Option<SimpleVob>,
+}
+
+/// Tokens before the end of the budget from which a guide checks whether it must start closing.
+const CLOSING_WINDOW: usize = 64;
+
+/// The token a closing path takes from `mask`: a stop token once the grammar is complete, else
+/// the first closer allowed, else the longest allowed token.
+fn closing_token(compiler: &GrammarCompiler, m: &mut Matcher, mask: &SimpleVob) -> Option<u32> {
+    if m.is_accepting().unwrap_or(false) {
+        return compiler.stop_ids.iter().copied().find(|&t| mask.is_allowed(t));
+    }
+    if let Some(t) = compiler.closers.iter().copied().find(|&t| mask.is_allowed(t)) {
+        return Some(t);
+    }
+    let mut best: Option<(u32, u32)> = None;
+    mask.iter_set_entries(|i| {
+        let len = compiler.token_len.get(i).copied().unwrap_or(0);
+        if best.is_none_or(|(_, l)| len > l) {
+            best = Some((i as u32, len));
+        }
+    });
+    best.map(|(t, _)| t)
+}
+
+/// Tokens the closing path needs from the matcher's state to a complete grammar, if at most `limit`.
+fn closing_path_len(compiler: &GrammarCompiler, m: &Matcher, limit: usize) -> Option<usize> {
+    let mut m = m.deep_clone();
+    for steps in 0..=limit {
+        if m.is_accepting().unwrap_or(false) || m.is_stopped() {
+            return Some(steps);
+        }
+        let mask = m.compute_mask().ok()?;
+        let t = closing_token(compiler, &mut m, &mask)?;
+        m.consume_token(t).ok()?;
+    }
+    None
 }
 
 impl Guide {
     pub(crate) fn new(constraint: &Constraint) -> Self {
         let matcher = constraint.trigger.is_none().then(|| constraint.grammar.matcher.deep_clone());
-        Guide { constraint: constraint.clone(), matcher, seen: String::new(), abandoned: false }
+        Guide {
+            constraint: constraint.clone(),
+            matcher,
+            seen: String::new(),
+            abandoned: false,
+            closing: false,
+            last_mask: None,
+        }
     }
 
-    /// Masks the logits of tokens the grammar does not allow now. With `closing`, the budget is
-    /// nearly spent: only the most closing tier of allowed tokens stays, so that JSON ends
-    /// before the budget does. Returns false when no token is allowed at all (the caller ends
-    /// the sequence).
-    pub(crate) fn mask(&mut self, logits: &mut [f32], closing: bool) -> bool {
+    /// Whether the grammar governs the next token (a lazy one waits for its trigger).
+    pub(crate) fn active(&self) -> bool {
+        self.matcher.is_some()
+    }
+
+    /// Masks the logits of tokens the grammar does not allow now. `left` is the token budget
+    /// left, this token included: once the shortest way to finish the grammar (as the closing
+    /// path finds it) no longer fits comfortably, the guide follows that path, so that the output
+    /// is complete when the budget ends. Returns false when no token is allowed at all (the caller
+    /// ends the sequence).
+    pub(crate) fn mask(&mut self, logits: &mut [f32], left: usize) -> bool {
+        let compiler = Arc::clone(&self.constraint.compiler);
         let Some(m) = self.matcher.as_mut() else { return true };
+        if !self.closing && left <= CLOSING_WINDOW {
+            // A margin of two tokens absorbs a path that grows by a token as the text moves on.
+            self.closing = closing_path_len(&compiler, m, left).is_none_or(|need| need + 2 >= left);
+        }
         match m.compute_mask() {
             Ok(mask) => {
                 if mask.num_set() == 0 {
                     return false;
                 }
-                if closing {
-                    let compiler = &self.constraint.compiler;
-                    let forced: Vec<u32> = if m.is_accepting().unwrap_or(false) {
-                        compiler.stop_ids.iter().copied().filter(|&t| mask.is_allowed(t)).collect()
-                    } else {
-                        compiler.closers.iter().copied().find(|&t| mask.is_allowed(t)).into_iter().collect()
-                    };
-                    if !forced.is_empty() {
-                        let kept: Vec<(usize, f32)> =
-                            forced.iter().filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l))).collect();
+                if left <= CLOSING_WINDOW && !self.closing {
+                    self.last_mask = Some(mask.clone());
+                }
+                if self.closing {
+                    if let Some(t) = closing_token(&compiler, m, &mask) {
+                        let l = logits.get(t as usize).copied().unwrap_or(0.0);
                         logits.fill(f32::NEG_INFINITY);
-                        for (t, l) in kept {
-                            // Any finite value: the sampler must pick among these alone.
-                            logits[t] = if l.is_finite() { l } else { 0.0 };
+                        if let Some(slot) = logits.get_mut(t as usize) {
+                            *slot = if l.is_finite() { l } else { 0.0 };
                         }
                         return true;
                     }
@@ -190,6 +251,24 @@ impl Guide {
             }
             Err(_) => false,
         }
+    }
+
+    /// Checks a freely sampled token near the end of the budget: if the closing path after it
+    /// would not fit in what is left, the closing path starts now instead (one token can open
+    /// several structures at once). Returns the token to use.
+    pub(crate) fn vet(&mut self, token: u32, left: usize) -> u32 {
+        let (Some(m), Some(mask)) = (self.matcher.as_mut(), self.last_mask.take()) else { return token };
+        if self.closing || left > CLOSING_WINDOW {
+            return token;
+        }
+        let compiler = Arc::clone(&self.constraint.compiler);
+        let mut after = m.deep_clone();
+        let room = left.saturating_sub(1);
+        if after.consume_token(token).is_ok() && closing_path_len(&compiler, &after, room).is_some() {
+            return token;
+        }
+        self.closing = true;
+        closing_token(&compiler, m, &mask).unwrap_or(token)
     }
 
     /// Advances past a sampled token whose decoded text is `text`.

@@ -27,9 +27,6 @@ use taipan_kernels::ops::log_softmax;
 use taipan_kernels::Compute;
 use taipan_model::{BatchItem, KvPool, Logits, Model, Scratch, SeqState};
 
-/// Tokens before the budget ends at which constrained output starts closing its structures.
-const CLOSING_RESERVE: usize = 24;
-
 /// One generation request, already validated and tokenized.
 #[derive(Debug, Clone)]
 pub struct GenRequest {
@@ -792,15 +789,27 @@ impl Engine {
                 }
             }
         }
+        // Tokens the budget has left, this one included.
+        let left =
+            (req.max_tokens.saturating_sub(s.generated)).min(model.context_length().saturating_sub(s.tokens.len()));
+        let started = Instant::now();
         if let Some(g) = s.guide.as_mut() {
-            let left =
-                (req.max_tokens.saturating_sub(s.generated)).min(model.context_length().saturating_sub(s.tokens.len()));
-            if !g.mask(logits, left <= CLOSING_RESERVE) {
+            if !g.mask(logits, left) {
                 // The grammar allows nothing more (it cannot happen once complete: stop ids stay).
                 return self.finish(i, FinishReason::Stop);
             }
         }
-        let next = s.sampler.sample(logits);
+        let mut spent = started.elapsed();
+        let mut next = s.sampler.sample(logits);
+        if let Some(g) = s.guide.as_mut() {
+            let started = Instant::now();
+            next = g.vet(next, left);
+            spent += started.elapsed();
+            if g.active() {
+                self.stats.constrained_tokens.fetch_add(1, Ordering::Relaxed);
+                self.stats.constraint_us.fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
+            }
+        }
         s.generated += 1;
         s.tokens.push(next);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
@@ -827,7 +836,12 @@ impl Engine {
             return self.finish(i, FinishReason::Stop);
         }
         let piece = s.detok.push(tok, next);
-        let grammar_done = match s.guide.as_mut().map(|g| g.advance(next, &piece)) {
+        let started = Instant::now();
+        let progress = s.guide.as_mut().map(|g| (g.active(), g.advance(next, &piece)));
+        if let Some((true, _)) = progress {
+            self.stats.constraint_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        let grammar_done = match progress.map(|p| p.1) {
             Some(Progress::Complete) => true,
             Some(Progress::Abandoned) => {
                 s.guide = None;

@@ -51,6 +51,9 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_cached: AtomicUsize,
+    /// Tokens sampled under a grammar, and the time spent on their masks (microseconds).
+    pub constrained_tokens: AtomicU64,
+    pub constraint_us: AtomicU64,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
 }

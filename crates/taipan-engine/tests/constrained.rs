@@ -75,6 +75,19 @@ fn collect(rx: mpsc::Receiver<Event>) -> (String, FinishReason) {
     }
 }
 
+/// Byte-level BPE tokens spell their text byte for byte (the grammar matches these bytes).
+#[test]
+fn token_bytes_spell_the_encoded_text() {
+    let m = model();
+    let bytes = m.tokenizer.token_bytes();
+    let text = "Hello, wörld! 😀\n\t{\"a\": [1, 2.5e-3]}  ";
+    let ids = m.tokenizer.encode(text, false).unwrap();
+    let spelled: Vec<u8> = ids.iter().flat_map(|&i| bytes[i as usize].clone()).collect();
+    assert_eq!(spelled, text.as_bytes());
+    let im_end = m.tokenizer.token_id("<|im_end|>").unwrap();
+    assert_eq!(bytes[im_end as usize], b"\xFF<|im_end|>");
+}
+
 const OBJECT: &str = r#"start: %json {"x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}, "type": "object"}"#;
 
 /// Sampled at temperature 1 with budgets from tight to roomy, every answer is one JSON object:

@@ -201,6 +201,14 @@ impl Model {
         Ok(Model { name, path: path.into(), arch, tokenizer, template })
     }
 
+    /// Replaces the chat template (e.g. a model whose file carries none, or an outdated one).
+    pub fn set_chat_template(&mut self, source: &str) -> Result<(), ModelError> {
+        let tk = &self.tokenizer;
+        let piece = |id: Option<u32>| id.and_then(|i| tk.decode(&[i], false).ok()).unwrap_or_default();
+        self.template = Some(ChatTemplate::new(source, &piece(tk.specials.bos), &piece(tk.specials.eos))?);
+        Ok(())
+    }
+
     /// Whether [`Model::forward_batch`] can run several sequences over a shared paged KV pool.
     /// Models with recurrent state run sequence by sequence on their own [`SeqState`].
     pub fn supports_batching(&self) -> bool {

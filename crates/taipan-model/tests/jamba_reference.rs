@@ -132,6 +132,27 @@ fn any_chunked_prefill_equals_one_shot() {
     }
 }
 
+/// Every token's raw bytes (what constrained decoding matches grammars against) spell exactly the
+/// text the tokens encode: SentencePiece `▁` as a space, `<0xNN>` pieces as single bytes.
+#[test]
+fn token_bytes_spell_the_encoded_text() {
+    let cases = json("jamba-tiny-a/reference/tokenizer_cases.json");
+    for (label, m) in [("hf", hf()), ("gguf", gguf())] {
+        let bytes = m.tokenizer.token_bytes();
+        assert_eq!(bytes.len(), m.tokenizer.vocab_size(), "{label}");
+        let bos = m.tokenizer.specials.bos.expect("bos") as usize;
+        assert_eq!(bytes[bos][0], 0xFF, "{label}: special tokens are marked");
+        for c in cases["cases"].as_array().unwrap() {
+            let text = c["text"].as_str().unwrap();
+            let ids = m.tokenizer.encode(text, false).unwrap();
+            let spelled: Vec<u8> = ids.iter().flat_map(|&i| bytes[i as usize].clone()).collect();
+            // The SentencePiece normaliser prepends one space to any non-empty text.
+            let want = if text.is_empty() { String::new() } else { format!(" {text}") };
+            assert_eq!(spelled, want.into_bytes(), "{label} {}", c["name"]);
+        }
+    }
+}
+
 #[test]
 fn tokenizer_cases_match() {
     let cases = json("jamba-tiny-a/reference/tokenizer_cases.json");

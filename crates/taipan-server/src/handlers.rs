@@ -666,7 +666,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let s = &e.stats;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let size = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
-        let simple: [(&str, &str, &str, u64); 13] = [
+        let simple: [(&str, &str, &str, u64); 15] = [
             ("taipan_queue_length", "gauge", "Requests waiting for admission.", size(&s.queued)),
             ("taipan_running_sequences", "gauge", "Sequences in the running batch.", size(&s.running)),
             ("taipan_kv_cache_blocks_total", "gauge", "KV cache blocks in the pool.", size(&s.kv_blocks_total)),
@@ -705,6 +705,18 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             ("taipan_generated_tokens_total", "counter", "Tokens generated.", load(&s.generated_tokens)),
             ("taipan_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", load(&s.preemptions)),
             ("taipan_engine_steps_total", "counter", "Forward steps run.", load(&s.steps)),
+            (
+                "taipan_constrained_tokens_total",
+                "counter",
+                "Tokens sampled under a grammar (JSON mode, tool calls).",
+                load(&s.constrained_tokens),
+            ),
+            (
+                "taipan_constraint_microseconds_total",
+                "counter",
+                "Time spent computing grammar masks.",
+                load(&s.constraint_us),
+            ),
         ];
         for (name, kind, help, v) in simple {
             metric(name, kind, help, vec![(String::new(), v)]);

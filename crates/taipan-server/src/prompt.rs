@@ -138,7 +138,7 @@ pub fn tools_offered(req: &ChatRequest) -> bool {
 }
 
 /// Renders the first `upto` messages (all: `None`) as the template, or the fallbacks, show them.
-fn render(
+pub(crate) fn render(
     model: &Model,
     req: &ChatRequest,
     upto: Option<usize>,

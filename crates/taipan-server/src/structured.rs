@@ -86,3 +86,154 @@ pub fn plan_output(
     };
     Ok(plan)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompt::{chat_prompt, render};
+    use serde_json::json;
+    use std::path::PathBuf;
+    use std::sync::{mpsc, OnceLock};
+    use taipan_api::tools::parse_answer;
+    use taipan_api::{parse_chat, Dialect};
+    use taipan_engine::{EngineConfig, Event, GenRequest};
+    use taipan_model::LoadOptions;
+
+    fn shared(path: &str) -> PathBuf {
+        std::env::var_os("TAIPAN_SHARED")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+            .join(path)
+    }
+
+    /// jamba-tiny-a with the Jamba 1.5 chat template (its own file carries a ChatML one).
+    fn jamba() -> Arc<Model> {
+        static M: OnceLock<Arc<Model>> = OnceLock::new();
+        Arc::clone(M.get_or_init(|| {
+            let mut m = Model::load(&shared("fixtures/jamba-tiny-a"), LoadOptions::default()).expect("loads");
+            let src = std::fs::read_to_string(shared("spec/jamba-chat-template.jinja")).expect("template");
+            m.set_chat_template(&src).expect("compiles");
+            Arc::new(m)
+        }))
+    }
+
+    fn golden(name: &str) -> String {
+        let text = std::fs::read_to_string(shared("spec/jamba-chat-template.examples.json")).expect("goldens");
+        let v: Value = serde_json::from_str(&text).expect("json");
+        let case = v["cases"].as_array().and_then(|c| c.iter().find(|c| c["name"] == name)).expect("case");
+        case["rendered"].as_str().expect("rendered").to_string()
+    }
+
+    const WEATHER: &str = r#"{"type": "function", "function": {"name": "get_current_weather",
+        "description": "Get the current weather", "parameters": {"type": "object", "properties": {
+        "location": {"type": "string", "description": "City"},
+        "format": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["location", "format"]}}}"#;
+
+    fn ai21(body: Value) -> ChatRequest {
+        parse_chat(body.to_string().as_bytes(), Dialect::Ai21).expect("valid request")
+    }
+
+    /// AI21 requests with tools, documents and JSON mode render as the Jamba template's goldens.
+    #[test]
+    fn jamba_requests_render_as_the_goldens() {
+        let m = jamba();
+        let weather: Value = serde_json::from_str(WEATHER).unwrap();
+        let tools = ai21(json!({"model": "m", "tools": [weather],
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]}));
+        assert_eq!(render(&m, &tools, None, true).unwrap(), golden("4_tools_user"));
+
+        let args = |city: &str| format!(r#"{{"location": "{city}", "format": "celsius"}}"#);
+        let call = |id: &str, city: &str| {
+            json!({"id": id, "type": "function",
+            "function": {"name": "get_current_weather", "arguments": args(city)}})
+        };
+        let round_trip = ai21(json!({"model": "m", "tools": [weather], "messages": [
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {"role": "assistant", "content": null, "tool_calls": [call("c1", "Paris"), call("c2", "Rome")]},
+            {"role": "tool", "content": "18 C", "tool_call_id": "c1"},
+            {"role": "tool", "content": "21 C", "tool_call_id": "c2"}]}));
+        assert_eq!(render(&m, &round_trip, None, true).unwrap(), golden("5_tool_roundtrip"));
+
+        let docs = ai21(json!({"model": "m", "messages": [
+            {"role": "system", "content": "Be helpful."}, {"role": "user", "content": "Who wrote Harry Potter?"}],
+            "documents": [
+                {"content": "HP was written by J.K. Rowling.", "metadata": {"title": "Harry Potter"}},
+                {"content": "Gatsby is by Fitzgerald.",
+                 "metadata": [{"key": "title", "value": "Gatsby"}, {"key": "country", "value": "United States"},
+                              {"key": "genre", "value": "Novel"}]}]}));
+        assert_eq!(render(&m, &docs, None, true).unwrap(), golden("6_documents"));
+
+        let json_mode = ai21(json!({"model": "m", "messages": [{"role": "user", "content": "Describe Washington."}],
+            "response_format": {"type": "json_object"}}));
+        assert_eq!(render(&m, &json_mode, None, true).unwrap(), golden("7_json_knob"));
+    }
+
+    fn run(model: &Arc<Model>, prompt: Vec<u32>, plan: &OutputPlan, max_tokens: usize, seed: u64) -> String {
+        let engine = taipan_engine::engine::start(
+            Arc::clone(model),
+            EngineConfig { threads: 1, kv_cache_bytes: 16 << 20, ..Default::default() },
+        );
+        let mut req = GenRequest::new(prompt, max_tokens);
+        req.sampling = taipan_engine::SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed };
+        req.constraint = plan.constraint.clone();
+        req.special_text = plan.special_text;
+        let (tx, rx) = mpsc::channel();
+        engine.submit(req, Box::new(tx)).expect("queued");
+        let mut text = String::new();
+        loop {
+            match rx.recv().expect("answer") {
+                Event::Delta { text: t, .. } => text.push_str(&t),
+                Event::Done { .. } => return text,
+                Event::Error(e) => panic!("{e}"),
+                Event::PromptLogprobs(_) => {}
+            }
+        }
+    }
+
+    fn compiler_for(m: &Model) -> impl FnOnce() -> Result<Arc<GrammarCompiler>, String> + '_ {
+        move || GrammarCompiler::new(&m.tokenizer, m.vocab_size()).map(Arc::new).map_err(|e| e.to_string())
+    }
+
+    /// A random-weight model forced to call a tool, sampled at temperature 1 with budgets from
+    /// tight to roomy, still writes a complete call that parses, names the tool and has the
+    /// required, enumerated arguments.
+    #[test]
+    fn forced_jamba_tool_call_parses() {
+        let m = jamba();
+        let weather: Value = serde_json::from_str(WEATHER).unwrap();
+        let body = json!({"model": "m", "tools": [weather], "tool_choice": "required",
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]});
+        let req = parse_chat(body.to_string().as_bytes(), Dialect::OpenAi).unwrap();
+        let plan = plan_output(&m, &req, compiler_for(&m)).unwrap();
+        assert_eq!(plan.tool_syntax, Some(ToolSyntax::jamba(false)));
+        let prompt = chat_prompt(&m, &req).unwrap();
+        for (budget, seed) in [(80, 1), (120, 2), (200, 3), (400, 4)] {
+            let text = run(&m, prompt.clone(), &plan, budget, seed);
+            assert!(text.trim_end().ends_with("</tool_calls>"), "{budget}: {text}");
+            let mut n = 0;
+            let answer = parse_answer(&text, &ToolSyntax::jamba(false), &req.tools, &mut || {
+                n += 1;
+                format!("id{n}")
+            });
+            assert!(!answer.calls.is_empty(), "{text}");
+            for call in &answer.calls {
+                assert_eq!(call.name, "get_current_weather");
+                let args: Value = serde_json::from_str(&call.arguments).unwrap();
+                assert!(args["location"].is_string(), "{text}");
+                assert!(["celsius", "fahrenheit"].contains(&args["format"].as_str().unwrap_or("")), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_schemas_are_the_clients_error() {
+        let m = jamba();
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s",
+                "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}});
+        let req = parse_chat(body.to_string().as_bytes(), Dialect::OpenAi).unwrap();
+        let err = plan_output(&m, &req, compiler_for(&m)).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("response_format.json_schema.schema"));
+        assert_eq!(err.kind, ErrorKind::Invalid);
+    }
+}

@@ -118,6 +118,9 @@ struct ServeArgs {
     /// Quantize f32/f16/bf16 weight matrices at load: q8_0.
     #[arg(long, env = "TAIPAN_QUANTIZE")]
     quantize: Option<String>,
+    /// A Jinja chat template file to use instead of the model's own.
+    #[arg(long, env = "TAIPAN_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
 }
 
 /// The optional TOML configuration file.
@@ -190,10 +193,20 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     };
     let mode = if a.exact { MatmulMode::Exact } else { MatmulMode::Fast };
     let quantize = parse_quantize(a.quantize.as_deref())?;
+    let template = match &a.chat_template {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(taipan_server::serve(
         config,
-        move || Model::load(&model_path, LoadOptions { mode, quantize }).map_err(|e| format!("{e}")),
+        move || {
+            let mut model = Model::load(&model_path, LoadOptions { mode, quantize }).map_err(|e| format!("{e}"))?;
+            if let Some(src) = &template {
+                model.set_chat_template(src).map_err(|e| format!("--chat-template: {e}"))?;
+            }
+            Ok(model)
+        },
         taipan_server::shutdown_signal(),
     ))?;
     Ok(())
