@@ -102,6 +102,10 @@ where
                     eprintln!("taipan: recurrent model: each sequence keeps its own state; saved states for prefix reuse up to {} MiB", kv_mb / 2);
                 }
                 state.set_engine(engine);
+                // Index the vocabulary for grammars now rather than on the first JSON request.
+                if let Err(e) = state.grammar_compiler() {
+                    eprintln!("taipan: constrained decoding unavailable: {e}");
+                }
                 let names = state.names.get().cloned().unwrap_or_default();
                 eprintln!("taipan: model ready; serving it as: {}", names.join(", "));
                 if state.config.aliases.is_none() {

@@ -110,7 +110,8 @@ struct ServeArgs {
     #[arg(long, env = "TAIPAN_MAX_RUNNING")]
     max_running: Option<usize>,
     /// A TOML file with any of: model, host, port, api_keys, api_key_file, aliases, threads,
-    /// max_queue, max_body_bytes, shutdown_grace_secs, kv_cache_mb, max_batch_tokens, max_running.
+    /// max_queue, max_body_bytes, shutdown_grace_secs, kv_cache_mb, max_batch_tokens, max_running,
+    /// chat_template.
     #[arg(long, env = "TAIPAN_CONFIG")]
     config: Option<PathBuf>,
     #[arg(long)]
@@ -140,6 +141,7 @@ struct FileConfig {
     kv_cache_mb: Option<usize>,
     max_batch_tokens: Option<usize>,
     max_running: Option<usize>,
+    chat_template: Option<PathBuf>,
 }
 
 fn read_keys(path: &Path) -> Result<Vec<String>> {
@@ -193,7 +195,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     };
     let mode = if a.exact { MatmulMode::Exact } else { MatmulMode::Fast };
     let quantize = parse_quantize(a.quantize.as_deref())?;
-    let template = match &a.chat_template {
+    let template = match a.chat_template.as_ref().or(file.chat_template.as_ref()) {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
