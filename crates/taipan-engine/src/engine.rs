@@ -782,7 +782,8 @@ impl Engine {
             return self.finish(i, FinishReason::Length);
         }
         let logits = &mut self.scratch.logits_mut()[row * vocab..(row + 1) * vocab];
-        if s.generated < req.min_tokens {
+        // Under an active grammar the grammar decides where the answer ends.
+        if s.generated < req.min_tokens && !s.guide.as_ref().is_some_and(|g| g.active()) {
             for &id in stop_ids {
                 if let Some(l) = logits.get_mut(id as usize) {
                     *l = f32::NEG_INFINITY;
