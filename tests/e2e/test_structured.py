@@ -140,7 +140,7 @@ def test_json_schemas_at_temperature_one_always_validate(server, name):
                                            response_format=fmt, temperature=1.0, max_tokens=160)
         return r.choices[0].message.content
 
-    for text in parallel(ask, range(24)):
+    for text in parallel(ask, range(len(PROMPTS))):
         validate(json.loads(text), schema)
 
 
