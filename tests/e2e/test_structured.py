@@ -3,11 +3,12 @@ SDKs, streamed and not, on the default model (SmolLM2-135M, which needs the cons
 it rarely writes valid JSON)."""
 import concurrent.futures
 import json
+import re
 
 import httpx
 import openai
 import pytest
-from ai21.models.chat import AssistantMessage, ToolMessage, UserMessage
+from ai21.models.chat import ToolMessage, UserMessage
 from ai21.models.chat.document_schema import DocumentSchema
 
 from conftest import KEY, Server
@@ -309,3 +310,28 @@ def test_bad_tool_choice_is_a_400(server):
     r = httpx.post(server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": "jamba-mini", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_vllm_guided_fields_on_chat_and_completions(server):
+    """Clients written for vLLM pass guided_choice/guided_regex/guided_json/guided_grammar (or
+    structured_outputs) through the openai SDK's extra_body."""
+    client = openai_client(server)
+
+    def chat(extra, prompt="Is the sky blue?"):
+        r = client.chat.completions.create(model="jamba-mini", messages=[{"role": "user", "content": prompt}],
+                                           temperature=1.0, max_tokens=40, extra_body=extra)
+        return r.choices[0].message.content
+
+    for seed in range(4):
+        assert chat({"guided_choice": ["yes", "no"], "seed": seed}) in ("yes", "no")
+        phone = chat({"structured_outputs": {"regex": r"\(\d{3}\) \d{3}-\d{4}"}, "seed": seed}, "A phone number?")
+        assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", phone), phone
+        n = json.loads(chat({"guided_json": {"type": "integer", "minimum": 1, "maximum": 9}, "seed": seed}, "A digit?"))
+        assert isinstance(n, int) and 1 <= n <= 9
+        assert chat({"guided_grammar": 'start: "A" ("B" | "C")+ "."', "seed": seed}).startswith("A")
+    text = client.completions.create(model="jamba-mini", prompt="The answer is", max_tokens=10,
+                                     extra_body={"guided_regex": " (yes|no)\\."}).choices[0].text
+    assert text in (" yes.", " no.")
+    with pytest.raises(openai.BadRequestError) as e:
+        chat({"guided_regex": "(unclosed"})
+    assert e.value.body["param"] == "guided_regex"

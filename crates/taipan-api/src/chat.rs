@@ -2,6 +2,7 @@
 
 use crate::error::{ApiError, Dialect};
 use crate::fields::*;
+use crate::guided::{output_shape, Guided};
 use crate::tools::{parse_tool_choice, ToolChoice};
 use serde_json::Value;
 
@@ -41,6 +42,8 @@ pub struct ChatRequest {
     pub stream: bool,
     pub seed: Option<u64>,
     pub response_format: ResponseFormat,
+    /// The shape the answer must have (from `response_format` or vLLM's guided-decoding fields).
+    pub guided: Option<Guided>,
     /// OpenAI `stream_options.include_usage`.
     pub include_usage: bool,
     /// OpenAI `logprobs` / `top_logprobs`.
@@ -84,6 +87,7 @@ pub fn parse_chat(body: &[u8], dialect: Dialect) -> Result<ChatRequest, ApiError
     let top_p = opt_num(&o, "top_p", 0.0, 1.0, true)?.unwrap_or(1.0) as f32;
     let top_k = opt_int(&o, "top_k", 0, i32::MAX as i64)?.unwrap_or(0) as usize;
     let response_format = parse_response_format(&o, dialect)?;
+    let guided = output_shape(&o, &response_format)?;
     let (include_usage, logprobs, top_logprobs) = match dialect {
         Dialect::Ai21 => (false, false, 0),
         Dialect::OpenAi => {
@@ -118,6 +122,7 @@ pub fn parse_chat(body: &[u8], dialect: Dialect) -> Result<ChatRequest, ApiError
         stream,
         seed: opt_seed(&o)?,
         response_format,
+        guided,
         include_usage,
         logprobs,
         top_logprobs,
@@ -319,7 +324,7 @@ fn parse_documents(o: &Obj) -> Result<Vec<Value>, ApiError> {
     Ok(items.clone())
 }
 
-fn parse_response_format(o: &Obj, dialect: Dialect) -> Result<ResponseFormat, ApiError> {
+pub(crate) fn parse_response_format(o: &Obj, dialect: Dialect) -> Result<ResponseFormat, ApiError> {
     let Some(rf) = present(o, "response_format") else { return Ok(ResponseFormat::Text) };
     let ty = rf.get("type").and_then(Value::as_str);
     match (ty, dialect) {

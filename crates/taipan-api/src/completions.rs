@@ -1,7 +1,9 @@
 //! OpenAI's legacy `/v1/completions`: a raw prompt (text or token ids), used by evaluation harnesses.
 
-use crate::error::ApiError;
+use crate::chat::parse_response_format;
+use crate::error::{ApiError, Dialect};
 use crate::fields::*;
+use crate::guided::{output_shape, Guided};
 use serde_json::Value;
 
 /// The prompt as sent.
@@ -31,6 +33,8 @@ pub struct CompletionRequest {
     pub ignore_eos: bool,
     pub min_tokens: usize,
     pub include_usage: bool,
+    /// The shape each answer must have (`response_format` or vLLM's guided-decoding fields).
+    pub guided: Option<Guided>,
 }
 
 fn token_list(items: &[Value], field: &str) -> Result<Vec<u32>, ApiError> {
@@ -107,6 +111,7 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
         ignore_eos: opt_bool(&o, "ignore_eos")?.unwrap_or(false),
         min_tokens: opt_int(&o, "min_tokens", 0, i32::MAX as i64)?.unwrap_or(0) as usize,
         include_usage,
+        guided: output_shape(&o, &parse_response_format(&o, Dialect::OpenAi)?)?,
     })
 }
 

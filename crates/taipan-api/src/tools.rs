@@ -10,8 +10,9 @@
 //! tool calls, so what the model writes is exactly what a later prompt shows it.
 
 use crate::error::ApiError;
+use crate::guided::{lark_string, with_json_options};
 use crate::pyjson;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// Whether and how the model may call tools (OpenAI's `tool_choice`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -99,41 +100,6 @@ impl ToolSyntax {
             lark_string(tag)
         }
     }
-}
-
-fn lark_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
-}
-
-/// JSON generation options shared by every grammar: no free whitespace (a small model would
-/// loop on it), Python's separators.
-fn with_json_options(schema: &Value) -> Value {
-    let mut out = Map::new();
-    out.insert(
-        "x-guidance".into(),
-        json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
-    );
-    match schema {
-        Value::Object(o) => {
-            for (k, v) in o {
-                if k != "x-guidance" {
-                    out.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        other => {
-            // `true`/`false` schemas: wrap so the options still apply.
-            out.insert("allOf".into(), json!([other]));
-        }
-    }
-    Value::Object(out)
-}
-
-/// A grammar for one JSON value following `schema` (`None`: any JSON object).
-pub fn json_grammar(schema: Option<&Value>) -> String {
-    // An empty object is valid but never what JSON mode is for.
-    let schema = schema.cloned().unwrap_or_else(|| json!({"type": "object", "minProperties": 1}));
-    format!("start: %json {}\n", with_json_options(&schema))
 }
 
 /// A grammar for a list of tool calls. `only` restricts the calls to one function; `parallel`
@@ -558,6 +524,6 @@ mod tests {
         assert!(g.contains(r#""const":"add""#) && !g.contains("get_weather"), "{g}");
         let special = tool_call_grammar(&tools(), None, true, &ToolSyntax::jamba(true), false);
         assert!(special.starts_with("start: calls </tool_calls>"), "{special}");
-        assert!(json_grammar(None).contains(r#""type":"object""#));
+        assert!(crate::guided::OutputShape::Json(None).lark().contains(r#""type":"object""#));
     }
 }

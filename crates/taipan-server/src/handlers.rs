@@ -4,7 +4,7 @@ use crate::error::{dialect_of, HttpError};
 use crate::ids::{new_id, new_tool_id, random_u64, unix_now};
 use crate::prompt::{chat_prompt, message_boundaries, resolve_max_tokens};
 use crate::state::AppState;
-use crate::structured::{plan_output, OutputPlan};
+use crate::structured::{plan_output, shape_constraint, OutputPlan};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -427,6 +427,17 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
             })?;
         prompts.push((ids, text, max));
     }
+    let constraint = match req.guided.clone() {
+        Some(guided) => {
+            let state = Arc::clone(state);
+            let c = tokio::task::spawn_blocking(move || shape_constraint(&guided, || state.grammar_compiler()))
+                .await
+                .map_err(|e| fail(d, ApiError::new(ErrorKind::Internal, e.to_string())))?
+                .map_err(|e| fail(d, e))?;
+            Some(c)
+        }
+        None => None,
+    };
     let id = new_id("cmpl-");
     let created = unix_now();
     let (tx, mut out_rx) = mpsc::channel::<String>(64);
@@ -457,7 +468,7 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
                     logprobs: req.logprobs,
                     prompt_logprobs: (req.echo && req.logprobs.is_some()).then(|| req.logprobs.unwrap_or(0)),
                     snapshot_at: vec![],
-                    constraint: None,
+                    constraint: constraint.clone(),
                     special_text: false,
                 };
                 let mut rx = submit(&eng, gen, d)?;

@@ -6,8 +6,8 @@ use crate::prompt::tools_offered;
 use serde_json::Value;
 use std::sync::Arc;
 use taipan_api::chat::ChatRequest;
-use taipan_api::tools::{json_grammar, tool_call_grammar, ToolChoice, ToolSyntax};
-use taipan_api::{ApiError, ErrorKind, ResponseFormat};
+use taipan_api::tools::{tool_call_grammar, ToolChoice, ToolSyntax};
+use taipan_api::{ApiError, ErrorKind, Guided};
 use taipan_engine::{Constraint, GrammarCompiler};
 use taipan_model::Model;
 
@@ -38,7 +38,17 @@ fn compile(compiler: &Arc<GrammarCompiler>, lark: &str, field: &str) -> Result<A
     compiler
         .compile(lark)
         .map(Arc::new)
-        .map_err(|e| ApiError::invalid(field, format!("this schema is not supported for constrained decoding: {e}")))
+        .map_err(|e| ApiError::invalid(field, format!("cannot be used for constrained decoding: {e}")))
+}
+
+/// The constraint for an output shape alone (legacy completions, or chat without tools).
+pub fn shape_constraint(
+    guided: &Guided,
+    compiler: impl FnOnce() -> Result<Arc<GrammarCompiler>, String>,
+) -> Result<Constraint, ApiError> {
+    let compiler = compiler().map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
+    let grammar = compile(&compiler, &guided.shape.lark(), &guided.field)?;
+    Ok(Constraint { grammar, trigger: None, compiler })
 }
 
 /// Decides the constraint for `req`. `compiler` is only asked for when a grammar is needed.
@@ -53,12 +63,7 @@ pub fn plan_output(
         ToolChoice::Named(name) if tools => Some(Some(name.as_str())),
         _ => None,
     };
-    let json_schema = match &req.response_format {
-        ResponseFormat::Text => None,
-        ResponseFormat::JsonObject => Some(None),
-        ResponseFormat::JsonSchema(s) => Some(Some(s)),
-    };
-    if !tools && json_schema.is_none() {
+    if !tools && req.guided.is_none() {
         return Ok(OutputPlan::default());
     }
     let compiler = compiler().map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
@@ -71,11 +76,10 @@ pub fn plan_output(
     let plan = if let Some(only) = forced_tool {
         let g = tool_call_grammar(tools_list, only, req.parallel_tool_calls && only.is_none(), &syntax, true);
         OutputPlan { constraint: Some(constraint(g, "tools", None)?), tool_syntax: Some(syntax), special_text }
-    } else if let Some(schema) = json_schema {
-        // JSON mode wins over optional tool calls: the answer must be the JSON.
-        let field = if schema.is_some() { "response_format.json_schema.schema" } else { "response_format" };
+    } else if let Some(guided) = &req.guided {
+        // A demanded shape wins over optional tool calls: the answer must be that shape.
         OutputPlan {
-            constraint: Some(constraint(json_grammar(schema), field, None)?),
+            constraint: Some(constraint(guided.shape.lark(), &guided.field, None)?),
             tool_syntax: None,
             special_text: false,
         }
