@@ -11,7 +11,7 @@
 
 use crate::error::ApiError;
 use crate::guided::{lark_string, with_json_options};
-use crate::pyjson;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 /// Whether and how the model may call tools (OpenAI's `tool_choice`).
@@ -167,32 +167,45 @@ fn content_before(text: &str) -> Option<String> {
     (!text.trim().is_empty()).then(|| text.to_string())
 }
 
-/// `{"name", "arguments"}` of a declared tool as a call; arguments re-serialised the way Python's
-/// `json.dumps(ensure_ascii=False)` writes them.
-fn call_from(v: &Value, tools: &[Value], new_id: &mut dyn FnMut() -> String) -> Option<ToolCall> {
-    let name = v.get("name")?.as_str()?;
-    if !tools.iter().any(|t| tool_name(t) == Some(name)) {
-        return None;
-    }
-    let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
-        None => "{}".to_string(),
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
-            Ok(parsed) if parsed.is_object() => pyjson::to_string_unicode(&parsed),
-            _ => return None,
-        },
-        Some(a @ Value::Object(_)) => pyjson::to_string_unicode(a),
-        Some(_) => return None,
-    };
-    Some(ToolCall { id: new_id(), name: name.to_string(), arguments })
+/// One call as written: the name, and the arguments' JSON text untouched.
+#[derive(serde::Deserialize)]
+struct WrittenCall<'a> {
+    name: String,
+    #[serde(borrow, default, alias = "parameters")]
+    arguments: Option<&'a RawValue>,
 }
 
-fn calls_from(v: &Value, tools: &[Value], new_id: &mut dyn FnMut() -> String) -> Option<Vec<ToolCall>> {
-    let calls: Option<Vec<ToolCall>> = match v {
-        Value::Array(items) => items.iter().map(|c| call_from(c, tools, new_id)).collect(),
-        Value::Object(_) => call_from(v, tools, new_id).map(|c| vec![c]),
+/// The arguments string of a call: the object exactly as the model wrote it (under a grammar it
+/// is compact JSON with `", "` and `": "`), or the JSON text inside a string; `{}` when absent.
+fn arguments_text(raw: Option<&RawValue>) -> Option<String> {
+    let Some(raw) = raw else { return Some("{}".into()) };
+    match serde_json::from_str::<Value>(raw.get()).ok()? {
+        Value::Object(_) => Some(raw.get().to_string()),
+        Value::String(inner) => serde_json::from_str::<Value>(&inner).ok().filter(Value::is_object).map(|_| inner),
         _ => None,
+    }
+}
+
+/// `{"name", "arguments"}` naming a declared tool, as a call.
+fn call_from(text: &str, tools: &[Value], new_id: &mut dyn FnMut() -> String) -> Option<ToolCall> {
+    let call: WrittenCall<'_> = serde_json::from_str(text).ok()?;
+    if !tools.iter().any(|t| tool_name(t) == Some(call.name.as_str())) {
+        return None;
+    }
+    let arguments = arguments_text(call.arguments)?;
+    Some(ToolCall { id: new_id(), name: call.name, arguments })
+}
+
+/// A list of calls, or a single one.
+fn calls_from(text: &str, tools: &[Value], new_id: &mut dyn FnMut() -> String) -> Option<Vec<ToolCall>> {
+    let text = text.trim();
+    let calls: Vec<ToolCall> = if text.starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+        items.iter().map(|c| call_from(c.get(), tools, new_id)).collect::<Option<_>>()?
+    } else {
+        vec![call_from(text, tools, new_id)?]
     };
-    calls.filter(|c| !c.is_empty())
+    (!calls.is_empty()).then_some(calls)
 }
 
 /// Reads tool calls out of an answer: `OPEN json CLOSE` after optional text (the closing tag may
@@ -208,14 +221,14 @@ pub fn parse_answer(
     if let Some(at) = text.find(&syntax.open) {
         let body = &text[at + syntax.open.len()..];
         let body = body.find(&syntax.close).map_or(body, |end| &body[..end]);
-        return match serde_json::from_str::<Value>(body.trim()).ok().and_then(|v| calls_from(&v, tools, new_id)) {
+        return match calls_from(body, tools, new_id) {
             Some(calls) => ParsedAnswer { content: content_before(&text[..at]), calls },
             None => as_text(),
         };
     }
     let trimmed = text.trim();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        if let Some(calls) = serde_json::from_str::<Value>(trimmed).ok().and_then(|v| calls_from(&v, tools, new_id)) {
+        if let Some(calls) = calls_from(trimmed, tools, new_id) {
             return ParsedAnswer { content: None, calls };
         }
     }
@@ -241,27 +254,34 @@ pub enum StreamPiece {
 
 /// Turns a stream of text into content and tool-call pieces. Text that might be the start of the
 /// opening tag is held back until it is clearly not; after the tag, a call's name is sent as soon
-/// as it is complete and its arguments once the call's object is complete (in their final,
-/// re-serialised form, so the stream adds up to the non-streamed answer).
+/// as it is complete, and its arguments as they are written (the object's text goes out as it
+/// grows; arguments given as a string go out whole once the call is complete), so the stream adds
+/// up to the non-streamed answer.
 pub struct ToolStream {
     syntax: ToolSyntax,
     tools: Vec<Value>,
     /// Text not yet sent before the tag, or everything after it.
     pending: String,
     in_calls: bool,
-    /// Calls whose start was sent, and how many of them also had their arguments sent.
-    started: Vec<(String, String)>,
+    calls: Vec<CallProgress>,
+    /// Calls whose object is complete and fully sent.
     finished: usize,
+}
+
+struct CallProgress {
+    id: String,
+    /// Bytes of the arguments' text already sent.
+    sent: usize,
 }
 
 impl ToolStream {
     pub fn new(syntax: ToolSyntax, tools: Vec<Value>) -> Self {
-        ToolStream { syntax, tools, pending: String::new(), in_calls: false, started: vec![], finished: 0 }
+        ToolStream { syntax, tools, pending: String::new(), in_calls: false, calls: vec![], finished: 0 }
     }
 
     /// Whether any call was started.
     pub fn has_calls(&self) -> bool {
-        !self.started.is_empty()
+        !self.calls.is_empty()
     }
 
     pub fn push(&mut self, text: &str, new_id: &mut dyn FnMut() -> String) -> Vec<StreamPiece> {
@@ -288,35 +308,47 @@ impl ToolStream {
         out
     }
 
-    /// Finds complete call objects (and complete names of the one in progress) after the tag.
+    /// Sends what the call objects after the tag make known: names once complete, then arguments.
     fn scan_calls(&mut self, out: &mut Vec<StreamPiece>, new_id: &mut dyn FnMut() -> String) {
         let body = self.pending.find(&self.syntax.close).map_or(self.pending.as_str(), |e| &self.pending[..e]);
-        for (k, (start, end)) in top_level_objects(body).into_iter().enumerate() {
+        for (k, (start, end)) in top_level_objects(body).into_iter().enumerate().skip(self.finished) {
             let slice = &body[start..end.unwrap_or(body.len())];
-            if k == self.started.len() {
-                let name = match end {
-                    Some(_) => serde_json::from_str::<Value>(slice)
-                        .ok()
-                        .and_then(|v| v.get("name").and_then(Value::as_str).map(String::from)),
-                    None => complete_name(slice),
-                };
+            let members = object_members(slice);
+            let member = |keys: &[&str]| members.iter().find(|m| keys.contains(&m.key.as_str()));
+            if k == self.calls.len() {
+                let name = member(&["name"])
+                    .and_then(|m| m.end.map(|e| &slice[m.start..e]))
+                    .and_then(|t| serde_json::from_str::<String>(t).ok());
                 let Some(name) = name else { return };
                 if !self.tools.iter().any(|t| tool_name(t) == Some(name.as_str())) {
                     return;
                 }
                 let id = new_id();
-                out.push(StreamPiece::CallStart { index: k, id: id.clone(), name: name.clone() });
-                self.started.push((id, name));
+                out.push(StreamPiece::CallStart { index: k, id: id.clone(), name });
+                self.calls.push(CallProgress { id, sent: 0 });
             }
-            if k == self.finished && k < self.started.len() {
-                let Some(_) = end else { return };
-                let Ok(v) = serde_json::from_str::<Value>(slice) else { return };
-                let (id, _) = self.started[k].clone();
-                let mut same_id = || id.clone();
-                let Some(call) = call_from(&v, &self.tools, &mut same_id) else { return };
-                out.push(StreamPiece::CallArguments { index: k, arguments: call.arguments });
-                self.finished += 1;
+            let call = &mut self.calls[k];
+            if let Some(m) = member(&["arguments", "parameters"]).filter(|m| slice[m.start..].starts_with('{')) {
+                let upto = m.end.unwrap_or(slice.len());
+                if upto > m.start + call.sent {
+                    out.push(StreamPiece::CallArguments {
+                        index: k,
+                        arguments: slice[m.start + call.sent..upto].to_string(),
+                    });
+                    call.sent = upto - m.start;
+                }
             }
+            if end.is_none() {
+                return;
+            }
+            let id = call.id.clone();
+            let Some(whole) = call_from(slice, &self.tools, &mut || id.clone()) else { return };
+            let rest = whole.arguments.get(call.sent..).unwrap_or_default();
+            if !rest.is_empty() {
+                out.push(StreamPiece::CallArguments { index: k, arguments: rest.to_string() });
+            }
+            call.sent = whole.arguments.len();
+            self.finished += 1;
         }
     }
 
@@ -325,11 +357,105 @@ impl ToolStream {
     /// when nothing started; started calls keep what they sent).
     pub fn finish(&mut self) -> Vec<StreamPiece> {
         let rest = std::mem::take(&mut self.pending);
-        if rest.is_empty() || (self.in_calls && self.finished > 0 && self.finished == self.started.len()) {
+        if rest.is_empty() || (self.in_calls && self.finished > 0 && self.finished == self.calls.len()) {
             return vec![];
         }
-        let text = if self.in_calls && self.started.is_empty() { format!("{}{rest}", self.syntax.open) } else { rest };
+        let text = if self.in_calls && self.calls.is_empty() { format!("{}{rest}", self.syntax.open) } else { rest };
         vec![StreamPiece::Content(text)]
+    }
+}
+
+/// One `"key": value` of a JSON object being written; `end` is `None` while the value is
+/// unfinished.
+struct Member {
+    key: String,
+    start: usize,
+    end: Option<usize>,
+}
+
+/// The members of the (possibly unfinished) object that `s` starts with, as far as written.
+fn object_members(s: &str) -> Vec<Member> {
+    let b = s.as_bytes();
+    let skip_ws = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let mut out = Vec::new();
+    let mut i = 1;
+    loop {
+        i = skip_ws(i);
+        match b.get(i) {
+            Some(b',') => {
+                i += 1;
+                continue;
+            }
+            Some(b'"') => {}
+            _ => return out,
+        }
+        let Some(key_end) = value_end(b, i) else { return out };
+        let Ok(key) = serde_json::from_str::<String>(&s[i..key_end]) else { return out };
+        i = skip_ws(key_end);
+        if b.get(i) != Some(&b':') {
+            return out;
+        }
+        let start = skip_ws(i + 1);
+        if start >= b.len() {
+            return out;
+        }
+        let end = value_end(b, start);
+        out.push(Member { key, start, end });
+        match end {
+            Some(e) => i = e,
+            None => return out,
+        }
+    }
+}
+
+/// Where the JSON value starting at `b[i]` ends (one past it), if it is complete.
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    match b.get(i)? {
+        b'"' => {
+            let mut escaped = false;
+            for (j, &c) in b.iter().enumerate().skip(i + 1) {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => return Some(j + 1),
+                    _ => {}
+                }
+            }
+            None
+        }
+        b'{' | b'[' => {
+            let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+            for (j, &c) in b.iter().enumerate().skip(i) {
+                if in_string {
+                    match (escaped, c) {
+                        (true, _) => escaped = false,
+                        (false, b'\\') => escaped = true,
+                        (false, b'"') => in_string = false,
+                        _ => {}
+                    }
+                    continue;
+                }
+                match c {
+                    b'"' => in_string = true,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            None
+        }
+        // A number or literal ends where a delimiter follows it.
+        _ => b[i..].iter().position(|c| matches!(c, b',' | b'}' | b']') || c.is_ascii_whitespace()).map(|p| i + p),
     }
 }
 
@@ -376,25 +502,6 @@ fn top_level_objects(body: &str) -> Vec<(usize, Option<usize>)> {
         }
     }
     out
-}
-
-/// The value of `"name"` in an unfinished call object, once its string is closed.
-fn complete_name(partial: &str) -> Option<String> {
-    let after_key = &partial[partial.find("\"name\"")? + 6..];
-    let value = after_key.trim_start().strip_prefix(':')?.trim_start();
-    if !value.starts_with('"') {
-        return None;
-    }
-    let mut escaped = false;
-    for (i, b) in value.bytes().enumerate().skip(1) {
-        match (escaped, b) {
-            (true, _) => escaped = false,
-            (false, b'\\') => escaped = true,
-            (false, b'"') => return serde_json::from_str(&value[..=i]).ok(),
-            _ => {}
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -467,7 +574,7 @@ mod tests {
     fn bare_json_calls_and_string_arguments_parse() {
         let s = ToolSyntax::generic(false);
         let a = parse_answer(r#"{"name": "add", "arguments": "{\"a\":1}"}"#, &s, &tools(), &mut ids());
-        assert_eq!(a.calls[0].arguments, r#"{"a": 1}"#);
+        assert_eq!(a.calls[0].arguments, r#"{"a":1}"#);
         let plain = parse_answer(r#"{"a": 1}"#, &s, &tools(), &mut ids());
         assert_eq!(plain.calls.len(), 0);
     }
@@ -504,6 +611,20 @@ mod tests {
                 whole.calls.iter().map(|c| (c.id.clone(), c.name.clone(), c.arguments.clone())).collect();
             assert_eq!(calls, expect, "step {step}");
         }
+    }
+
+    #[test]
+    fn stream_sends_arguments_as_they_are_written() {
+        let mut stream = ToolStream::new(ToolSyntax::generic(false), tools());
+        let mut id = ids();
+        let mut pieces = stream.push("<tool_call>[{\"name\": \"add\", \"arguments\": {\"a\": 1", &mut id);
+        assert_eq!(pieces.len(), 2, "{pieces:?}");
+        assert_eq!(pieces[1], StreamPiece::CallArguments { index: 0, arguments: "{\"a\": 1".into() });
+        pieces = stream.push("2, \"b\"", &mut id);
+        assert_eq!(pieces, vec![StreamPiece::CallArguments { index: 0, arguments: "2, \"b\"".into() }]);
+        pieces = stream.push(": 3}}]</tool_call>", &mut id);
+        assert_eq!(pieces, vec![StreamPiece::CallArguments { index: 0, arguments: ": 3}".into() }]);
+        assert!(stream.finish().is_empty() && stream.has_calls());
     }
 
     #[test]
