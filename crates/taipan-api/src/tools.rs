@@ -413,38 +413,40 @@ fn object_members(s: &str) -> Vec<Member> {
     }
 }
 
+/// The bytes of `b` from `from` on that lie outside JSON strings, with their positions: the
+/// structure of a JSON text. A string's quotes are included, its contents are not.
+fn outside_strings(b: &[u8], from: usize) -> impl Iterator<Item = (usize, u8)> + '_ {
+    let (mut in_string, mut escaped) = (false, false);
+    b.iter().enumerate().skip(from).filter_map(move |(j, &c)| {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => {
+                    in_string = false;
+                    return Some((j, c));
+                }
+                _ => {}
+            }
+            return None;
+        }
+        in_string = c == b'"';
+        Some((j, c))
+    })
+}
+
 /// Where the JSON value starting at `b[i]` ends (one past it), if it is complete.
 fn value_end(b: &[u8], i: usize) -> Option<usize> {
     match b.get(i)? {
-        b'"' => {
-            let mut escaped = false;
-            for (j, &c) in b.iter().enumerate().skip(i + 1) {
-                match (escaped, c) {
-                    (true, _) => escaped = false,
-                    (false, b'\\') => escaped = true,
-                    (false, b'"') => return Some(j + 1),
-                    _ => {}
-                }
-            }
-            None
-        }
+        // The second quote outside the string's contents closes it.
+        b'"' => outside_strings(b, i).nth(1).map(|(j, _)| j + 1),
         b'{' | b'[' => {
-            let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-            for (j, &c) in b.iter().enumerate().skip(i) {
-                if in_string {
-                    match (escaped, c) {
-                        (true, _) => escaped = false,
-                        (false, b'\\') => escaped = true,
-                        (false, b'"') => in_string = false,
-                        _ => {}
-                    }
-                    continue;
-                }
+            let mut depth = 0usize;
+            for (j, c) in outside_strings(b, i) {
                 match c {
-                    b'"' => in_string = true,
                     b'{' | b'[' => depth += 1,
                     b'}' | b']' => {
-                        depth -= 1;
+                        depth = depth.saturating_sub(1);
                         if depth == 0 {
                             return Some(j + 1);
                         }
@@ -470,20 +472,10 @@ fn partial_suffix(text: &str, tag: &str) -> usize {
 /// Byte spans of the objects directly inside the top-level array of `body` (the last one may be
 /// unfinished: end `None`).
 fn top_level_objects(body: &str) -> Vec<(usize, Option<usize>)> {
-    let mut out = Vec::new();
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for (i, b) in body.bytes().enumerate() {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
+    let mut out: Vec<(usize, Option<usize>)> = Vec::new();
+    let mut depth = 0usize;
+    for (i, b) in outside_strings(body.as_bytes(), 0) {
         match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 if depth == 1 && b == b'{' {
                     out.push((i, None));
