@@ -273,6 +273,13 @@ fn parse_tools(o: &Obj) -> Result<Vec<Value>, ApiError> {
                     "parameters must be an object",
                 ));
             }
+            // Arguments are a JSON object; a schema for anything else could never be met.
+            if p.get("type").is_some_and(|ty| ty != "object") {
+                return Err(ApiError::invalid(
+                    format!("tools.{i}.function.parameters.type"),
+                    "parameters must describe an object (type \"object\")",
+                ));
+            }
         }
     }
     Ok(items.clone())
@@ -385,6 +392,15 @@ mod tests {
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"documents":[{"id":"1"}]}"#,
                 "documents.0.content",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],
+                    "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"string"}}}]}"#,
+                "tools.0.function.parameters.type",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"parallel_tool_calls":"yes"}"#,
+                "parallel_tool_calls",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,

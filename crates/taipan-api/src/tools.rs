@@ -263,6 +263,8 @@ pub struct ToolStream {
     /// Text not yet sent before the tag, or everything after it.
     pending: String,
     in_calls: bool,
+    /// Content was sent (so later blanks are content too).
+    sent_text: bool,
     calls: Vec<CallProgress>,
     /// Calls whose object is complete and fully sent.
     finished: usize,
@@ -276,7 +278,15 @@ struct CallProgress {
 
 impl ToolStream {
     pub fn new(syntax: ToolSyntax, tools: Vec<Value>) -> Self {
-        ToolStream { syntax, tools, pending: String::new(), in_calls: false, calls: vec![], finished: 0 }
+        ToolStream {
+            syntax,
+            tools,
+            pending: String::new(),
+            in_calls: false,
+            sent_text: false,
+            calls: vec![],
+            finished: 0,
+        }
     }
 
     /// Whether any call was started.
@@ -289,17 +299,21 @@ impl ToolStream {
         let mut out = Vec::new();
         if !self.in_calls {
             if let Some(at) = self.pending.find(&self.syntax.open) {
-                if !self.pending[..at].is_empty() {
-                    out.push(StreamPiece::Content(self.pending[..at].to_string()));
+                // Blank text before a call is no content (as in the non-streamed answer).
+                let before = &self.pending[..at];
+                if !before.is_empty() && (self.sent_text || !before.trim().is_empty()) {
+                    out.push(StreamPiece::Content(before.to_string()));
                 }
                 self.pending.drain(..at + self.syntax.open.len());
                 self.in_calls = true;
             } else {
                 let keep = partial_suffix(&self.pending, &self.syntax.open);
                 let send = self.pending.len() - keep;
-                if send > 0 {
+                // Leading blanks wait: they are no content if a call follows.
+                if send > 0 && (self.sent_text || !self.pending[..send].trim().is_empty()) {
                     out.push(StreamPiece::Content(self.pending[..send].to_string()));
                     self.pending.drain(..send);
+                    self.sent_text = true;
                 }
                 return out;
             }
@@ -603,6 +617,19 @@ mod tests {
                 whole.calls.iter().map(|c| (c.id.clone(), c.name.clone(), c.arguments.clone())).collect();
             assert_eq!(calls, expect, "step {step}");
         }
+    }
+
+    #[test]
+    fn blank_text_before_a_call_is_not_streamed_as_content() {
+        let mut stream = ToolStream::new(ToolSyntax::jamba(false), tools());
+        let mut id = ids();
+        assert!(stream.push(" ", &mut id).is_empty());
+        let pieces = stream.push("<tool_calls>[{\"name\": \"add\"", &mut id);
+        assert!(matches!(pieces.as_slice(), [StreamPiece::CallStart { .. }]), "{pieces:?}");
+        let mut plain = ToolStream::new(ToolSyntax::jamba(false), tools());
+        assert!(plain.push(" ", &mut id).is_empty());
+        assert_eq!(plain.push(" Hi", &mut id), vec![StreamPiece::Content("  Hi".into())]);
+        assert!(plain.push(" ", &mut id) == vec![StreamPiece::Content(" ".into())]);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{self, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use taipan_model::Tokenizer;
 
@@ -203,6 +204,31 @@ impl Guide {
         }
     }
 
+    /// See [`Guide::mask_inner`]. A panic inside the grammar library ends this sequence's
+    /// constraint (and the sequence), never the engine thread.
+    pub(crate) fn mask(&mut self, logits: &mut [f32], left: usize) -> bool {
+        match catch_unwind(AssertUnwindSafe(|| self.mask_inner(logits, left))) {
+            Ok(allowed) => allowed,
+            Err(_) => {
+                self.abandon();
+                false
+            }
+        }
+    }
+
+    /// See [`Guide::vet_inner`]; on a panic the sampled token stands and the constraint is dropped.
+    pub(crate) fn vet(&mut self, token: u32, left: usize) -> u32 {
+        catch_unwind(AssertUnwindSafe(|| self.vet_inner(token, left))).unwrap_or_else(|_| {
+            self.abandon();
+            token
+        })
+    }
+
+    /// See [`Guide::advance_inner`]; on a panic the rest runs unconstrained.
+    pub(crate) fn advance(&mut self, token: u32, text: &str) -> Progress {
+        catch_unwind(AssertUnwindSafe(|| self.advance_inner(token, text))).unwrap_or_else(|_| self.abandon())
+    }
+
     /// Whether the grammar governs the next token (a lazy one waits for its trigger).
     pub(crate) fn active(&self) -> bool {
         self.matcher.is_some()
@@ -213,7 +239,7 @@ impl Guide {
     /// path finds it) no longer fits comfortably, the guide follows that path, so that the output
     /// is complete when the budget ends. Returns false when no token is allowed at all (the caller
     /// ends the sequence).
-    pub(crate) fn mask(&mut self, logits: &mut [f32], left: usize) -> bool {
+    fn mask_inner(&mut self, logits: &mut [f32], left: usize) -> bool {
         let compiler = Arc::clone(&self.constraint.compiler);
         let Some(m) = self.matcher.as_mut() else { return true };
         if !self.closing && left <= CLOSING_WINDOW {
@@ -256,7 +282,7 @@ impl Guide {
     /// Checks a freely sampled token near the end of the budget: if the closing path after it
     /// would not fit in what is left, the closing path starts now instead (one token can open
     /// several structures at once). Returns the token to use.
-    pub(crate) fn vet(&mut self, token: u32, left: usize) -> u32 {
+    fn vet_inner(&mut self, token: u32, left: usize) -> u32 {
         let (Some(m), Some(mask)) = (self.matcher.as_mut(), self.last_mask.take()) else { return token };
         if self.closing || left > CLOSING_WINDOW {
             return token;
@@ -272,7 +298,7 @@ impl Guide {
     }
 
     /// Advances past a sampled token whose decoded text is `text`.
-    pub(crate) fn advance(&mut self, token: u32, text: &str) -> Progress {
+    fn advance_inner(&mut self, token: u32, text: &str) -> Progress {
         if self.abandoned {
             return Progress::Abandoned;
         }
