@@ -172,6 +172,47 @@ mod tests {
         assert_eq!(render(&m, &json_mode, None, true).unwrap(), golden("7_json_knob"));
     }
 
+    /// A template that reads neither tools nor documents (jamba-tiny-a's own ChatML one) gets
+    /// them, and earlier calls, in the documented fallback formats.
+    #[test]
+    fn chatml_template_gets_the_fallback_formats() {
+        let m = Model::load(&shared("fixtures/jamba-tiny-a"), LoadOptions::default()).expect("loads");
+        let weather: Value = serde_json::from_str(WEATHER).unwrap();
+        let req = ai21(json!({"model": "m", "tools": [weather], "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "get_current_weather", "arguments": "{\"location\": \"Paris\"}"}}]},
+            {"role": "tool", "content": "18 C", "tool_call_id": "c1"}],
+            "documents": [{"content": "Paris is in France.", "id": "d1", "metadata": {"topic": "geo"}}],
+            "response_format": {"type": "json_object"}}));
+        let text = render(&m, &req, None, true).unwrap();
+        let system = text.split("<|im_end|>").next().unwrap();
+        assert!(
+            system
+                .starts_with("<|startoftext|><|im_start|>system\nBe brief.\n\nYou are an expert at calling functions."),
+            "{text}"
+        );
+        assert!(
+            system.contains("<tools>[{\"name\": \"get_current_weather\", \"description\": \"Get the current weather\""),
+            "{text}"
+        );
+        assert!(system.contains("<tool_call>[{\"name\": \"function_name\""), "{text}");
+        assert!(
+            system.contains("<documents>\n## Document 0 (id: d1)\ntopic: geo\nParis is in France.\n</documents>"),
+            "{text}"
+        );
+        assert!(system.ends_with("Answer with a single JSON object and nothing else."), "{text}");
+        assert!(text.contains("<|im_start|>assistant\n<tool_call>[{\"name\": \"get_current_weather\", \"arguments\": {\"location\": \"Paris\"}}]</tool_call><|im_end|>"), "{text}");
+        assert!(text.contains("<|im_start|>tool\n18 C<|im_end|>"), "{text}");
+        let plan = plan_output(&m, &req, compiler_for(&m)).unwrap();
+        assert!(plan.constraint.is_some() && plan.tool_syntax.is_none(), "JSON mode wins over optional calls");
+        // `none` keeps the tools out of the prompt.
+        let mut none = req.clone();
+        none.tool_choice = ToolChoice::None;
+        assert!(!render(&m, &none, None, true).unwrap().contains("<tools>"));
+    }
+
     fn run(model: &Arc<Model>, prompt: Vec<u32>, plan: &OutputPlan, max_tokens: usize, seed: u64) -> String {
         let engine = taipan_engine::engine::start(
             Arc::clone(model),
