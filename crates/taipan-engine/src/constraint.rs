@@ -47,6 +47,8 @@ pub struct GrammarCompiler {
     factory: ParserFactory,
     /// Tokens that close JSON, in order of preference, for when the token budget runs out.
     closers: Vec<u32>,
+    /// Tokens that often end a whole answer (`"`, `}`, `.`, ...), tried first by a closing path.
+    enders: Vec<u32>,
     /// Byte length of every token (a closing path prefers long tokens where nothing closes).
     token_len: Vec<u32>,
     stop_ids: Vec<u32>,
@@ -59,8 +61,11 @@ pub struct GrammarCompiler {
 /// allowed (required keys, enum values, closing tags) the longest allowed token goes furthest.
 const CLOSERS: [&[u8]; 6] = [b"\"", b"}", b"]", b": ", b":", b"0"];
 
-fn closing_tokens(words: &[Vec<u8>]) -> Vec<u32> {
-    CLOSERS.iter().filter_map(|c| words.iter().position(|w| w == c).map(|i| i as u32)).collect()
+/// Single characters that often end a whole answer.
+const ENDERS: [&[u8]; 10] = [b"\"", b"}", b"]", b".", b")", b"!", b"?", b">", b"\n", b"0"];
+
+fn closing_tokens(words: &[Vec<u8>], list: &[&[u8]]) -> Vec<u32> {
+    list.iter().filter_map(|c| words.iter().position(|w| w == c).map(|i| i as u32)).collect()
 }
 
 impl std::fmt::Debug for GrammarCompiler {
@@ -75,7 +80,8 @@ impl GrammarCompiler {
     pub fn new(tokenizer: &Tokenizer, vocab_size: usize) -> Result<Self, ConstraintError> {
         let mut words = tokenizer.token_bytes();
         words.resize(vocab_size.max(words.len()), Vec::new());
-        let closers = closing_tokens(&words);
+        let closers = closing_tokens(&words, &CLOSERS);
+        let enders = closing_tokens(&words, &ENDERS);
         let token_len = words.iter().map(|w| w.len() as u32).collect();
         let stops = &tokenizer.specials.stop_ids;
         let eos = stops.first().copied().or(tokenizer.specials.eos).unwrap_or(0);
@@ -87,7 +93,7 @@ impl GrammarCompiler {
         let env: TokEnv = Arc::new(TrieEnv { trie });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| ConstraintError::Setup(e.to_string()))?;
         factory.quiet();
-        Ok(GrammarCompiler { factory, closers, token_len, stop_ids: stops.clone() })
+        Ok(GrammarCompiler { factory, closers, enders, token_len, stop_ids: stops.clone() })
     }
 
     /// Compiles a Lark grammar; errors describe what the grammar or schema got wrong.
@@ -158,11 +164,19 @@ pub(crate) struct Guide {
 /// Tokens before the end of the budget from which a guide checks whether it must start closing.
 const CLOSING_WINDOW: usize = 64;
 
-/// The token a closing path takes from `mask`: a stop token once the grammar is complete, else
-/// the first closer allowed, else the longest allowed token.
+/// The token a closing path takes from `mask`: a stop token once the grammar is complete; else an
+/// ending token that completes it at once (a regex or grammar ending in `.`, `)`, ...); else the
+/// first closer allowed; else the longest allowed token.
 fn closing_token(compiler: &GrammarCompiler, m: &mut Matcher, mask: &SimpleVob) -> Option<u32> {
     if m.is_accepting().unwrap_or(false) {
         return compiler.stop_ids.iter().copied().find(|&t| mask.is_allowed(t));
+    }
+    let completes = |t: u32| {
+        let mut after = m.clone();
+        after.consume_token(t).is_ok() && (after.is_accepting().unwrap_or(false) || after.is_stopped())
+    };
+    if let Some(t) = compiler.enders.iter().copied().filter(|&t| mask.is_allowed(t)).find(|&t| completes(t)) {
+        return Some(t);
     }
     if let Some(t) = compiler.closers.iter().copied().find(|&t| mask.is_allowed(t)) {
         return Some(t);
@@ -178,8 +192,9 @@ fn closing_token(compiler: &GrammarCompiler, m: &mut Matcher, mask: &SimpleVob) 
 }
 
 /// Tokens the closing path needs from the matcher's state to a complete grammar, if at most `limit`.
+/// (Look-ahead works on plain clones, which share the lexer's caches with the original.)
 fn closing_path_len(compiler: &GrammarCompiler, m: &Matcher, limit: usize) -> Option<usize> {
-    let mut m = m.deep_clone();
+    let mut m = m.clone();
     for steps in 0..=limit {
         if m.is_accepting().unwrap_or(false) || m.is_stopped() {
             return Some(steps);
@@ -244,7 +259,8 @@ impl Guide {
         let Some(m) = self.matcher.as_mut() else { return true };
         if !self.closing && left <= CLOSING_WINDOW {
             // A margin of two tokens absorbs a path that grows by a token as the text moves on.
-            self.closing = closing_path_len(&compiler, m, left).is_none_or(|need| need + 2 >= left);
+            // No known way to finish at all: leave the model free rather than steer it nowhere.
+            self.closing = closing_path_len(&compiler, m, left).is_some_and(|need| need + 2 >= left);
         }
         match m.compute_mask() {
             Ok(mask) => {
@@ -288,10 +304,13 @@ impl Guide {
             return token;
         }
         let compiler = Arc::clone(&self.constraint.compiler);
-        let mut after = m.deep_clone();
+        let mut after = m.clone();
         let room = left.saturating_sub(1);
         if after.consume_token(token).is_ok() && closing_path_len(&compiler, &after, room).is_some() {
             return token;
+        }
+        if closing_path_len(&compiler, m, left).is_none() {
+            return token; // No known way to finish from here either.
         }
         self.closing = true;
         closing_token(&compiler, m, &mask).unwrap_or(token)

@@ -3,6 +3,7 @@
 //! This is the single-stream path used by the CLI; the server's batching engine drives the same
 //! model calls for many sequences at once.
 
+use crate::constraint::{Constraint, Guide, Progress};
 use crate::detokenizer::IncrementalDecoder;
 use crate::sampler::{Sampler, SamplingParams};
 use std::time::{Duration, Instant};
@@ -46,6 +47,8 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Keep going past stop tokens (benchmarks).
     pub ignore_eos: bool,
+    /// A grammar the output must follow.
+    pub constraint: Option<Constraint>,
 }
 
 /// Generates from `prompt` ids, calling `on_text` with each new piece of text.
@@ -68,8 +71,19 @@ pub fn generate(
     let mut tokens = Vec::new();
     let mut text = String::new();
     let mut finish = FinishReason::Length;
+    let mut guide = params.constraint.as_ref().map(Guide::new);
     while tokens.len() < params.max_tokens {
-        let next = sampler.sample(scratch.logits());
+        let left = (params.max_tokens - tokens.len()).min(model.context_length().saturating_sub(state.len()));
+        if let Some(g) = guide.as_mut() {
+            if !g.mask(scratch.logits_mut(), left) {
+                finish = FinishReason::Stop;
+                break;
+            }
+        }
+        let mut next = sampler.sample(scratch.logits());
+        if let Some(g) = guide.as_mut() {
+            next = g.vet(next, left);
+        }
         tokens.push(next);
         if !params.ignore_eos && stops.contains(&next) {
             finish = FinishReason::Stop;
@@ -79,6 +93,14 @@ pub fn generate(
         if !piece.is_empty() {
             on_text(&piece);
             text.push_str(&piece);
+        }
+        match guide.as_mut().map(|g| g.advance(next, &piece)) {
+            Some(Progress::Complete) => {
+                finish = FinishReason::Stop;
+                break;
+            }
+            Some(Progress::Abandoned) => guide = None,
+            _ => {}
         }
         if tokens.len() >= params.max_tokens || state.len() + 1 > model.context_length() {
             break;

@@ -4,7 +4,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use taipan_engine::{eval, generate, GenerateParams, Generation, SamplingParams};
+use std::sync::Arc;
+use taipan_api::OutputShape;
+use taipan_engine::{eval, generate, Constraint, GenerateParams, Generation, GrammarCompiler, SamplingParams};
 use taipan_kernels::{Compute, MatmulMode};
 use taipan_model::{ChatMessage, GgufFile, LoadOptions, Model, RenderOptions};
 
@@ -261,6 +263,18 @@ struct GenerateArgs {
     /// Print timing statistics to stderr.
     #[arg(long)]
     stats: bool,
+    /// The answer is one JSON object (constrained decoding).
+    #[arg(long, group = "shape")]
+    json: bool,
+    /// The answer is JSON following the schema in this file.
+    #[arg(long, group = "shape")]
+    schema: Option<PathBuf>,
+    /// The answer matches this regular expression.
+    #[arg(long, group = "shape")]
+    regex: Option<String>,
+    /// The answer follows the grammar in this file (llguidance's Lark syntax).
+    #[arg(long, group = "shape")]
+    grammar: Option<PathBuf>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -437,6 +451,25 @@ fn stream_to_stdout(model: &Model, compute: &Compute, ids: &[u32], params: &Gene
     Ok(g)
 }
 
+/// The grammar `--json`, `--schema`, `--regex` or `--grammar` asks for, if any.
+fn output_constraint(model: &Model, a: &GenerateArgs) -> Result<Option<Constraint>> {
+    let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let shape = if a.json {
+        OutputShape::Json(None)
+    } else if let Some(p) = &a.schema {
+        OutputShape::Json(Some(serde_json::from_str(&read(p)?).with_context(|| format!("{}: not JSON", p.display()))?))
+    } else if let Some(rx) = &a.regex {
+        OutputShape::Regex(rx.clone())
+    } else if let Some(p) = &a.grammar {
+        OutputShape::Lark(read(p)?)
+    } else {
+        return Ok(None);
+    };
+    let compiler = Arc::new(GrammarCompiler::new(&model.tokenizer, model.vocab_size())?);
+    let grammar = Arc::new(compiler.compile(&shape.lark())?);
+    Ok(Some(Constraint { grammar, trigger: None, compiler }))
+}
+
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let model = load(&resolve_model(&a.model), a.run.exact, a.run.quantize.as_deref())?;
     let compute = Compute::new(threads(a.run.threads));
@@ -458,6 +491,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed },
         ignore_eos: false,
+        constraint: output_constraint(&model, &a)?,
     };
     let g = stream_to_stdout(&model, &compute, &ids, &params)?;
     if a.stats {
@@ -498,6 +532,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             max_tokens: a.max_tokens,
             sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: 0, seed },
             ignore_eos: false,
+            constraint: None,
         };
         seed = seed.wrapping_add(1);
         let g = stream_to_stdout(&model, &compute, &ids, &params)?;

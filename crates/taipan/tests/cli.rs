@@ -129,3 +129,30 @@ fn bad_inputs_are_clear_errors() {
     assert!(!ok && err.contains("bad.gguf") && err.contains("truncated"), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+/// `--json` and `--regex` constrain what `generate` writes, even sampled and on a tight budget.
+#[test]
+fn generate_follows_json_and_regex_constraints() {
+    let model = default_model();
+    let m = model.to_str().unwrap();
+    for seed in ["1", "2", "3"] {
+        let base = ["generate", "-m", m, "-t", "2", "--temperature", "1.2", "--seed", seed];
+        let (ok, out, err) = taipan(&[&base[..], &["-p", "Describe a cat.", "--json", "-n", "40"]].concat());
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert!(v.is_object(), "{out}");
+        let args =
+            [&base[..], &["-p", "Is water wet?", "--regex", "(Yes|No), because [a-z ]+\\.", "-n", "14"]].concat();
+        let (ok, out, err) = taipan(&args);
+        assert!(ok, "{err}");
+        let answer = out.trim_end_matches('\n');
+        let rest = answer
+            .strip_prefix("Yes, because ")
+            .or_else(|| answer.strip_prefix("No, because "))
+            .unwrap_or_else(|| panic!("{answer}"));
+        let body = rest.strip_suffix('.').unwrap_or_else(|| panic!("{answer}"));
+        assert!(!body.is_empty() && body.chars().all(|c| c.is_ascii_lowercase() || c == ' '), "{answer}");
+    }
+    let (ok, _, err) = taipan(&["generate", "-m", m, "-p", "x", "--regex", "(", "-n", "4"]);
+    assert!(!ok && err.contains("invalid regex"), "{err}");
+}
