@@ -8,11 +8,13 @@
 //! first generated token or lazily: generation runs free until the text contains a trigger (a
 //! tool call's opening tag), and the grammar governs everything after it.
 
+use crate::sampler::Sampler;
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{self, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use taipan_model::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +161,9 @@ pub(crate) struct Guide {
     closing: bool,
     /// The last mask, while near the end of the budget (for replacing a sampled token).
     last_mask: Option<SimpleVob>,
+    /// Cost not yet reported: tokens drawn under the grammar, time spent in it.
+    constrained_tokens: u64,
+    spent: Duration,
 }
 
 /// Tokens before the end of the budget from which a guide checks whether it must start closing.
@@ -216,32 +221,55 @@ impl Guide {
             abandoned: false,
             closing: false,
             last_mask: None,
+            constrained_tokens: 0,
+            spent: Duration::ZERO,
         }
     }
 
-    /// See [`Guide::mask_inner`]. A panic inside the grammar library ends this sequence's
-    /// constraint (and the sequence), never the engine thread.
-    pub(crate) fn mask(&mut self, logits: &mut [f32], left: usize) -> bool {
-        match catch_unwind(AssertUnwindSafe(|| self.mask_inner(logits, left))) {
-            Ok(allowed) => allowed,
-            Err(_) => {
-                self.abandon();
-                false
-            }
-        }
-    }
-
-    /// See [`Guide::vet_inner`]; on a panic the sampled token stands and the constraint is dropped.
-    pub(crate) fn vet(&mut self, token: u32, left: usize) -> u32 {
-        catch_unwind(AssertUnwindSafe(|| self.vet_inner(token, left))).unwrap_or_else(|_| {
+    /// Draws the next token under the grammar: mask the logits, sample, vet the draw against the
+    /// closing path. `left` is the token budget left, this token included. `None` when the grammar
+    /// allows nothing (the caller ends the sequence). A panic inside the grammar library ends this
+    /// sequence's constraint and the sequence, never the engine thread.
+    pub(crate) fn sample(&mut self, sampler: &mut Sampler, logits: &mut [f32], left: usize) -> Option<u32> {
+        let active = self.active();
+        let started = Instant::now();
+        let allowed = catch_unwind(AssertUnwindSafe(|| self.mask_inner(logits, left))).unwrap_or_else(|_| {
             self.abandon();
-            token
-        })
+            false
+        });
+        let mut spent = started.elapsed();
+        if !allowed {
+            return None;
+        }
+        let drawn = sampler.sample(logits);
+        let started = Instant::now();
+        let token = catch_unwind(AssertUnwindSafe(|| self.vet_inner(drawn, left))).unwrap_or_else(|_| {
+            self.abandon();
+            drawn
+        });
+        spent += started.elapsed();
+        if active {
+            self.constrained_tokens += 1;
+            self.spent += spent;
+        }
+        Some(token)
     }
 
     /// See [`Guide::advance_inner`]; on a panic the rest runs unconstrained.
     pub(crate) fn advance(&mut self, token: u32, text: &str) -> Progress {
-        catch_unwind(AssertUnwindSafe(|| self.advance_inner(token, text))).unwrap_or_else(|_| self.abandon())
+        let active = self.active();
+        let started = Instant::now();
+        let progress =
+            catch_unwind(AssertUnwindSafe(|| self.advance_inner(token, text))).unwrap_or_else(|_| self.abandon());
+        if active {
+            self.spent += started.elapsed();
+        }
+        progress
+    }
+
+    /// Tokens drawn under the grammar and the time the grammar took since the last call.
+    pub(crate) fn take_cost(&mut self) -> (u64, Duration) {
+        (std::mem::take(&mut self.constrained_tokens), std::mem::take(&mut self.spent))
     }
 
     /// Whether the grammar governs the next token (a lazy one waits for its trigger).

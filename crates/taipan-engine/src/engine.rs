@@ -793,24 +793,14 @@ impl Engine {
         // Tokens the budget has left, this one included.
         let left =
             (req.max_tokens.saturating_sub(s.generated)).min(model.context_length().saturating_sub(s.tokens.len()));
-        let started = Instant::now();
-        if let Some(g) = s.guide.as_mut() {
-            if !g.mask(logits, left) {
+        let next = match s.guide.as_mut() {
+            None => s.sampler.sample(logits),
+            Some(g) => match g.sample(&mut s.sampler, logits, left) {
+                Some(t) => t,
                 // The grammar allows nothing more (it cannot happen once complete: stop ids stay).
-                return self.finish(i, FinishReason::Stop);
-            }
-        }
-        let mut spent = started.elapsed();
-        let mut next = s.sampler.sample(logits);
-        if let Some(g) = s.guide.as_mut() {
-            let started = Instant::now();
-            next = g.vet(next, left);
-            spent += started.elapsed();
-            if g.active() {
-                self.stats.constrained_tokens.fetch_add(1, Ordering::Relaxed);
-                self.stats.constraint_us.fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
-            }
-        }
+                None => return self.finish(i, FinishReason::Stop),
+            },
+        };
         s.generated += 1;
         s.tokens.push(next);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
@@ -837,12 +827,13 @@ impl Engine {
             return self.finish(i, FinishReason::Stop);
         }
         let piece = s.detok.push(tok, next);
-        let started = Instant::now();
-        let progress = s.guide.as_mut().map(|g| (g.active(), g.advance(next, &piece)));
-        if let Some((true, _)) = progress {
-            self.stats.constraint_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let progress = s.guide.as_mut().map(|g| g.advance(next, &piece));
+        if let Some(g) = s.guide.as_mut() {
+            let (tokens, spent) = g.take_cost();
+            self.stats.constrained_tokens.fetch_add(tokens, Ordering::Relaxed);
+            self.stats.constraint_us.fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
         }
-        let grammar_done = match progress.map(|p| p.1) {
+        let grammar_done = match progress {
             Some(Progress::Complete) => true,
             Some(Progress::Abandoned) => {
                 s.guide = None;

@@ -74,16 +74,16 @@ pub fn generate(
     let mut guide = params.constraint.as_ref().map(Guide::new);
     while tokens.len() < params.max_tokens {
         let left = (params.max_tokens - tokens.len()).min(model.context_length().saturating_sub(state.len()));
-        if let Some(g) = guide.as_mut() {
-            if !g.mask(scratch.logits_mut(), left) {
-                finish = FinishReason::Stop;
-                break;
-            }
-        }
-        let mut next = sampler.sample(scratch.logits());
-        if let Some(g) = guide.as_mut() {
-            next = g.vet(next, left);
-        }
+        let next = match guide.as_mut() {
+            None => sampler.sample(scratch.logits()),
+            Some(g) => match g.sample(&mut sampler, scratch.logits_mut(), left) {
+                Some(t) => t,
+                None => {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+            },
+        };
         tokens.push(next);
         if !params.ignore_eos && stops.contains(&next) {
             finish = FinishReason::Stop;

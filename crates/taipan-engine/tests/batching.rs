@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, OnceLock};
 use taipan_engine::engine::start;
 use taipan_engine::{EngineConfig, EngineHandle, Event, FinishReason, GenRequest, SamplingParams};
-use taipan_model::{ChatMessage, LoadOptions, Model, RenderOptions};
+use taipan_model::{LoadOptions, Model};
 
 fn model() -> Arc<Model> {
     static M: OnceLock<Arc<Model>> = OnceLock::new();
@@ -27,16 +27,6 @@ fn engine(max_batch_tokens: usize) -> EngineHandle {
             max_running: 32,
         },
     )
-}
-
-fn chat_ids(m: &Model, text: &str) -> Vec<u32> {
-    let prompt = m
-        .render_chat(
-            &[ChatMessage::new("user", text)],
-            &RenderOptions { add_generation_prompt: true, ..Default::default() },
-        )
-        .unwrap();
-    m.tokenizer.encode(&prompt, true).unwrap()
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {

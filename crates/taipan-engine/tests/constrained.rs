@@ -9,7 +9,7 @@ use taipan_engine::engine::start;
 use taipan_engine::{
     Constraint, EngineConfig, EngineHandle, Event, FinishReason, GenRequest, GrammarCompiler, SamplingParams,
 };
-use taipan_model::{ChatMessage, LoadOptions, Model, RenderOptions};
+use taipan_model::{LoadOptions, Model};
 
 fn model() -> Arc<Model> {
     static M: OnceLock<Arc<Model>> = OnceLock::new();
@@ -34,17 +34,6 @@ fn engine() -> EngineHandle {
             max_running: 32,
         },
     )
-}
-
-fn chat_ids(text: &str) -> Vec<u32> {
-    let m = model();
-    let prompt = m
-        .render_chat(
-            &[ChatMessage::new("user", text)],
-            &RenderOptions { add_generation_prompt: true, ..Default::default() },
-        )
-        .unwrap();
-    m.tokenizer.encode(&prompt, true).unwrap()
 }
 
 fn constraint(lark: &str, trigger: Option<&str>) -> Constraint {
@@ -101,7 +90,7 @@ fn sampled_json_objects_always_parse() {
     let rxs: Vec<_> = (0..20)
         .map(|i| {
             let (tx, rx) = mpsc::channel();
-            let req = sampled(chat_ids(prompts[i % prompts.len()]), budgets[i % budgets.len()], i as u64, &c);
+            let req = sampled(chat_ids(&model(), prompts[i % prompts.len()]), budgets[i % budgets.len()], i as u64, &c);
             e.submit(req, Box::new(tx)).unwrap();
             rx
         })
@@ -118,7 +107,7 @@ fn sampled_json_objects_always_parse() {
 #[test]
 fn lazy_constraint_starts_at_its_trigger() {
     let e = engine();
-    let prompt = chat_ids("What is the capital of France?");
+    let prompt = chat_ids(&model(), "What is the capital of France?");
     let free = {
         let (tx, rx) = mpsc::channel();
         e.submit(GenRequest::new(prompt.clone(), 12), Box::new(tx)).unwrap();

@@ -34,21 +34,27 @@ pub struct OutputPlan {
     pub special_text: bool,
 }
 
-fn compile(compiler: &Arc<GrammarCompiler>, lark: &str, field: &str) -> Result<Arc<taipan_engine::Grammar>, ApiError> {
-    compiler
+/// A constraint from a Lark grammar; a grammar that does not compile is the client's error in
+/// `field`.
+fn constraint_from(
+    compiler: &Arc<GrammarCompiler>,
+    lark: &str,
+    field: &str,
+    trigger: Option<String>,
+) -> Result<Constraint, ApiError> {
+    let grammar = compiler
         .compile(lark)
-        .map(Arc::new)
-        .map_err(|e| ApiError::invalid(field, format!("cannot be used for constrained decoding: {e}")))
+        .map_err(|e| ApiError::invalid(field, format!("cannot be used for constrained decoding: {e}")))?;
+    Ok(Constraint { grammar: Arc::new(grammar), trigger, compiler: Arc::clone(compiler) })
 }
 
-/// The constraint for an output shape alone (legacy completions, or chat without tools).
+/// The constraint for an output shape alone (legacy completions).
 pub fn shape_constraint(
     guided: &Guided,
     compiler: impl FnOnce() -> Result<Arc<GrammarCompiler>, String>,
 ) -> Result<Constraint, ApiError> {
     let compiler = compiler().map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
-    let grammar = compile(&compiler, &guided.shape.lark(), &guided.field)?;
-    Ok(Constraint { grammar, trigger: None, compiler })
+    constraint_from(&compiler, &guided.shape.lark(), &guided.field, None)
 }
 
 /// Decides the constraint for `req`. `compiler` is only asked for when a grammar is needed.
@@ -69,9 +75,7 @@ pub fn plan_output(
     let compiler = compiler().map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
     let syntax = tool_syntax(model);
     let special_text = tools && syntax.special_tags;
-    let constraint = |lark: String, field: &str, trigger: Option<String>| -> Result<Constraint, ApiError> {
-        Ok(Constraint { grammar: compile(&compiler, &lark, field)?, trigger, compiler: Arc::clone(&compiler) })
-    };
+    let constraint = |lark: String, field: &str, trigger| constraint_from(&compiler, &lark, field, trigger);
     let tools_list: &[Value] = &req.tools;
     let plan = if let Some(only) = forced_tool {
         let g = tool_call_grammar(tools_list, only, req.parallel_tool_calls && only.is_none(), &syntax, true);

@@ -50,3 +50,10 @@ pub fn read_npy_f32(path: PathBuf) -> Vec<f32> {
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
+
+/// The chat-templated prompt ids of one user message.
+pub fn chat_ids(m: &taipan_model::Model, text: &str) -> Vec<u32> {
+    let opts = taipan_model::RenderOptions { add_generation_prompt: true, ..Default::default() };
+    let prompt = m.render_chat(&[taipan_model::ChatMessage::new("user", text)], &opts).unwrap();
+    m.tokenizer.encode(&prompt, true).unwrap()
+}
