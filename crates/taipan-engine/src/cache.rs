@@ -7,8 +7,8 @@
 //! least recently used first. Only full blocks are ever shared, so shared blocks are immutable.
 //!
 //! Recurrent models (Jamba) need per-sequence state that cannot be rewound; a prefix hit there
-//! needs a state snapshot at exactly the hit's end. Their slots and snapshots will live beside
-//! these blocks, keyed by the same chained hashes.
+//! needs a saved state at exactly the hit's end, which the scheduler keeps beside these blocks
+//! (holding references to the blocks of its prefix).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -112,6 +112,11 @@ impl BlockManager {
                 self.free.push(b);
             }
         }
+    }
+
+    /// Takes one more reference on a block that is in use or cached (sharing a prefix).
+    pub fn share(&mut self, b: u32) {
+        self.take_ref(b);
     }
 
     fn take_ref(&mut self, b: u32) {

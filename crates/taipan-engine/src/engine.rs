@@ -1,31 +1,30 @@
-//! The engine thread: continuous batching over a paged KV cache with prefix reuse.
+//! The engine thread: continuous batching of every architecture, in three parts.
 //!
-//! Each step: take new requests, drop sequences whose client left, admit waiting sequences in
-//! arrival order while blocks and slots allow, then run ONE forward pass over every running
-//! sequence — one token for those decoding, a chunk of prompt for those prefilling, within a
-//! token budget so a long prompt never stalls the others for more than a step — sample, and send
-//! each request its events. There are no prefill or decode phases: a sequence simply has
-//! `tokens.len() - computed` tokens left to run.
+//! Each step: take new requests, drop those whose client left, let the [`Scheduler`] plan the
+//! step (admission, tokens per sequence, blocks and state slots, preemption), let the
+//! [`ModelRunner`] run ONE forward pass over every scheduled sequence — one token for those
+//! decoding, a chunk of prompt for those prefilling — and turn each finished row of logits into
+//! a token and text with the sequence's [`SeqOutput`]; then send each request its events.
 //!
 //! A request with `n > 1` runs its first choice alone until the prompt is done; the other
-//! choices are then admitted and find the prompt's full blocks in the prefix cache, so the prompt
-//! is computed once and its blocks are shared.
+//! choices are then admitted and find the prompt in the prefix cache (or, for recurrent models,
+//! a state saved one token before the prompt's end), so the prompt is computed once.
 
-use crate::cache::BlockManager;
-use crate::constraint::{Constraint, Guide, Progress};
-use crate::detokenizer::IncrementalDecoder;
+use crate::constraint::Constraint;
 use crate::generate::FinishReason;
 pub use crate::metrics::EngineStats;
-use crate::sampler::{Sampler, SamplingParams};
-use crate::stop::StopMatcher;
-use std::collections::{HashMap, VecDeque};
+pub use crate::output::TokenLogprob;
+use crate::output::{token_logprob, OutputParams, SeqOutput};
+use crate::runner::ModelRunner;
+use crate::sampler::SamplingParams;
+use crate::scheduler::{BudgetError, MemoryPlan, NewSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use taipan_kernels::ops::log_softmax;
-use taipan_kernels::Compute;
-use taipan_model::{BatchItem, KvPool, Logits, Model, Scratch, SeqState};
+use taipan_model::{Logits, Model};
 
 /// One generation request, already validated and tokenized.
 #[derive(Debug, Clone)]
@@ -72,14 +71,6 @@ impl GenRequest {
     }
 }
 
-/// A token with its log-probability and the most likely alternatives.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprob {
-    pub id: u32,
-    pub logprob: f32,
-    pub top: Vec<(u32, f32)>,
-}
-
 /// What a request hears back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -123,7 +114,8 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Requests that may wait for admission before new ones are refused.
     pub max_queue: usize,
-    /// Bytes of KV cache (the pool is allocated once at this size).
+    /// Bytes for attention KV blocks, recurrent-state slots and saved states together
+    /// (allocated once at start-up).
     pub kv_cache_bytes: usize,
     /// Positions per KV block.
     pub block_size: usize,
@@ -174,6 +166,8 @@ pub struct EngineHandle {
     max_queue: usize,
     pub stats: Arc<EngineStats>,
     pub model: Arc<Model>,
+    /// How the memory budget was split; `memory.context` is the longest sequence it holds.
+    pub memory: MemoryPlan,
 }
 
 impl EngineHandle {
@@ -189,19 +183,42 @@ impl EngineHandle {
             SubmitError::Stopped
         })
     }
+
+    /// The longest prompt plus answer the engine can hold: the model's context, or less when the
+    /// memory budget holds less.
+    pub fn context_limit(&self) -> usize {
+        self.memory.context
+    }
 }
 
-/// Starts the engine thread for `model`. The thread ends when every handle is dropped.
-pub fn start(model: Arc<Model>, config: EngineConfig) -> EngineHandle {
+/// Starts the engine thread for `model`, with its pools allocated once from the memory budget.
+/// The thread ends when every handle is dropped.
+pub fn start(model: Arc<Model>, config: EngineConfig) -> Result<EngineHandle, BudgetError> {
+    let spec = model.cache_spec();
+    let memory = MemoryPlan::new(&spec, config.kv_cache_bytes, config.block_size, config.max_running)?;
     let (tx, rx) = mpsc::channel::<Job>();
     let stats = Arc::new(EngineStats::default());
-    let handle =
-        EngineHandle { tx, max_queue: config.max_queue.max(1), stats: Arc::clone(&stats), model: Arc::clone(&model) };
+    stats.kv_blocks_total.store(memory.blocks, Ordering::Relaxed);
+    stats.state_slots_total.store(memory.slots, Ordering::Relaxed);
+    let handle = EngineHandle {
+        tx,
+        max_queue: config.max_queue.max(1),
+        stats: Arc::clone(&stats),
+        model: Arc::clone(&model),
+        memory,
+    };
+    let scheduler = Scheduler::new(SchedulerConfig {
+        memory,
+        max_batch_tokens: config.max_batch_tokens.max(1),
+        max_running: config.max_running.max(1),
+        recurrent: spec.is_recurrent(),
+    });
+    let runner = ModelRunner::new(Arc::clone(&model), config.threads, &memory);
     std::thread::Builder::new()
         .name("taipan-engine".into())
-        .spawn(move || Engine::new(model, config, stats).run(rx))
+        .spawn(move || Engine::new(model, scheduler, runner, stats).run(rx))
         .expect("spawning the engine thread");
-    handle
+    Ok(handle)
 }
 
 /// A request in flight: its listener and the choices still running.
@@ -209,159 +226,60 @@ struct RequestState {
     sink: Box<dyn EventSink>,
     request: Arc<GenRequest>,
     received: Instant,
+    /// Its sequences, by choice.
+    seqs: Vec<SeqId>,
     choices_left: usize,
-    /// Choices 1..n are admitted once choice 0 has computed the prompt.
+    /// Choices 1..n are queued once choice 0 has computed the prompt.
     forked: bool,
+    /// Choice 0 was admitted (the request left the queue).
+    admitted: bool,
     first_token_seen: bool,
     failed: bool,
 }
 
-/// One choice of one request.
-struct Seq {
+/// The engine's side of one choice: whose it is, and its output processing.
+struct SeqEntry {
     req: u64,
     choice: usize,
-    /// Prompt then generated tokens.
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    /// Positions whose keys and values are in the pool.
-    computed: usize,
-    blocks: Vec<u32>,
-    /// Chained hashes of the leading full blocks already registered for reuse.
-    hashes: Vec<u64>,
-    sampler: Sampler,
-    detok: IncrementalDecoder,
-    stops: StopMatcher,
-    generated: usize,
+    output: SeqOutput,
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     last_token_at: Option<Instant>,
-    /// Admission order, for preempting the newest first.
-    admitted: u64,
-    /// Own state, for models that do not batch over the paged pool (recurrent models).
-    state: Option<SeqState>,
-    guide: Option<Guide>,
-}
-
-/// Whole sequence states saved at prompt ends and sequence ends, for models whose recurrent state
-/// cannot be rebuilt from cached blocks: a new prompt that extends a saved token sequence resumes
-/// from a copy of its state. Least recently used entries go first when over the byte budget.
-struct Snapshots {
-    entries: Vec<(Vec<u32>, SeqState, u64)>,
-    bytes: usize,
-    budget: usize,
-    tick: u64,
-}
-
-impl Snapshots {
-    /// The saved state with the longest key that is a proper prefix of `tokens`.
-    fn lookup(&mut self, tokens: &[u32]) -> Option<(usize, SeqState)> {
-        self.tick += 1;
-        let best = self
-            .entries
-            .iter_mut()
-            .filter(|(k, _, _)| k.len() < tokens.len() && tokens.starts_with(k))
-            .max_by_key(|(k, _, _)| k.len())?;
-        best.2 = self.tick;
-        Some((best.0.len(), best.1.clone()))
-    }
-
-    fn insert(&mut self, key: &[u32], state: &SeqState) {
-        if key.is_empty() || self.entries.iter().any(|(k, _, _)| k == key) {
-            return;
-        }
-        let size = state.memory_bytes() + 4 * key.len();
-        if size > self.budget {
-            return;
-        }
-        while self.bytes + size > self.budget {
-            let Some(oldest) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.2).map(|(i, _)| i) else { break };
-            let (k, st, _) = self.entries.swap_remove(oldest);
-            self.bytes -= st.memory_bytes() + 4 * k.len();
-        }
-        self.tick += 1;
-        self.bytes += size;
-        self.entries.push((key.to_vec(), state.clone(), self.tick));
-    }
 }
 
 struct Engine {
     model: Arc<Model>,
-    compute: Compute,
-    scratch: Scratch,
-    pool: KvPool,
-    blocks: BlockManager,
+    scheduler: Scheduler,
+    runner: ModelRunner,
     stats: Arc<EngineStats>,
-    config: EngineConfig,
     requests: HashMap<u64, RequestState>,
-    waiting: VecDeque<Seq>,
-    running: Vec<Seq>,
+    seqs: HashMap<SeqId, SeqEntry>,
     next_req: u64,
-    admissions: u64,
+    next_seq: SeqId,
     lp: Vec<f32>,
     /// Requests whose listener refused an event this step.
     gone: Vec<u64>,
-    /// Whether the model batches over the paged pool; otherwise sequences keep their own state.
-    batched: bool,
-    snapshots: Snapshots,
-}
-
-fn token_logprob(logprobs: &[f32], id: u32, top: usize) -> TokenLogprob {
-    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
-    if top > 0 {
-        for (i, &lp) in logprobs.iter().enumerate() {
-            if best.len() < top || lp > best[best.len() - 1].1 {
-                let at = best.partition_point(|&(_, v)| v >= lp);
-                best.insert(at, (i as u32, lp));
-                best.truncate(top);
-            }
-        }
-    }
-    TokenLogprob { id, logprob: logprobs[id as usize], top: best }
-}
-
-/// What one sequence contributes to a step.
-struct Planned {
-    seq: usize,
-    start: usize,
-    len: usize,
-    logits: Logits,
 }
 
 impl Engine {
-    fn new(model: Arc<Model>, config: EngineConfig, stats: Arc<EngineStats>) -> Self {
-        let bs = config.block_size.max(1);
-        let batched = model.supports_batching();
-        let block_bytes = model.kv_bytes_per_token() * bs;
-        let n_blocks = if batched {
-            (config.kv_cache_bytes / block_bytes.max(1)).max(model.context_length().div_ceil(bs) + 1)
-        } else {
-            0
-        };
-        stats.kv_blocks_total.store(n_blocks, Ordering::Relaxed);
-        let pool = model.new_pool(bs, n_blocks);
+    fn new(model: Arc<Model>, scheduler: Scheduler, runner: ModelRunner, stats: Arc<EngineStats>) -> Self {
         Engine {
-            compute: Compute::new(config.threads),
-            scratch: Scratch::default(),
-            pool,
-            blocks: BlockManager::new(n_blocks, bs),
-            stats,
-            snapshots: Snapshots { entries: Vec::new(), bytes: 0, budget: config.kv_cache_bytes / 2, tick: 0 },
-            config,
-            requests: HashMap::new(),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            next_req: 0,
-            admissions: 0,
             lp: vec![0f32; model.vocab_size()],
-            gone: Vec::new(),
-            batched,
             model,
+            scheduler,
+            runner,
+            stats,
+            requests: HashMap::new(),
+            seqs: HashMap::new(),
+            next_req: 0,
+            next_seq: 0,
+            gone: Vec::new(),
         }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         loop {
             // Block for work only when idle.
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.scheduler.is_idle() {
                 match rx.recv() {
                     Ok(job) => self.accept(job),
                     Err(_) => return,
@@ -371,32 +289,34 @@ impl Engine {
                 self.accept(job);
             }
             self.drop_abandoned();
-            self.admit();
             self.step();
             self.publish_stats();
         }
     }
 
-    fn new_seq(req: u64, choice: usize, r: &GenRequest) -> Seq {
-        let params = SamplingParams { seed: r.sampling.seed.wrapping_add(choice as u64), ..r.sampling };
-        Seq {
-            req,
-            choice,
-            tokens: r.prompt.clone(),
-            prompt_len: r.prompt.len(),
-            computed: 0,
-            blocks: Vec::new(),
-            hashes: Vec::new(),
-            sampler: Sampler::new(params),
-            detok: IncrementalDecoder::new(!r.special_text),
-            stops: StopMatcher::new(r.stop.clone()),
-            generated: 0,
-            prompt_logprobs: Vec::new(),
-            last_token_at: None,
-            admitted: 0,
-            state: None,
-            guide: r.constraint.as_ref().map(Guide::new),
+    /// A new sequence for choice `choice` of request `req`.
+    fn new_seq(&mut self, req: u64, choice: usize, r: &GenRequest) -> NewSeq {
+        let id = self.next_seq;
+        self.next_seq += 1;
+        let params = OutputParams {
+            sampling: SamplingParams { seed: r.sampling.seed.wrapping_add(choice as u64), ..r.sampling },
+            max_tokens: r.max_tokens,
+            min_tokens: r.min_tokens,
+            ignore_eos: r.ignore_eos,
+            stop: r.stop.clone(),
+            logprobs: r.logprobs,
+            special_text: r.special_text,
+            constraint: r.constraint.clone(),
+        };
+        let entry =
+            SeqEntry { req, choice, output: SeqOutput::new(params), prompt_logprobs: Vec::new(), last_token_at: None };
+        self.seqs.insert(id, entry);
+        let mut snapshot_at = r.snapshot_at.clone();
+        if r.n > 1 {
+            // The other choices resume one token before the prompt's end (recurrent models).
+            snapshot_at.push(r.prompt.len() - 1);
         }
+        NewSeq { id, tokens: r.prompt.clone(), prompt_logits: r.prompt_logprobs.is_some(), snapshot_at }
     }
 
     fn accept(&mut self, job: Job) {
@@ -407,66 +327,39 @@ impl Engine {
             sink: job.sink,
             request: Arc::clone(&request),
             received: job.received,
+            seqs: Vec::new(),
             choices_left: request.n.max(1),
             forked: request.n <= 1,
+            admitted: false,
             first_token_seen: false,
             failed: false,
         };
-        let blocks_needed = (request.prompt.len() + 1).div_ceil(self.blocks.block_size);
-        if request.prompt.is_empty() || (self.batched && blocks_needed > self.blocks.total()) {
+        let limit = self.scheduler.config().memory.context;
+        if request.prompt.is_empty() || request.prompt.len() >= limit {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             self.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
             state.sink.send(Event::Error(format!(
-                "the prompt of {} tokens does not fit the KV cache ({} blocks of {})",
-                request.prompt.len(),
-                self.blocks.total(),
-                self.blocks.block_size
+                "the prompt of {} tokens does not fit: the engine holds sequences of at most {limit} tokens",
+                request.prompt.len()
             )));
             return;
         }
-        let seq = Self::new_seq(id, 0, &request);
+        let seq = self.new_seq(id, 0, &request);
+        state.seqs.push(seq.id);
         self.requests.insert(id, state);
-        self.waiting.push_back(seq);
-    }
-
-    fn release_seq(&mut self, seq: &mut Seq) {
-        for &b in &seq.blocks {
-            self.blocks.release(b);
-        }
-        seq.blocks.clear();
-        seq.hashes.clear();
-        seq.computed = 0;
-        seq.state = None;
+        self.scheduler.add(seq);
     }
 
     /// Ends a request early: frees every sequence of it.
     fn drop_request(&mut self, req: u64) {
-        let mut running = std::mem::take(&mut self.running);
-        running.retain_mut(|s| {
-            if s.req == req {
-                self.release_seq(s);
-                false
-            } else {
-                true
-            }
-        });
-        self.running = running;
-        let before = self.waiting.len();
-        let mut waiting = std::mem::take(&mut self.waiting);
-        waiting.retain_mut(|s| {
-            if s.req == req {
-                if s.choice == 0 && s.admitted == 0 {
-                    self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                }
-                self.release_seq(s);
-                false
-            } else {
-                true
-            }
-        });
-        let _ = before;
-        self.waiting = waiting;
-        self.requests.remove(&req);
+        let Some(r) = self.requests.remove(&req) else { return };
+        if !r.admitted {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        for seq in r.seqs {
+            self.scheduler.finish(seq, false);
+            self.seqs.remove(&seq);
+        }
     }
 
     fn drop_abandoned(&mut self) {
@@ -474,268 +367,6 @@ impl Engine {
         for id in gone {
             self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
             self.drop_request(id);
-        }
-    }
-
-    /// Admits waiting sequences in order while slots and blocks allow (no overtaking, so no
-    /// request starves behind smaller ones).
-    fn admit(&mut self) {
-        while self.running.len() < self.config.max_running {
-            let Some(mut seq) = self.waiting.pop_front() else { break };
-            let wants_prompt_lp = self.requests.get(&seq.req).is_some_and(|r| r.request.prompt_logprobs.is_some());
-            if !self.batched {
-                if seq.state.is_none() {
-                    let hit = if wants_prompt_lp { None } else { self.snapshots.lookup(&seq.tokens) };
-                    let (computed, state) = hit.unwrap_or_else(|| (0, self.model.new_state()));
-                    seq.computed = computed;
-                    seq.state = Some(state);
-                }
-            } else if seq.blocks.is_empty() && !wants_prompt_lp {
-                let (hit, hashes) = self.blocks.match_prefix(&seq.tokens);
-                seq.computed = hit.len() * self.blocks.block_size;
-                seq.blocks = hit;
-                seq.hashes = hashes;
-            }
-            let need = (seq.tokens.len() + 1).div_ceil(self.blocks.block_size).saturating_sub(seq.blocks.len());
-            if self.batched && need > self.blocks.available() {
-                // Not now: give back what the prefix match took and wait for blocks to free up.
-                self.release_seq(&mut seq);
-                self.waiting.push_front(seq);
-                break;
-            }
-            if seq.admitted == 0 {
-                if seq.choice == 0 {
-                    self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                }
-                // Every choice's prompt counts: forks show up as hits.
-                self.stats.prompt_tokens.fetch_add(seq.prompt_len as u64, Ordering::Relaxed);
-                self.stats.prefix_hit_tokens.fetch_add(seq.computed as u64, Ordering::Relaxed);
-            }
-            self.admissions += 1;
-            seq.admitted = self.admissions;
-            self.running.push(seq);
-        }
-    }
-
-    /// Makes sure `running[i]` has blocks for positions `..upto`, preempting the newest other
-    /// sequences if the pool is full. Returns false if even that is not enough.
-    fn ensure_blocks(&mut self, i: usize, upto: usize) -> bool {
-        let bs = self.blocks.block_size;
-        while self.running[i].blocks.len() * bs < upto {
-            match self.blocks.allocate() {
-                Some(b) => self.running[i].blocks.push(b),
-                None => {
-                    let me = self.running[i].admitted;
-                    let victim = self
-                        .running
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, s)| s.admitted != me)
-                        .max_by_key(|(_, s)| s.admitted)
-                        .map(|(j, _)| j);
-                    let Some(j) = victim else { return false };
-                    let mut v = self.running.remove(j);
-                    self.release_seq(&mut v);
-                    self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
-                    self.waiting.push_front(v);
-                    if j < i {
-                        return self.ensure_blocks(i - 1, upto);
-                    }
-                }
-            }
-        }
-        true
-    }
-
-    fn plan(&mut self) -> Vec<Planned> {
-        let mut budget = self.config.max_batch_tokens.max(1);
-        let mut plan = Vec::new();
-        // Decoding sequences first: one token each keeps every stream moving.
-        let mut order: Vec<usize> = (0..self.running.len()).collect();
-        order.sort_by_key(|&i| (self.running[i].tokens.len() - self.running[i].computed > 1, self.running[i].admitted));
-        let mut chosen: Vec<(u64, usize)> = Vec::new();
-        for i in order {
-            if budget == 0 {
-                break;
-            }
-            let s = &self.running[i];
-            let left = s.tokens.len() - s.computed;
-            let mut len = left.min(budget);
-            if !self.batched {
-                // Stop prefill chunks at snapshot positions so the state there can be saved.
-                if let Some(b) = self
-                    .requests
-                    .get(&s.req)
-                    .and_then(|r| r.request.snapshot_at.iter().copied().filter(|&b| b > s.computed).min())
-                {
-                    len = len.min(b - s.computed);
-                }
-            }
-            budget -= len;
-            chosen.push((s.admitted, len));
-        }
-        // Blocks may preempt sequences and shift indices, so look sequences up by admission id.
-        for (admitted, len) in chosen {
-            let Some(i) = self.running.iter().position(|s| s.admitted == admitted) else { continue };
-            let upto = self.running[i].computed + len;
-            if self.batched && !self.ensure_blocks(i, upto) {
-                continue;
-            }
-            let Some(i) = self.running.iter().position(|s| s.admitted == admitted) else { continue };
-            let s = &self.running[i];
-            let reaches_end = s.computed + len == s.tokens.len();
-            let wants_prompt_lp = self.requests.get(&s.req).is_some_and(|r| r.request.prompt_logprobs.is_some());
-            let logits = if wants_prompt_lp && s.computed < s.prompt_len {
-                Logits::All
-            } else if reaches_end {
-                Logits::Last
-            } else {
-                Logits::None
-            };
-            plan.push(Planned { seq: admitted as usize, start: s.computed, len, logits });
-        }
-        // Translate admission ids back to current indices.
-        for p in plan.iter_mut() {
-            p.seq = self.running.iter().position(|s| s.admitted == p.seq as u64).unwrap_or(usize::MAX);
-        }
-        plan.retain(|p| p.seq != usize::MAX);
-        plan
-    }
-
-    fn step(&mut self) {
-        let plan = self.plan();
-        if plan.is_empty() {
-            if !self.running.is_empty() || !self.waiting.is_empty() {
-                // Nothing fits: wait briefly for a cancellation or a finish to free blocks.
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            return;
-        }
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        let mut finished: Vec<usize> = Vec::new();
-        if self.batched {
-            let items: Vec<BatchItem<'_>> = plan
-                .iter()
-                .map(|p| {
-                    let s = &self.running[p.seq];
-                    BatchItem {
-                        tokens: &s.tokens[p.start..p.start + p.len],
-                        start: p.start,
-                        blocks: &s.blocks,
-                        logits: p.logits,
-                    }
-                })
-                .collect();
-            let result = self.model.forward_batch(&self.compute, &items, &mut self.pool, &mut self.scratch);
-            drop(items);
-            if let Err(e) = result {
-                let reqs: Vec<u64> = plan.iter().map(|p| self.running[p.seq].req).collect();
-                for r in reqs {
-                    self.fail(r, e.to_string());
-                }
-                return;
-            }
-            let mut row = 0;
-            for p in &plan {
-                row += self.after_forward(p, row, &mut finished);
-            }
-        } else {
-            // Recurrent models: one forward per sequence on its own state.
-            let mut failed = Vec::new();
-            for p in &plan {
-                let s = &mut self.running[p.seq];
-                let Some(state) = s.state.as_mut() else { continue };
-                let all = p.logits == Logits::All;
-                let tokens = &s.tokens[p.start..p.start + p.len];
-                if let Err(e) = self.model.forward(&self.compute, tokens, state, &mut self.scratch, all) {
-                    failed.push((s.req, e.to_string()));
-                    continue;
-                }
-                let logits = if p.logits == Logits::None { Logits::Last } else { p.logits };
-                let rows_plan = Planned { seq: p.seq, start: p.start, len: p.len, logits };
-                self.after_forward(&rows_plan, 0, &mut finished);
-            }
-            finished.sort_unstable();
-            finished.dedup();
-            let mut keep = Vec::new();
-            for i in finished.into_iter().rev() {
-                let mut s = self.running.remove(i);
-                if let Some(st) = s.state.as_ref() {
-                    self.snapshots.insert(&s.tokens[..s.computed], st);
-                }
-                self.release_seq(&mut s);
-            }
-            finished = std::mem::take(&mut keep);
-            for (req, e) in failed {
-                self.fail(req, e);
-            }
-        }
-        finished.sort_unstable();
-        for i in finished.into_iter().rev() {
-            let mut s = self.running.remove(i);
-            self.release_seq(&mut s);
-        }
-        for req in std::mem::take(&mut self.gone) {
-            if self.requests.contains_key(&req) {
-                self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-                self.drop_request(req);
-            }
-        }
-    }
-
-    /// Book-keeping after a forward pass for one planned item whose logits start at `row`:
-    /// progress, prefix registration, prompt logprobs, sampling. Returns the logits rows it used.
-    fn after_forward(&mut self, p: &Planned, row: usize, finished: &mut Vec<usize>) -> usize {
-        let vocab = self.model.vocab_size();
-        let rows = match p.logits {
-            Logits::None => 0,
-            Logits::Last => 1,
-            Logits::All => p.len,
-        };
-        self.running[p.seq].computed += p.len;
-        if self.batched {
-            self.register_full_blocks(p.seq);
-        }
-        let s = &mut self.running[p.seq];
-        if p.logits == Logits::All {
-            let top = self.requests.get(&s.req).and_then(|r| r.request.prompt_logprobs).unwrap_or(0);
-            let logits = self.scratch.logits();
-            for k in 0..rows {
-                let pos = p.start + k;
-                if s.prompt_logprobs.is_empty() {
-                    s.prompt_logprobs.push(None);
-                }
-                if pos + 1 < s.prompt_len {
-                    log_softmax(&mut self.lp, &logits[(row + k) * vocab..(row + k + 1) * vocab]);
-                    s.prompt_logprobs.push(Some(token_logprob(&self.lp, s.tokens[pos + 1], top)));
-                }
-            }
-        }
-        if !self.batched && s.generated == 0 {
-            let at_boundary = s.computed == s.prompt_len
-                || self.requests.get(&s.req).is_some_and(|r| r.request.snapshot_at.contains(&s.computed));
-            if at_boundary {
-                if let Some(st) = s.state.as_ref() {
-                    self.snapshots.insert(&s.tokens[..s.computed], st);
-                }
-            }
-        }
-        let s = &self.running[p.seq];
-        if rows > 0 && s.computed == s.tokens.len() && self.sample_into(p.seq, row + rows - 1) {
-            finished.push(p.seq);
-        }
-        rows
-    }
-
-    /// Registers the sequence's newly completed full blocks in the prefix cache.
-    fn register_full_blocks(&mut self, i: usize) {
-        let bs = self.blocks.block_size;
-        let s = &mut self.running[i];
-        while (s.hashes.len() + 1) * bs <= s.computed {
-            let k = s.hashes.len();
-            let parent = if k == 0 { 0 } else { s.hashes[k - 1] };
-            let h = self.blocks.register(s.blocks[k], parent, &s.tokens[k * bs..(k + 1) * bs]);
-            s.hashes.push(h);
         }
     }
 
@@ -748,162 +379,156 @@ impl Engine {
         self.drop_request(req);
     }
 
-    /// Samples the next token of `running[i]` from logits row `row`; sends its events.
-    /// Returns true when the sequence has finished.
-    fn sample_into(&mut self, i: usize, row: usize) -> bool {
-        let vocab = self.model.vocab_size();
+    fn step(&mut self) {
+        let out = self.scheduler.schedule();
+        self.record_admissions(&out);
+        if out.items.is_empty() {
+            if !self.scheduler.is_idle() {
+                // Nothing fits: wait briefly for a cancellation or a finish to free room.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return;
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.runner.execute(&out, &self.scheduler) {
+            let reqs: Vec<u64> = out.items.iter().filter_map(|i| self.seqs.get(&i.seq)).map(|s| s.req).collect();
+            for r in reqs {
+                self.fail(r, e.to_string());
+            }
+            return;
+        }
+        self.scheduler.complete(&out);
+        for (i, item) in out.items.iter().enumerate() {
+            let (row, rows) = self.runner.item_rows(i);
+            if item.logits == Logits::All {
+                self.record_prompt_logprobs(item.seq, item.start, row, rows);
+            }
+            let reached_end = self.scheduler.tokens(item.seq).is_some_and(|t| item.start + item.len == t.len());
+            if rows > 0 && reached_end {
+                self.sample(item.seq, row + rows - 1);
+            }
+        }
+        for req in std::mem::take(&mut self.gone) {
+            if self.requests.contains_key(&req) {
+                self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                self.drop_request(req);
+            }
+        }
+    }
+
+    fn record_admissions(&mut self, out: &SchedulerOutput) {
+        for &(seq, reused) in &out.admitted {
+            let Some(s) = self.seqs.get(&seq) else { continue };
+            let Some(r) = self.requests.get_mut(&s.req) else { continue };
+            if s.choice == 0 {
+                r.admitted = true;
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            // Every choice's prompt counts: forks show up as hits.
+            self.stats.prompt_tokens.fetch_add(r.request.prompt.len() as u64, Ordering::Relaxed);
+            self.stats.prefix_hit_tokens.fetch_add(reused as u64, Ordering::Relaxed);
+        }
+        self.stats.preemptions.fetch_add(out.preempted.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Log-probabilities of the prompt tokens after positions `start..start + rows`; positions
+    /// already recorded (a preempted sequence computing its prompt again) are not added twice.
+    fn record_prompt_logprobs(&mut self, seq: SeqId, start: usize, row: usize, rows: usize) {
+        let Some(s) = self.seqs.get_mut(&seq) else { return };
+        let top = self.requests.get(&s.req).and_then(|r| r.request.prompt_logprobs).unwrap_or(0);
+        let tokens = self.scheduler.tokens(seq).unwrap_or(&[]);
+        let prompt_len = self.scheduler.prompt_len(seq).unwrap_or(0);
+        for k in 0..rows {
+            let pos = start + k;
+            if s.prompt_logprobs.is_empty() {
+                s.prompt_logprobs.push(None);
+            }
+            // Entry i is the log-probability of prompt token i, predicted at position i - 1.
+            if pos + 1 < prompt_len && s.prompt_logprobs.len() == pos + 1 {
+                log_softmax(&mut self.lp, self.runner.logits_mut(row + k));
+                s.prompt_logprobs.push(Some(token_logprob(&self.lp, tokens[pos + 1], top)));
+            }
+        }
+    }
+
+    /// Samples the next token of `seq` from logits row `row`, sends its events, and ends the
+    /// sequence when it is done.
+    fn sample(&mut self, seq: SeqId, row: usize) {
         let model = Arc::clone(&self.model);
-        let tok = &model.tokenizer;
-        let stop_ids = &tok.specials.stop_ids;
-        let s = &mut self.running[i];
-        let Some(r) = self.requests.get_mut(&s.req) else { return true };
+        let Some(s) = self.seqs.get_mut(&seq) else { return };
+        let Some(r) = self.requests.get_mut(&s.req) else { return };
         let req = Arc::clone(&r.request);
-        let now = Instant::now();
         // Prompt done: report prompt logprobs once, and let the other choices in.
-        if s.generated == 0 && s.choice == 0 {
+        if s.output.generated() == 0 && s.choice == 0 {
             if req.prompt_logprobs.is_some()
                 && !r.sink.send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs)))
             {
                 self.gone.push(s.req);
-                return true;
+                return;
             }
             if !r.forked {
                 r.forked = true;
+                let req_id = s.req;
                 for c in (1..req.n).rev() {
-                    let mut fork = Self::new_seq(s.req, c, &req);
-                    fork.admitted = 0;
-                    self.waiting.push_front(fork);
+                    let fork = self.new_seq(req_id, c, &req);
+                    if let Some(r) = self.requests.get_mut(&req_id) {
+                        r.seqs.push(fork.id);
+                    }
+                    self.scheduler.add_front(fork);
                 }
             }
         }
-        let s = &mut self.running[i];
-        let Some(r) = self.requests.get_mut(&s.req) else { return true };
-        if s.generated >= req.max_tokens {
-            return self.finish(i, FinishReason::Length);
-        }
-        let logits = &mut self.scratch.logits_mut()[row * vocab..(row + 1) * vocab];
-        // Under an active grammar the grammar decides where the answer ends.
-        if s.generated < req.min_tokens && !s.guide.as_ref().is_some_and(|g| g.active()) {
-            for &id in stop_ids {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
+        let tokens_len = self.scheduler.tokens(seq).map_or(0, <[u32]>::len);
+        let room = self.scheduler.config().memory.context.saturating_sub(tokens_len);
+        let Some(s) = self.seqs.get_mut(&seq) else { return };
+        let Some(r) = self.requests.get_mut(&s.req) else { return };
+        let logits = self.runner.logits_mut(row);
+        let now = Instant::now();
+        let emitted = s.output.next(logits, &model.tokenizer, room);
+        let (constrained, spent) = s.output.take_grammar_cost();
+        self.stats.constrained_tokens.fetch_add(constrained, Ordering::Relaxed);
+        self.stats.constraint_us.fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
+        if let Some(token) = emitted.token {
+            self.scheduler.append_token(seq, token);
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            if !r.first_token_seen {
+                r.first_token_seen = true;
+                self.stats.time_to_first_token.observe(r.received.elapsed().as_secs_f64());
             }
-        }
-        // Tokens the budget has left, this one included.
-        let left =
-            (req.max_tokens.saturating_sub(s.generated)).min(model.context_length().saturating_sub(s.tokens.len()));
-        let next = match s.guide.as_mut() {
-            None => s.sampler.sample(logits),
-            Some(g) => match g.sample(&mut s.sampler, logits, left) {
-                Some(t) => t,
-                // The grammar allows nothing more (it cannot happen once complete: stop ids stay).
-                None => return self.finish(i, FinishReason::Stop),
-            },
-        };
-        s.generated += 1;
-        s.tokens.push(next);
-        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        if !r.first_token_seen {
-            r.first_token_seen = true;
-            self.stats.time_to_first_token.observe(r.received.elapsed().as_secs_f64());
-        }
-        if let Some(prev) = s.last_token_at {
-            self.stats.inter_token_latency.observe(now.duration_since(prev).as_secs_f64());
-        }
-        s.last_token_at = Some(now);
-        let logprobs = match req.logprobs {
-            Some(top) => {
-                log_softmax(&mut self.lp, logits);
-                vec![token_logprob(&self.lp, next, top)]
+            if let Some(prev) = s.last_token_at {
+                self.stats.inter_token_latency.observe(now.duration_since(prev).as_secs_f64());
             }
-            None => vec![],
-        };
-        if !req.ignore_eos && stop_ids.contains(&next) {
-            if !logprobs.is_empty() && !r.sink.send(Event::Delta { choice: s.choice, text: String::new(), logprobs }) {
-                self.gone.push(s.req);
-                return true;
-            }
-            return self.finish(i, FinishReason::Stop);
+            s.last_token_at = Some(now);
         }
-        let piece = s.detok.push(tok, next);
-        let progress = s.guide.as_mut().map(|g| g.advance(next, &piece));
-        if let Some(g) = s.guide.as_mut() {
-            let (tokens, spent) = g.take_cost();
-            self.stats.constrained_tokens.fetch_add(tokens, Ordering::Relaxed);
-            self.stats.constraint_us.fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
-        }
-        let grammar_done = match progress {
-            Some(Progress::Complete) => true,
-            Some(Progress::Abandoned) => {
-                s.guide = None;
-                false
-            }
-            _ => false,
-        };
-        let check = s.stops.push(&piece);
-        if (!check.emit.is_empty() || !logprobs.is_empty())
-            && !r.sink.send(Event::Delta { choice: s.choice, text: check.emit, logprobs })
+        let (req_id, choice) = (s.req, s.choice);
+        if (!emitted.text.is_empty() || !emitted.logprobs.is_empty())
+            && !r.sink.send(Event::Delta { choice, text: emitted.text, logprobs: emitted.logprobs })
         {
-            self.gone.push(s.req);
-            return true;
+            self.gone.push(req_id);
+            return;
         }
-        if check.stopped {
-            return self.finish_matched(i);
+        let Some(finish) = emitted.finish else { return };
+        let completion_tokens = s.output.generated();
+        if !r.sink.send(Event::Done { choice, finish, completion_tokens }) {
+            self.gone.push(req_id);
         }
-        if grammar_done {
-            return self.finish(i, FinishReason::Stop);
-        }
-        if s.generated >= req.max_tokens || s.tokens.len() >= model.context_length() {
-            return self.finish(i, FinishReason::Length);
-        }
-        false
-    }
-
-    /// Ends a choice that hit a stop string (nothing held back is released).
-    fn finish_matched(&mut self, i: usize) -> bool {
-        self.send_done(i, FinishReason::Stop);
-        true
-    }
-
-    /// Ends a choice, releasing text held back for an incomplete stop string.
-    fn finish(&mut self, i: usize, reason: FinishReason) -> bool {
-        let model = Arc::clone(&self.model);
-        let s = &mut self.running[i];
-        let rest = s.detok.flush(&model.tokenizer);
-        let check = s.stops.push(&rest);
-        let mut tail = check.emit;
-        if !check.stopped {
-            tail.push_str(&s.stops.flush());
-        }
-        if !tail.is_empty() {
-            if let Some(r) = self.requests.get_mut(&s.req) {
-                r.sink.send(Event::Delta { choice: s.choice, text: tail, logprobs: vec![] });
-            }
-        }
-        self.send_done(i, if check.stopped { FinishReason::Stop } else { reason });
-        true
-    }
-
-    fn send_done(&mut self, i: usize, finish: FinishReason) {
-        let s = &self.running[i];
-        let (req, choice, generated) = (s.req, s.choice, s.generated);
-        let Some(r) = self.requests.get_mut(&req) else { return };
-        if !r.sink.send(Event::Done { choice, finish, completion_tokens: generated }) {
-            self.gone.push(req);
-        }
+        self.scheduler.finish(seq, true);
+        self.seqs.remove(&seq);
         r.choices_left -= 1;
         if r.choices_left == 0 {
             if !r.failed {
                 self.stats.requests_finished.fetch_add(1, Ordering::Relaxed);
             }
-            self.requests.remove(&req);
+            self.requests.remove(&req_id);
         }
     }
 
     fn publish_stats(&self) {
-        self.stats.running.store(self.running.len(), Ordering::Relaxed);
-        self.stats.kv_blocks_used.store(self.blocks.used(), Ordering::Relaxed);
-        self.stats.kv_blocks_cached.store(self.blocks.cached(), Ordering::Relaxed);
+        let s = &self.scheduler;
+        self.stats.running.store(s.running().len(), Ordering::Relaxed);
+        self.stats.kv_blocks_used.store(s.blocks_used(), Ordering::Relaxed);
+        self.stats.kv_blocks_cached.store(s.blocks_cached(), Ordering::Relaxed);
+        self.stats.state_slots_live.store(s.slots_live(), Ordering::Relaxed);
+        self.stats.saved_states.store(s.snapshots(), Ordering::Relaxed);
     }
 }

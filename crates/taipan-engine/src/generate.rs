@@ -1,11 +1,12 @@
 //! One sequence, start to finish: prefill the prompt, then decode token by token.
 //!
 //! This is the single-stream path used by the CLI; the server's batching engine drives the same
-//! model calls for many sequences at once.
+//! model calls for many sequences at once, and both turn logits into tokens and text through the
+//! same [`SeqOutput`].
 
-use crate::constraint::{Constraint, Guide, Progress};
-use crate::detokenizer::IncrementalDecoder;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::constraint::Constraint;
+use crate::output::{OutputParams, SeqOutput};
+use crate::sampler::SamplingParams;
 use std::time::{Duration, Instant};
 use taipan_kernels::Compute;
 use taipan_model::{Model, ModelError, Scratch};
@@ -61,56 +62,37 @@ pub fn generate(
 ) -> Result<Generation, ModelError> {
     let mut state = model.new_state();
     let mut scratch = Scratch::default();
-    let mut sampler = Sampler::new(params.sampling);
-    let mut detok = IncrementalDecoder::new(true);
-    let stops = &model.tokenizer.specials.stop_ids;
+    let mut output = SeqOutput::new(OutputParams {
+        sampling: params.sampling,
+        max_tokens: params.max_tokens,
+        min_tokens: 0,
+        ignore_eos: params.ignore_eos,
+        stop: vec![],
+        logprobs: None,
+        special_text: false,
+        constraint: params.constraint.clone(),
+    });
     let t0 = Instant::now();
     model.forward(compute, prompt, &mut state, &mut scratch, false)?;
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
     let mut tokens = Vec::new();
     let mut text = String::new();
-    let mut finish = FinishReason::Length;
-    let mut guide = params.constraint.as_ref().map(Guide::new);
-    while tokens.len() < params.max_tokens {
-        let left = (params.max_tokens - tokens.len()).min(model.context_length().saturating_sub(state.len()));
-        let next = match guide.as_mut() {
-            None => sampler.sample(scratch.logits()),
-            Some(g) => match g.sample(&mut sampler, scratch.logits_mut(), left) {
-                Some(t) => t,
-                None => {
-                    finish = FinishReason::Stop;
-                    break;
-                }
-            },
-        };
-        tokens.push(next);
-        if !params.ignore_eos && stops.contains(&next) {
-            finish = FinishReason::Stop;
-            break;
+    loop {
+        let room = model.context_length().saturating_sub(state.len());
+        let emitted = output.next(scratch.logits_mut(), &model.tokenizer, room);
+        if !emitted.text.is_empty() {
+            on_text(&emitted.text);
+            text.push_str(&emitted.text);
         }
-        let piece = detok.push(&model.tokenizer, next);
-        if !piece.is_empty() {
-            on_text(&piece);
-            text.push_str(&piece);
-        }
-        match guide.as_mut().map(|g| g.advance(next, &piece)) {
-            Some(Progress::Complete) => {
-                finish = FinishReason::Stop;
-                break;
+        tokens.extend(emitted.token);
+        match (emitted.finish, emitted.token) {
+            (Some(finish), _) => {
+                let decode_time = t1.elapsed();
+                return Ok(Generation { tokens, text, finish, prompt_tokens: prompt.len(), prefill_time, decode_time });
             }
-            Some(Progress::Abandoned) => guide = None,
-            _ => {}
+            (None, Some(next)) => model.forward(compute, &[next], &mut state, &mut scratch, false)?,
+            (None, None) => unreachable!("a token is sampled unless the sequence ends"),
         }
-        if tokens.len() >= params.max_tokens || state.len() + 1 > model.context_length() {
-            break;
-        }
-        model.forward(compute, &[next], &mut state, &mut scratch, false)?;
     }
-    let rest = detok.flush(&model.tokenizer);
-    if !rest.is_empty() {
-        on_text(&rest);
-        text.push_str(&rest);
-    }
-    Ok(Generation { tokens, text, finish, prompt_tokens: prompt.len(), prefill_time, decode_time: t1.elapsed() })
 }

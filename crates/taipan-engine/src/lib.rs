@@ -1,4 +1,6 @@
-//! The inference engine: sequences, sampling, incremental detokenization and the generation loop.
+//! The inference engine: a scheduler (pure bookkeeping), a model runner (one forward pass per
+//! step for every architecture) and output processing (sampling, grammar, detokenization, stop
+//! strings), wired together on the engine thread; plus the single-stream loop of the CLI.
 //!
 //! The shaping decision: the engine knows tokens, sampling and model calls but no wire format;
 //! the server turns its results into JSON.
@@ -10,7 +12,10 @@ pub mod engine;
 pub mod eval;
 pub mod generate;
 pub mod metrics;
+pub mod output;
+pub mod runner;
 pub mod sampler;
+pub mod scheduler;
 pub mod stop;
 
 pub use constraint::{Constraint, ConstraintError, Grammar, GrammarCompiler};

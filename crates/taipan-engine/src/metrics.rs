@@ -51,6 +51,10 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_cached: AtomicUsize,
+    /// Recurrent-state slots in the pool, held by running sequences, and saved states.
+    pub state_slots_total: AtomicUsize,
+    pub state_slots_live: AtomicUsize,
+    pub saved_states: AtomicUsize,
     /// Tokens sampled under a grammar, and the time spent on their masks (microseconds).
     pub constrained_tokens: AtomicU64,
     pub constraint_us: AtomicU64,

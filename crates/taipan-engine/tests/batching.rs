@@ -27,6 +27,7 @@ fn engine(max_batch_tokens: usize) -> EngineHandle {
             max_running: 32,
         },
     )
+    .expect("engine starts")
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {

@@ -34,6 +34,7 @@ fn engine() -> EngineHandle {
             max_running: 32,
         },
     )
+    .expect("engine starts")
 }
 
 fn constraint(lark: &str, trigger: Option<&str>) -> Constraint {

@@ -33,6 +33,7 @@ fn engine() -> EngineHandle {
             max_running: 8,
         },
     )
+    .expect("engine starts")
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {

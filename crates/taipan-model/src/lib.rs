@@ -2,24 +2,25 @@
 //! forward passes.
 //!
 //! The shaping decision: a loaded [`Model`] is immutable and holds weights only; everything that
-//! changes while a sequence runs (its KV cache, later its Mamba state) lives in a [`SeqState`]
+//! changes while a sequence runs (attention keys and values, Mamba state) lives in a [`Cache`]
 //! owned by the caller, so one model serves any number of sequences and the engine decides where
-//! their state lives.
+//! their state lives. Every architecture runs the same call, [`Model::forward_batch`]: one pass
+//! over the new tokens of many sequences, each with its block table and state slot.
 
 pub mod arch;
+pub mod cache;
 pub mod chat;
 pub mod gguf;
 mod hf;
-pub mod kv;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
+pub use cache::{BatchItem, Cache, CacheSpec, KvPool, Logits, StatePool};
 pub use chat::{ChatMessage, ChatTemplate, RenderOptions};
 pub use gguf::{GgufError, GgufFile};
-pub use kv::{BatchItem, KvPool, Logits};
 use taipan_kernels::{Compute, MatmulMode};
 pub use tokenizer::Tokenizer;
 
@@ -64,45 +65,57 @@ pub enum Arch {
     Jamba(arch::jamba::Jamba),
 }
 
-/// Per-sequence state an architecture needs between forward calls.
+/// One sequence's state in pools of its own, for single-stream use (the CLI, evaluation, tests);
+/// the engine shares one [`Cache`] among many sequences instead. Runs through the same
+/// [`Model::forward_batch`] as the engine, as a batch of one.
 #[derive(Debug, Clone)]
-pub enum SeqState {
-    Llama(arch::llama::KvCache),
-    Jamba(arch::jamba::JambaState),
+pub struct SeqState {
+    cache: Cache,
+    /// Always `0..cache.kv.blocks()`: the private pool is laid out in order.
+    table: Vec<u32>,
+    len: usize,
+    recurrent: bool,
 }
+
+/// Block size of private single-sequence caches.
+const PRIVATE_BLOCK: usize = 64;
 
 impl SeqState {
     /// Tokens processed so far.
     pub fn len(&self) -> usize {
-        match self {
-            SeqState::Llama(c) => c.len,
-            SeqState::Jamba(s) => s.len,
-        }
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     /// Bytes held (caches and recurrent state).
     pub fn memory_bytes(&self) -> usize {
-        match self {
-            SeqState::Llama(c) => c.memory_bytes(),
-            SeqState::Jamba(s) => s.recurrent_bytes() + s.kv_bytes(),
-        }
+        self.cache.bytes()
+    }
+
+    /// Bytes of recurrent (Mamba) state: constant in the sequence length.
+    pub fn recurrent_bytes(&self) -> usize {
+        self.cache.states.slots() * self.cache.states.slot_bytes()
+    }
+
+    /// Bytes of attention keys and values held.
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.kv.blocks() * self.cache.kv.block_bytes()
     }
 
     /// Forgets positions from `len` on (attention caches can rewind).
-    /// Recurrent (Mamba) state cannot rewind, so a Jamba state only accepts its own length.
+    /// Recurrent (Mamba) state cannot rewind, so a recurrent state only accepts its own length.
     pub fn truncate(&mut self, len: usize) -> Result<(), ModelError> {
-        match self {
-            SeqState::Llama(c) => {
-                c.truncate(len);
-                Ok(())
-            }
-            SeqState::Jamba(s) if len >= s.len => Ok(()),
-            SeqState::Jamba(_) => Err(ModelError::Input("a Mamba state cannot be rewound".into())),
+        if len >= self.len {
+            return Ok(());
         }
+        if self.recurrent {
+            return Err(ModelError::Input("a Mamba state cannot be rewound".into()));
+        }
+        self.len = len;
+        Ok(())
     }
 }
 
@@ -209,12 +222,6 @@ impl Model {
         Ok(())
     }
 
-    /// Whether [`Model::forward_batch`] can run several sequences over a shared paged KV pool.
-    /// Models with recurrent state run sequence by sequence on their own [`SeqState`].
-    pub fn supports_batching(&self) -> bool {
-        matches!(self.arch, Arch::Llama(_))
-    }
-
     pub fn vocab_size(&self) -> usize {
         match &self.arch {
             Arch::Llama(m) => m.config.vocab,
@@ -236,10 +243,30 @@ impl Model {
         }
     }
 
-    pub fn new_state(&self) -> SeqState {
+    /// What the model keeps per sequence: attention layers and their width, recurrent layers and
+    /// their state sizes.
+    pub fn cache_spec(&self) -> CacheSpec {
         match &self.arch {
-            Arch::Llama(m) => SeqState::Llama(m.new_cache()),
-            Arch::Jamba(m) => SeqState::Jamba(m.new_state()),
+            Arch::Llama(m) => CacheSpec {
+                attention_layers: m.config.layers,
+                kv_dim: m.config.kv_dim(),
+                recurrent_layers: 0,
+                conv_floats: 0,
+                ssm_floats: 0,
+                context: m.config.context,
+            },
+            Arch::Jamba(m) => m.config.cache_spec(),
+        }
+    }
+
+    /// A fresh single-sequence state.
+    pub fn new_state(&self) -> SeqState {
+        let spec = self.cache_spec();
+        SeqState {
+            cache: Cache::new(&spec, PRIVATE_BLOCK, 0, spec.is_recurrent() as usize),
+            table: Vec::new(),
+            len: 0,
+            recurrent: spec.is_recurrent(),
         }
     }
 
@@ -253,54 +280,49 @@ impl Model {
         scratch: &mut Scratch,
         all_logits: bool,
     ) -> Result<(), ModelError> {
-        match (&self.arch, state) {
-            (Arch::Llama(m), SeqState::Llama(c)) => {
-                scratch.last_jamba = false;
-                m.forward(compute, tokens, c, &mut scratch.llama, all_logits)
-            }
-            (Arch::Jamba(m), SeqState::Jamba(st)) => {
-                scratch.last_jamba = true;
-                m.forward(compute, tokens, st, &mut scratch.jamba, all_logits)
-            }
-            _ => Err(ModelError::Input("sequence state belongs to another model".into())),
+        let needed = state.len + tokens.len();
+        let context = self.context_length();
+        if needed > context {
+            return Err(ModelError::Input(format!("sequence of {needed} tokens exceeds the context length {context}")));
         }
+        let blocks = needed.div_ceil(PRIVATE_BLOCK);
+        if blocks > state.cache.kv.blocks() {
+            let cap = blocks.next_power_of_two().min(context.div_ceil(PRIVATE_BLOCK)).max(blocks);
+            state.cache.kv.grow(cap);
+            state.table = (0..cap as u32).collect();
+        }
+        let item = BatchItem {
+            tokens,
+            start: state.len,
+            blocks: &state.table,
+            state_slot: state.recurrent.then_some(0),
+            logits: if all_logits { Logits::All } else { Logits::Last },
+        };
+        self.forward_batch(compute, &[item], &mut state.cache, scratch)?;
+        state.len = needed;
+        Ok(())
     }
 
-    /// A paged KV pool of `blocks` blocks of `block_size` positions for this model.
-    pub fn new_pool(&self, block_size: usize, blocks: usize) -> KvPool {
-        match &self.arch {
-            Arch::Llama(m) => m.new_pool(block_size, blocks),
-            Arch::Jamba(m) => {
-                KvPool::new(m.config.layers, m.config.kv_heads * m.config.head_dim, block_size, blocks.min(1))
-            }
-        }
-    }
-
-    /// Bytes of KV cache one position takes (all layers).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        match &self.arch {
-            Arch::Llama(m) => 2 * m.config.layers * m.config.kv_dim() * 4,
-            Arch::Jamba(m) => 2 * m.config.layers * m.config.kv_heads * m.config.head_dim * 4,
-        }
-    }
-
-    /// One forward pass over a batch of sequences sharing `pool`; see
-    /// [`arch::llama::Llama::forward_batch`].
+    /// One forward pass over a batch of sequences sharing `cache`: every weight matrix is read
+    /// once for all their tokens. Each item's new keys and values go to its blocks, its recurrent
+    /// state is read from and written back to its slot. Logits land in `scratch.logits()`, one
+    /// row per wanted token, in item order.
     pub fn forward_batch(
         &self,
         compute: &Compute,
         items: &[BatchItem<'_>],
-        pool: &mut KvPool,
+        cache: &mut Cache,
         scratch: &mut Scratch,
     ) -> Result<(), ModelError> {
         match &self.arch {
             Arch::Llama(m) => {
                 scratch.last_jamba = false;
-                m.forward_batch(compute, items, pool, &mut scratch.llama)
+                m.forward_batch(compute, items, &mut cache.kv, &mut scratch.llama)
             }
-            Arch::Jamba(_) => Err(ModelError::Input(
-                "batched serving of Jamba models is not implemented yet (their Mamba state needs engine slots)".into(),
-            )),
+            Arch::Jamba(m) => {
+                scratch.last_jamba = true;
+                m.forward_batch(compute, items, cache, &mut scratch.jamba)
+            }
         }
     }
 

@@ -194,7 +194,7 @@ fn synthetic_jamba_state_is_constant_in_context_length() {
         let mut sc = taipan_model::Scratch::default();
         let ids: Vec<u32> = (0..len as u32).map(|i| 10 + i % 4000).collect();
         m.forward(&compute, &ids, &mut st, &mut sc, false).unwrap();
-        let taipan_model::SeqState::Jamba(s) = &st else { panic!("not a Jamba state") };
+        let s = &st;
         assert!(sc.logits().iter().all(|v| v.is_finite()));
         sizes.push((s.recurrent_bytes(), s.kv_bytes()));
     }

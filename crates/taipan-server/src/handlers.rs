@@ -2,7 +2,7 @@
 
 use crate::error::{dialect_of, HttpError};
 use crate::ids::{new_id, new_tool_id, random_u64, unix_now};
-use crate::prompt::{chat_prompt, message_boundaries, resolve_max_tokens};
+use crate::prompt::{chat_prompt, message_boundaries, resolve_max_tokens, ContextWindow};
 use crate::state::AppState;
 use crate::structured::{plan_output, shape_constraint, OutputPlan};
 use axum::body::{Body, Bytes};
@@ -161,7 +161,8 @@ async fn chat(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>, dialec
             let ids = chat_prompt(&model, &req)?;
             let plan = plan_output(&model, &req, || state.grammar_compiler())?;
             // Recurrent models can only resume where a state was saved: at message boundaries.
-            let bounds = if model.supports_batching() { vec![] } else { message_boundaries(&model, &req, &ids) };
+            let bounds =
+                if model.cache_spec().is_recurrent() { message_boundaries(&model, &req, &ids) } else { vec![] };
             Ok::<_, ApiError>((ids, bounds, plan))
         })
         .await
@@ -170,7 +171,7 @@ async fn chat(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>, dialec
     };
     let cap = if dialect == Dialect::Ai21 { Some(AI21_MAX_TOKENS) } else { None };
     let max_tokens =
-        resolve_max_tokens(prompt.len(), model.context_length(), req.max_tokens, cap).map_err(|e| fail(dialect, e))?;
+        resolve_max_tokens(prompt.len(), ContextWindow::of(&eng), req.max_tokens, cap).map_err(|e| fail(dialect, e))?;
     let prompt_tokens = prompt.len();
     let gen = GenRequest {
         prompt,
@@ -421,7 +422,7 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
             }
         };
         let max =
-            resolve_max_tokens(ids.len(), model.context_length(), Some(req.max_tokens), None).map_err(|mut e| {
+            resolve_max_tokens(ids.len(), ContextWindow::of(&eng), Some(req.max_tokens), None).map_err(|mut e| {
                 e.field = Some("prompt".into());
                 fail(d, e)
             })?;
@@ -572,16 +573,20 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
 
 pub async fn models_openai(State(state): State<Arc<AppState>>) -> Response {
     let names = state.names.get().cloned().unwrap_or_default();
+    // `max_model_len` as vLLM reports it: what the memory budget holds, not just the model's own.
+    let ctx = state.engine.get().map(|e| e.context_limit()).unwrap_or(0);
     let data: Vec<Value> = names
         .iter()
-        .map(|n| json!({"id": n, "object": "model", "created": state.created, "owned_by": "taipan"}))
+        .map(|n| {
+            json!({"id": n, "object": "model", "created": state.created, "owned_by": "taipan", "max_model_len": ctx})
+        })
         .collect();
     json_response(json!({"object": "list", "data": data}).to_string())
 }
 
 pub async fn models_ai21(State(state): State<Arc<AppState>>) -> Response {
     let names = state.names.get().cloned().unwrap_or_default();
-    let ctx = state.engine.get().map(|e| e.model.context_length()).unwrap_or(0);
+    let ctx = state.engine.get().map(|e| e.context_limit()).unwrap_or(0);
     let data: Vec<Value> = names
         .iter()
         .map(|n| {
@@ -624,7 +629,7 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, By
             ids.splice(0..0, eng.model.tokenizer.specials.bos);
         }
         Ok::<_, HttpError>(json_response(
-            json!({"tokens": ids, "count": ids.len(), "max_model_len": eng.model.context_length()}).to_string(),
+            json!({"tokens": ids, "count": ids.len(), "max_model_len": eng.context_limit()}).to_string(),
         ))
     }
     .await

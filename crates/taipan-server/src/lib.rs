@@ -94,12 +94,36 @@ where
                 ec.threads = state.config.threads;
                 ec.max_queue = state.config.max_queue;
                 let kv_mb = ec.kv_cache_bytes >> 20;
-                let engine = taipan_engine::engine::start(model, ec);
-                let blocks = engine.stats.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed);
-                if blocks > 0 {
-                    eprintln!("taipan: KV cache {kv_mb} MiB ({blocks} blocks of 16 positions), continuous batching");
+                let engine = match taipan_engine::engine::start(model, ec) {
+                    Ok(engine) => engine,
+                    Err(e) => {
+                        eprintln!("taipan: {e}");
+                        std::process::exit(1);
+                    }
+                };
+                let m = engine.memory;
+                let spec = engine.model.cache_spec();
+                let states = if m.slots > 0 {
+                    format!(
+                        ", {} recurrent-state slots of {:.2} MiB (running sequences and saved states)",
+                        m.slots,
+                        spec.state_bytes() as f64 / (1 << 20) as f64
+                    )
                 } else {
-                    eprintln!("taipan: recurrent model: each sequence keeps its own state; saved states for prefix reuse up to {} MiB", kv_mb / 2);
+                    String::new()
+                };
+                eprintln!(
+                    "taipan: KV cache budget {kv_mb} MiB: {} blocks of {} positions{states}; continuous batching",
+                    m.blocks, m.block_size
+                );
+                if m.context < engine.model.context_length() {
+                    eprintln!(
+                        "taipan: usable context {} tokens (what the budget holds; the model's own is {}; raise --kv-cache-mb for more)",
+                        m.context,
+                        engine.model.context_length()
+                    );
+                } else {
+                    eprintln!("taipan: usable context {} tokens", m.context);
                 }
                 state.set_engine(engine);
                 // Index the vocabulary for grammars now rather than on the first JSON request.

@@ -231,15 +231,21 @@ pub fn message_boundaries(model: &Model, req: &ChatRequest, ids: &[u32]) -> Vec<
 /// more than the context has left. A prompt that fills the context is an error.
 pub fn resolve_max_tokens(
     prompt_len: usize,
-    context: usize,
+    window: ContextWindow,
     requested: Option<usize>,
     default_cap: Option<usize>,
 ) -> Result<usize, ApiError> {
+    let context = window.tokens;
     if prompt_len >= context {
+        let why = if context < window.model {
+            format!(" (the most the KV cache budget holds; the model's own is {} tokens)", window.model)
+        } else {
+            String::new()
+        };
         return Err(ApiError {
             kind: ErrorKind::ContextLength,
             field: Some("messages".into()),
-            message: format!("the prompt has {prompt_len} tokens, but the model's context window is {context} tokens"),
+            message: format!("the prompt has {prompt_len} tokens, but the context window is {context} tokens{why}"),
         });
     }
     let room = context - prompt_len;
@@ -247,4 +253,18 @@ pub fn resolve_max_tokens(
         Some(n) => n.min(room),
         None => default_cap.map_or(room, |c| c.min(room)),
     })
+}
+
+/// The longest prompt plus answer a request may have: the model's context, or less when the
+/// engine's memory budget holds less.
+#[derive(Debug, Clone, Copy)]
+pub struct ContextWindow {
+    pub tokens: usize,
+    pub model: usize,
+}
+
+impl ContextWindow {
+    pub fn of(engine: &taipan_engine::EngineHandle) -> Self {
+        ContextWindow { tokens: engine.context_limit(), model: engine.model.context_length() }
+    }
 }

@@ -221,7 +221,8 @@ mod tests {
         let engine = taipan_engine::engine::start(
             Arc::clone(model),
             EngineConfig { threads: 1, kv_cache_bytes: 16 << 20, ..Default::default() },
-        );
+        )
+        .expect("engine starts");
         let mut req = GenRequest::new(prompt, max_tokens);
         req.sampling = taipan_engine::SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed };
         req.constraint = plan.constraint.clone();

@@ -6,8 +6,8 @@
 //! permuted so that RoPE rotates adjacent pairs (jamba-arch.md §7.3).
 //! Reference: Touvron et al. 2023, "Llama 2"; llama.cpp `src/models/llama.cpp`.
 
+use crate::cache::{BatchItem, KvPool, Logits};
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
-use crate::kv::{BatchItem, KvPool, Logits};
 use crate::ModelError;
 use taipan_kernels::matmul::MatmulScratch;
 use taipan_kernels::ops::{self, AttentionShape, AttnSeq, KvLayer, RopeStyle, RopeTable};
@@ -119,31 +119,6 @@ pub struct Llama {
     pub mode: MatmulMode,
 }
 
-/// A single sequence's attention state in a private, growable pool.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    pool: KvPool,
-    /// Always `0..pool.blocks()`: the private pool is laid out in order.
-    table: Vec<u32>,
-    /// Positions filled.
-    pub len: usize,
-}
-
-/// Block size of private single-sequence caches.
-const PRIVATE_BLOCK: usize = 64;
-
-impl KvCache {
-    /// Drops positions from `len` on, so the sequence can continue from there.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
-    /// Bytes held.
-    pub fn memory_bytes(&self) -> usize {
-        self.pool.blocks() * self.pool.block_bytes()
-    }
-}
-
 /// Buffers of one forward pass, kept between calls.
 #[derive(Debug, Default)]
 pub struct LlamaScratch {
@@ -230,16 +205,6 @@ impl Llama {
         Ok(Llama { out_norm: load_f32(f, "output_norm.weight", d)?, config: c, embedding, layers, output, rope, mode })
     }
 
-    /// A fresh, empty single-sequence state.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache { pool: self.new_pool(PRIVATE_BLOCK, 0), table: Vec::new(), len: 0 }
-    }
-
-    /// A paged pool of `blocks` blocks for this model.
-    pub fn new_pool(&self, block_size: usize, blocks: usize) -> KvPool {
-        KvPool::new(self.config.layers, self.config.kv_dim(), block_size, blocks)
-    }
-
     /// Bytes of weights held in memory.
     pub fn weight_bytes(&self) -> usize {
         let l: usize = self
@@ -248,40 +213,6 @@ impl Llama {
             .map(|l| l.wqkv.memory_bytes() + l.wo.memory_bytes() + l.w_gate_up.memory_bytes() + l.w_down.memory_bytes())
             .sum();
         l + self.output.memory_bytes() + self.embedding.data.len()
-    }
-
-    /// Runs `tokens` at positions `cache.len..` and appends them to the cache.
-    ///
-    /// Logits land in `scratch.logits`: `[tokens, vocab]` when `all_logits`, else the last only.
-    pub fn forward(
-        &self,
-        compute: &Compute,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        scratch: &mut LlamaScratch,
-        all_logits: bool,
-    ) -> Result<(), ModelError> {
-        let needed = cache.len + tokens.len();
-        if needed > self.config.context {
-            return Err(ModelError::Input(format!(
-                "sequence of {needed} tokens exceeds the context length {}",
-                self.config.context
-            )));
-        }
-        let blocks = needed.div_ceil(PRIVATE_BLOCK);
-        if blocks > cache.pool.blocks() {
-            cache.pool.grow(blocks.next_power_of_two().min(self.config.context.div_ceil(PRIVATE_BLOCK)).max(blocks));
-            cache.table = (0..cache.pool.blocks() as u32).collect();
-        }
-        let item = BatchItem {
-            tokens,
-            start: cache.len,
-            blocks: &cache.table,
-            logits: if all_logits { Logits::All } else { Logits::Last },
-        };
-        self.forward_batch(compute, &[item], &mut cache.pool, scratch)?;
-        cache.len = needed;
-        Ok(())
     }
 
     /// One forward pass over several sequences at once: every weight matrix is read once for all

@@ -1,0 +1,129 @@
+//! Jamba's feed-forward blocks: a dense SwiGLU MLP, or a mixture of such MLPs behind a softmax
+//! router whose top-k weights are NOT renormalised. Rows of the whole batch are routed together
+//! and grouped per expert, so each expert's matrices are read once per step.
+
+use super::resize;
+use taipan_kernels::matmul::MatmulScratch;
+use taipan_kernels::{ops, Compute, Matrix};
+
+/// A SwiGLU MLP: `down · (silu(gate · x) ⊙ up · x)`.
+#[derive(Debug)]
+pub(super) struct Mlp {
+    /// `[2F, H]`: gate rows, then up rows.
+    pub gate_up: Matrix,
+    /// `[H, F]`
+    pub down: Matrix,
+}
+
+#[derive(Debug)]
+pub(super) enum Ffn {
+    Dense(Mlp),
+    Moe { router: Matrix, experts: Vec<Mlp>, top_k: usize },
+}
+
+#[derive(Debug, Default)]
+pub(super) struct FfnScratch {
+    /// `[rows, 2F]`
+    gate_up: Vec<f32>,
+    /// `[rows, F]`
+    act: Vec<f32>,
+    /// `[rows, E]` router probabilities.
+    router: Vec<f32>,
+    /// Per expert: (row, weight) of the rows routed to it.
+    routes: Vec<Vec<(usize, f32)>>,
+    /// The rows routed to one expert, gathered `[n, H]`, and its output `[n, H]`.
+    rows_in: Vec<f32>,
+    rows_out: Vec<f32>,
+}
+
+impl Mlp {
+    fn weight_bytes(&self) -> usize {
+        self.gate_up.memory_bytes() + self.down.memory_bytes()
+    }
+
+    fn forward(
+        &self,
+        compute: &Compute,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+        s: &mut FfnScratch,
+        mm: &mut MatmulScratch,
+    ) {
+        let f = self.down.cols();
+        let gu = resize(&mut s.gate_up, rows * 2 * f);
+        compute.matmul(gu, x, rows, &self.gate_up, mm);
+        let act = resize(&mut s.act, rows * f);
+        for (a, g_u) in act.chunks_exact_mut(f).zip(gu.chunks_exact(2 * f)) {
+            let (g, u) = g_u.split_at(f);
+            for ((a, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
+                *a = ops::silu(gv) * uv;
+            }
+        }
+        compute.matmul(out, act, rows, &self.down, mm);
+    }
+}
+
+impl Ffn {
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Ffn::Dense(m) => m.weight_bytes(),
+            Ffn::Moe { router, experts, .. } => {
+                router.memory_bytes() + experts.iter().map(Mlp::weight_bytes).sum::<usize>()
+            }
+        }
+    }
+
+    /// `out[rows, H] = ffn(x[rows, H])`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        compute: &Compute,
+        h: usize,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+        s: &mut FfnScratch,
+        mm: &mut MatmulScratch,
+    ) {
+        let (router, experts, top_k) = match self {
+            Ffn::Dense(mlp) => return mlp.forward(compute, x, rows, out, s, mm),
+            Ffn::Moe { router, experts, top_k } => (router, experts, *top_k),
+        };
+        let e_n = experts.len();
+        let probs = resize(&mut s.router, rows * e_n);
+        compute.matmul(probs, x, rows, router, mm);
+        let mut routes = std::mem::take(&mut s.routes);
+        routes.resize_with(e_n, Vec::new);
+        routes.iter_mut().for_each(Vec::clear);
+        let mut order: Vec<usize> = Vec::with_capacity(e_n);
+        for (t, p) in probs.chunks_exact_mut(e_n).enumerate() {
+            ops::softmax(p);
+            order.clear();
+            order.extend(0..e_n);
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            for &e in &order[..top_k] {
+                routes[e].push((t, p[e]));
+            }
+        }
+        out.fill(0.0);
+        let (mut rows_in, mut rows_out) = (std::mem::take(&mut s.rows_in), std::mem::take(&mut s.rows_out));
+        for (expert, route) in experts.iter().zip(&routes) {
+            if route.is_empty() {
+                continue;
+            }
+            rows_in.clear();
+            for &(t, _) in route {
+                rows_in.extend_from_slice(&x[t * h..(t + 1) * h]);
+            }
+            rows_out.resize(route.len() * h, 0.0);
+            expert.forward(compute, &rows_in, route.len(), &mut rows_out, s, mm);
+            for (&(t, w), y) in route.iter().zip(rows_out.chunks_exact(h)) {
+                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(y) {
+                    *o += w * v;
+                }
+            }
+        }
+        (s.rows_in, s.rows_out, s.routes) = (rows_in, rows_out, routes);
+    }
+}
