@@ -1,5 +1,6 @@
-//! The engine serving a hybrid (Jamba) model: sequences run on their own recurrent state, and
-//! saved states let the next turn of a conversation skip recomputing its history.
+//! The engine serving a hybrid (Jamba) model: sequences are batched into one forward pass, each
+//! on its own recurrent-state slot, and saved states let the next turn of a conversation skip
+//! recomputing its history.
 
 mod common;
 
@@ -22,15 +23,19 @@ fn model() -> Arc<Model> {
 }
 
 fn engine() -> EngineHandle {
+    engine_for(model())
+}
+
+fn engine_for(model: Arc<Model>) -> EngineHandle {
     start(
-        model(),
+        model,
         EngineConfig {
             threads: 2,
             max_queue: 16,
             kv_cache_bytes: 64 << 20,
             block_size: 16,
             max_batch_tokens: 32,
-            max_running: 8,
+            max_running: 16,
         },
     )
     .expect("engine starts")
@@ -57,7 +62,10 @@ fn run_ids(e: &EngineHandle, mut req: GenRequest) -> Vec<u32> {
 }
 
 fn direct_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
-    let m = model();
+    direct_greedy_on(&model(), prompt, n)
+}
+
+fn direct_greedy_on(m: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
     let compute = Compute::new(2);
     let mut st = m.new_state();
     let mut sc = Scratch::default();
@@ -78,30 +86,21 @@ fn prompt_ids(text: &str) -> Vec<u32> {
     ids
 }
 
-#[test]
-fn engine_output_equals_direct_generation_even_when_concurrent_and_chunked() {
-    let e = engine();
-    let prompts: Vec<Vec<u32>> = [
-        "Hello, my name is",
-        "def parse(self, text):",
-        "The quick brown fox",
-        "import os\nimport sys\n\nclass Config:",
-    ]
-    .iter()
-    .map(|t| prompt_ids(t))
-    .collect();
-    let want: Vec<Vec<u32>> = prompts.iter().map(|p| direct_greedy(p, 12)).collect();
+/// Submits every prompt at once and checks each answer against the same prompt run alone.
+fn concurrent_equals_alone(m: Arc<Model>, prompts: &[Vec<u32>], tokens: usize) {
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| direct_greedy_on(&m, p, tokens)).collect();
+    let e = engine_for(Arc::clone(&m));
     let receivers: Vec<_> = prompts
         .iter()
         .map(|p| {
             let (tx, rx) = mpsc::channel();
-            let mut r = greedy(p.clone(), 12);
+            let mut r = greedy(p.clone(), tokens);
             r.logprobs = Some(0);
             e.submit(r, Box::new(tx)).unwrap();
             rx
         })
         .collect();
-    for (rx, w) in receivers.into_iter().zip(&want) {
+    for (i, (rx, w)) in receivers.into_iter().zip(&want).enumerate() {
         let mut ids = Vec::new();
         loop {
             match rx.recv().unwrap() {
@@ -111,8 +110,70 @@ fn engine_output_equals_direct_generation_even_when_concurrent_and_chunked() {
                 Event::PromptLogprobs(_) => {}
             }
         }
-        assert_eq!(&ids, w);
+        assert_eq!(&ids, w, "request {i} (prompt of {} tokens)", prompts[i].len());
     }
+    // Several sequences shared each step: the steps were batched.
+    let steps = e.stats.steps.load(Ordering::Relaxed) as usize;
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    assert!(steps < prompt_tokens.div_ceil(32) + tokens * prompts.len() / 2, "{steps} steps: not batched");
+}
+
+/// Sixteen prompts of mixed lengths (3 to ~80 tokens), more than one step's budget of 32 tokens
+/// in all, so prefills are chunked and run beside other sequences' decode steps.
+fn mixed_prompts(m: &Model) -> Vec<Vec<u32>> {
+    let texts = [
+        "Hello, my name is",
+        "def parse(self, text):",
+        "The quick brown fox",
+        "import os\nimport sys\n\nclass Config:",
+        "Once upon a time, in a land far away, there lived a king who had three daughters.",
+        "1, 2, 3, 4, 5,",
+        "Q: What is the capital of France?\nA:",
+        "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+        "fn main() {",
+        "The mitochondria is the powerhouse of the cell, and the ribosome is where proteins are made by translation of messenger RNA into chains of amino acids.",
+        "SELECT name FROM users WHERE",
+        "a",
+        "Dear Sir or Madam, I am writing to complain about",
+        "for i in range(10):\n    print(i)\n",
+        "Jamba is a hybrid of attention and Mamba layers with a mixture of experts.",
+        "Translate to French: good morning",
+    ];
+    texts
+        .iter()
+        .map(|t| {
+            let mut ids = vec![m.tokenizer.specials.bos.unwrap()];
+            ids.extend(m.tokenizer.encode(t, true).unwrap());
+            ids
+        })
+        .collect()
+}
+
+#[test]
+fn sixteen_concurrent_requests_answer_as_they_do_alone() {
+    let m = model();
+    let prompts = mixed_prompts(&m);
+    assert!(prompts.iter().map(Vec::len).sum::<usize>() > 4 * 32);
+    concurrent_equals_alone(m, &prompts, 12);
+}
+
+#[test]
+fn sixteen_concurrent_requests_on_a_larger_synthetic_jamba_answer_as_they_do_alone() {
+    let out = std::env::temp_dir().join(format!("taipan-synth-engine-{}.gguf", std::process::id()));
+    let spec = taipan_model::synth::SynthJamba {
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 512,
+        experts: 4,
+        dt_rank: 16,
+        ..Default::default()
+    };
+    taipan_model::synth::write_synthetic_jamba(&out, &shared_dir().join("fixtures/jamba-tiny-a.gguf"), &spec).unwrap();
+    let m = Arc::new(Model::load(&out, LoadOptions::default()).unwrap());
+    let _ = std::fs::remove_file(&out);
+    let prompts = mixed_prompts(&m);
+    concurrent_equals_alone(m, &prompts, 10);
 }
 
 #[test]
