@@ -116,3 +116,83 @@ pub fn bench(
         decode_breakdown,
     })
 }
+
+/// Aggregate decode rate of `batch` sequences stepped together, one token each per forward pass
+/// over a shared cache (what the engine does with that many streams), and where a step's time
+/// goes. Each sequence first runs a `prompt_tokens` prompt of its own.
+#[derive(Debug, Clone)]
+pub struct BatchBenchResult {
+    pub batch: usize,
+    /// Generated tokens per second, all sequences together.
+    pub decode_tok_s: f64,
+    /// Milliseconds per step (one token for every sequence).
+    pub step_ms: f64,
+    pub step_breakdown: Vec<(&'static str, f64)>,
+}
+
+pub fn bench_batched(
+    model: &Model,
+    compute: &Compute,
+    batch: usize,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+) -> Result<BatchBenchResult, ModelError> {
+    use taipan_model::{BatchItem, Cache, Logits};
+    let vocab = model.vocab_size() as u32;
+    let spec = model.cache_spec();
+    let bs = 16;
+    let per_seq = (prompt_tokens + gen_tokens + 1).div_ceil(bs);
+    let mut cache = Cache::new(&spec, bs, batch * per_seq, if spec.is_recurrent() { batch } else { 0 });
+    let tables: Vec<Vec<u32>> =
+        (0..batch).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
+    let slot = |i: usize| spec.is_recurrent().then_some(i as u32);
+    let mut scratch = Scratch::default();
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|i| (0..prompt_tokens.max(1) as u32).map(|t| (t * 7919 + 100 + i as u32 * 31) % vocab).collect())
+        .collect();
+    let items: Vec<BatchItem<'_>> = (0..batch)
+        .map(|i| BatchItem {
+            tokens: &prompts[i],
+            start: 0,
+            blocks: &tables[i],
+            state_slot: slot(i),
+            logits: Logits::Last,
+        })
+        .collect();
+    model.forward_batch(compute, &items, &mut cache, &mut scratch)?;
+    let mut next: Vec<u32> =
+        (0..batch).map(|i| crate::sampler::argmax(&scratch.logits()[i * vocab as usize..][..vocab as usize])).collect();
+    let start = prompts[0].len();
+    // One warm-up step, then the timed ones.
+    let mut elapsed = 0.0;
+    for step in 0..=gen_tokens {
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let items: Vec<BatchItem<'_>> = (0..batch)
+            .map(|i| BatchItem {
+                tokens: &tokens[i],
+                start: start + step,
+                blocks: &tables[i],
+                state_slot: slot(i),
+                logits: Logits::Last,
+            })
+            .collect();
+        if step == 1 {
+            scratch.set_profile(true);
+        }
+        let t = Instant::now();
+        model.forward_batch(compute, &items, &mut cache, &mut scratch)?;
+        if step > 0 {
+            elapsed += t.elapsed().as_secs_f64();
+        }
+        let v = vocab as usize;
+        next = (0..batch).map(|i| crate::sampler::argmax(&scratch.logits()[i * v..(i + 1) * v])).collect();
+    }
+    let parts = scratch.profile();
+    let total: f64 = parts.iter().map(|p| p.1).sum();
+    Ok(BatchBenchResult {
+        batch,
+        decode_tok_s: (batch * gen_tokens) as f64 / elapsed,
+        step_ms: 1e3 * elapsed / gen_tokens as f64,
+        step_breakdown: parts.into_iter().map(|(n, v)| (n, if total > 0.0 { v / total } else { 0.0 })).collect(),
+    })
+}

@@ -87,6 +87,10 @@ mod x86_entry {
         // SAFETY: only installed after detecting avx2 and fma.
         unsafe { avx2::dot_group_packed(w, acts, out) }
     }
+    pub fn scan_avx2(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
+        // SAFETY: only installed after detecting avx2 and fma.
+        unsafe { avx2::selective_scan(y, i, h, s) }
+    }
     pub fn f32_avx2(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx2 and fma.
         unsafe { avx2::dot_tile_f32(ws, xs, out) }
@@ -115,7 +119,7 @@ impl Kernels {
                 packed_tile: x86_entry::packed_avx2,
                 f32_tile: x86_entry::f32_avx2,
                 attend_head: crate::ops::attend_head_ref,
-                selective_scan: crate::ssm::selective_scan_ref,
+                selective_scan: x86_entry::scan_avx2,
             }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (is_x86_feature_detected!("avx512f")

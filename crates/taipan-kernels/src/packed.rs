@@ -152,7 +152,12 @@ impl PackedMatrix {
     /// One group's bytes, as the kernels take it.
     pub fn group(&self, g: usize) -> PackedGroup<'_> {
         let gb = self.group_bytes();
-        PackedGroup { width: self.width, blocks: self.blocks(), data: &self.data[g * gb..(g + 1) * gb] }
+        PackedGroup {
+            width: self.width,
+            wide: self.source == DType::Q8_0,
+            blocks: self.blocks(),
+            data: &self.data[g * gb..(g + 1) * gb],
+        }
     }
 }
 
@@ -160,6 +165,9 @@ impl PackedMatrix {
 #[derive(Clone, Copy)]
 pub struct PackedGroup<'a> {
     pub width: LevelWidth,
+    /// Levels may reach 128 or more (Q8_0's 0..=255): an unsigned level times an i8 activation,
+    /// summed in pairs, can then exceed an i16 (which matters to AVX2's `maddubs`).
+    pub wide: bool,
     pub blocks: usize,
     pub data: &'a [u8],
 }

@@ -322,6 +322,10 @@ struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also measure batched decode: this many sequences stepped together (as the server runs
+    /// that many streams), aggregate tok/s and where a step's time goes.
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 fn default_model_path() -> PathBuf {
@@ -575,16 +579,28 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     for &t in &a.threads {
         let compute = Compute::new(t.max(1));
         let r = eval::bench(&model, &compute, a.prompt, a.gen, a.reps.max(1))?;
-        rows.push((t, r, compute.kernels.isa));
+        let batched = match a.batch {
+            Some(b) => Some(eval::bench_batched(&model, &compute, b.max(1), 32, a.gen.max(1))?),
+            None => None,
+        };
+        rows.push((t, r, compute.kernels.isa, batched));
     }
+    let shares = |parts: &[(&str, f64)]| {
+        parts.iter().map(|(n, v)| (n.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>()
+    };
     if a.json {
         let v: Vec<_> = rows
             .iter()
-            .map(|(t, r, isa)| {
-                serde_json::json!({"model": path.display().to_string(), "threads": t, "isa": format!("{isa:?}"),
+            .map(|(t, r, isa, b)| {
+                let mut row = serde_json::json!({"model": path.display().to_string(), "threads": t, "isa": format!("{isa:?}"),
                     "prompt_tokens": r.prompt_tokens, "gen_tokens": r.gen_tokens,
                     "prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s,
-                    "decode_breakdown": r.decode_breakdown.iter().map(|(n, v)| (n.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>()})
+                    "decode_breakdown": shares(&r.decode_breakdown)});
+                if let Some(b) = b {
+                    row["batch"] = serde_json::json!({"sequences": b.batch, "decode_tok_s": b.decode_tok_s,
+                        "step_ms": b.step_ms, "step_breakdown": shares(&b.step_breakdown)});
+                }
+                row
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -597,13 +613,25 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             format!("prefill {} tok/s", a.prompt),
             format!("decode {} tok/s", a.gen)
         );
-        for (t, r, isa) in &rows {
+        for (t, r, isa, _) in &rows {
             println!("{t:>7} {:>10} {:>16.1} {:>16.1}", format!("{isa:?}"), r.prefill_tok_s, r.decode_tok_s);
         }
-        if let Some((t, r, _)) = rows.last() {
+        if let Some((t, r, _, b)) = rows.last() {
             if !r.decode_breakdown.is_empty() {
                 println!("where decode time goes ({t} threads):");
                 for (part, share) in &r.decode_breakdown {
+                    println!("  {part:<14} {:>5.1}%", 100.0 * share);
+                }
+            }
+            if let Some(b) = b {
+                println!(
+                    "batched decode, {} sequences ({t} threads): {:.1} tok/s aggregate ({:.2}x single stream), {:.1} ms per step",
+                    b.batch,
+                    b.decode_tok_s,
+                    b.decode_tok_s / r.decode_tok_s,
+                    b.step_ms
+                );
+                for (part, share) in &b.step_breakdown {
                     println!("  {part:<14} {:>5.1}%", 100.0 * share);
                 }
             }

@@ -5,73 +5,172 @@ use std::arch::x86_64::*;
 
 /// Packed-group × activation tile, `out[r * acts.len() + t] = row r · acts[t]`.
 ///
+/// Each weight vector is loaded and unpacked once for all (up to 4) activation rows of the tile.
+/// Levels below 128 go straight into `maddubs` (two products of a level and an i8 fit an i16;
+/// for nibbles, eight such pairs do). Wide byte levels (Q8_0's 0..=255) use the sign trick: with
+/// `w = level − 128` (an i8), `maddubs(|w|, sign(a, w))` is `Σ w·a` without saturation
+/// (|w| ≤ 128, |a| ≤ 127), and the 128·Σa it leaves out is folded into the block offset
+/// (`m + 128·d`, exactly 0 for Q8_0, so nothing cancels).
+///
 /// # Safety
 /// The CPU must support AVX2 and FMA. Shapes are asserted.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
-    let t_n = acts.len();
     let nb = w.blocks;
-    let nibble = w.width == LevelWidth::Nibble;
-    let lvl = w.width.block_level_bytes();
-    let stride = lvl + 2 * GROUP * 4;
+    let stride = w.width.block_level_bytes() + 2 * GROUP * 4;
     assert!(w.data.len() >= nb * stride, "packed group too short");
-    assert!(out.len() >= GROUP * t_n);
-    let low4 = _mm256_set1_epi8(0x0F);
-    let base = w.data.as_ptr();
-    for (t, a) in acts.iter().enumerate() {
+    assert!(out.len() >= GROUP * acts.len());
+    for a in acts {
         assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb && a.s.len() >= nb);
-        // Rows 0-7 and 8-15 in two 8-lane halves.
-        for half in 0..2 {
-            let mut acc = _mm256_setzero_ps();
-            for b in 0..nb {
-                // SAFETY: reads stay within the asserted lengths.
-                unsafe {
-                    let blk = base.add(b * stride);
-                    let av = a.qs.as_ptr().add(32 * b) as *const i32;
-                    let mut isum = _mm256_setzero_si256();
-                    if nibble {
-                        for k in 0..4 {
-                            let raw = _mm256_loadu_si256(blk.add(64 * k + 32 * half) as *const __m256i);
-                            let lo = _mm256_and_si256(raw, low4);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
-                            isum =
-                                _mm256_add_epi32(isum, dot4_small(lo, _mm256_set1_epi32(av.add(k).read_unaligned())));
-                            isum = _mm256_add_epi32(
-                                isum,
-                                dot4_small(hi, _mm256_set1_epi32(av.add(4 + k).read_unaligned())),
-                            );
-                        }
-                    } else {
-                        for k in 0..8 {
-                            let raw = _mm256_loadu_si256(blk.add(64 * k + 32 * half) as *const __m256i);
-                            let a4 = _mm256_set1_epi32(av.add(k).read_unaligned());
-                            // maddubs saturates at i16, so split 8-bit levels into nibbles.
-                            let lo = dot4_small(_mm256_and_si256(raw, low4), a4);
-                            let hi = dot4_small(_mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4), a4);
-                            isum = _mm256_add_epi32(isum, _mm256_add_epi32(lo, _mm256_slli_epi32::<4>(hi)));
-                        }
-                    }
-                    let d = _mm256_loadu_ps(blk.add(lvl + 32 * half) as *const f32);
-                    let m = _mm256_loadu_ps(blk.add(lvl + 64 + 32 * half) as *const f32);
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d[b]));
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc);
-                    acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s[b]), acc);
-                }
+    }
+    let mut t0 = 0;
+    while t0 < acts.len() {
+        let nt = (acts.len() - t0).min(4);
+        let part = &acts[t0..t0 + nt];
+        // SAFETY: the caller guarantees AVX2 and FMA; lengths were asserted above.
+        unsafe {
+            match (w.width, nt) {
+                (LevelWidth::Nibble, 1) => nibble_tile::<1>(w, part, out, t0, acts.len()),
+                (LevelWidth::Nibble, 2) => nibble_tile::<2>(w, part, out, t0, acts.len()),
+                (LevelWidth::Nibble, 3) => nibble_tile::<3>(w, part, out, t0, acts.len()),
+                (LevelWidth::Nibble, _) => nibble_tile::<4>(w, part, out, t0, acts.len()),
+                (LevelWidth::Byte, 1) => byte_tile::<1>(w, part, out, t0, acts.len()),
+                (LevelWidth::Byte, 2) => byte_tile::<2>(w, part, out, t0, acts.len()),
+                (LevelWidth::Byte, 3) => byte_tile::<3>(w, part, out, t0, acts.len()),
+                (LevelWidth::Byte, _) => byte_tile::<4>(w, part, out, t0, acts.len()),
             }
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-            for (i, &v) in lanes.iter().enumerate() {
-                out[(8 * half + i) * t_n + t] = v;
-            }
+        }
+        t0 += nt;
+    }
+}
+
+/// Adds a block's integer sums (rows of one half) into the float accumulators:
+/// `acc += isum·d·da + m·sa`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn scale_block<const NT: usize>(
+    acc: &mut [__m256; NT],
+    isum: &[__m256i; NT],
+    d: __m256,
+    m: __m256,
+    acts: &[ActRow<'_>],
+    b: usize,
+) {
+    for t in 0..NT {
+        let scale = _mm256_mul_ps(d, _mm256_set1_ps(acts[t].d[b]));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), scale, acc[t]);
+        acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(acts[t].s[b]), acc[t]);
+    }
+}
+
+/// Writes the accumulators of rows `8·half..8·half+8` to `out[r * t_all + t_first + t]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store_half<const NT: usize>(acc: &[__m256; NT], out: &mut [f32], half: usize, t_first: usize, t_all: usize) {
+    for (t, v) in acc.iter().enumerate() {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *v) };
+        for (i, &x) in lanes.iter().enumerate() {
+            out[(8 * half + i) * t_all + t_first + t] = x;
         }
     }
 }
 
-/// Per i32 lane, the sum of 4 products of u8 levels (< 16) and i8 activations.
-#[target_feature(enable = "avx2")]
-fn dot4_small(w: __m256i, a: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
+/// # Safety
+/// AVX2 and FMA; `dot_group_packed` asserted the lengths.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nibble_tile<const NT: usize>(
+    w: &PackedGroup<'_>,
+    acts: &[ActRow<'_>],
+    out: &mut [f32],
+    t_first: usize,
+    t_all: usize,
+) {
+    let nb = w.blocks;
+    let lvl = w.width.block_level_bytes();
+    let stride = lvl + 2 * GROUP * 4;
+    let low4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let base = w.data.as_ptr();
+    // Rows 0-7 and 8-15 in two 8-lane halves.
+    for half in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); NT];
+        for b in 0..nb {
+            // SAFETY: reads stay within the asserted lengths.
+            unsafe {
+                let blk = base.add(b * stride);
+                let mut sum16 = [_mm256_setzero_si256(); NT];
+                for k in 0..4 {
+                    let raw = _mm256_loadu_si256(blk.add(64 * k + 32 * half) as *const __m256i);
+                    let lo = _mm256_and_si256(raw, low4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
+                    for t in 0..NT {
+                        let av = acts[t].qs.as_ptr().add(32 * b) as *const i32;
+                        let a_lo = _mm256_set1_epi32(av.add(k).read_unaligned());
+                        let a_hi = _mm256_set1_epi32(av.add(4 + k).read_unaligned());
+                        // Each maddubs lane is at most 2·15·127; eight of them fit an i16.
+                        let both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi));
+                        sum16[t] = _mm256_add_epi16(sum16[t], both);
+                    }
+                }
+                let isum: [__m256i; NT] = std::array::from_fn(|t| _mm256_madd_epi16(sum16[t], ones));
+                let d = _mm256_loadu_ps(blk.add(lvl + 32 * half) as *const f32);
+                let m = _mm256_loadu_ps(blk.add(lvl + 64 + 32 * half) as *const f32);
+                scale_block::<NT>(&mut acc, &isum, d, m, acts, b);
+            }
+        }
+        store_half::<NT>(&acc, out, half, t_first, t_all);
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA; `dot_group_packed` asserted the lengths.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn byte_tile<const NT: usize>(
+    w: &PackedGroup<'_>,
+    acts: &[ActRow<'_>],
+    out: &mut [f32],
+    t_first: usize,
+    t_all: usize,
+) {
+    let nb = w.blocks;
+    let lvl = w.width.block_level_bytes();
+    let stride = lvl + 2 * GROUP * 4;
+    let bias = _mm256_set1_epi8(if w.wide { -128 } else { 0 });
+    let shift = if w.wide { 128.0 } else { 0.0 };
+    let ones = _mm256_set1_epi16(1);
+    let wide = w.wide;
+    let base = w.data.as_ptr();
+    for half in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); NT];
+        for b in 0..nb {
+            // SAFETY: reads stay within the asserted lengths.
+            unsafe {
+                let blk = base.add(b * stride);
+                let mut isum = [_mm256_setzero_si256(); NT];
+                for k in 0..8 {
+                    let raw = _mm256_loadu_si256(blk.add(64 * k + 32 * half) as *const __m256i);
+                    // Narrow levels are their own magnitude and never negative.
+                    let signed = _mm256_xor_si256(raw, bias);
+                    let magnitude = if wide { _mm256_sign_epi8(signed, signed) } else { raw };
+                    for t in 0..NT {
+                        let av = acts[t].qs.as_ptr().add(32 * b) as *const i32;
+                        let a4 = _mm256_set1_epi32(av.add(k).read_unaligned());
+                        let a4 = if wide { _mm256_sign_epi8(a4, signed) } else { a4 };
+                        let prod = _mm256_maddubs_epi16(magnitude, a4);
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(prod, ones));
+                    }
+                }
+                let d = _mm256_loadu_ps(blk.add(lvl + 32 * half) as *const f32);
+                let m = _mm256_loadu_ps(blk.add(lvl + 64 + 32 * half) as *const f32);
+                // level·a = (level − 128)·a + 128·Σa, and d·da·Σa = d·sa.
+                let m = _mm256_fmadd_ps(d, _mm256_set1_ps(shift), m);
+                scale_block::<NT>(&mut acc, &isum, d, m, acts, b);
+            }
+        }
+        store_half::<NT>(&acc, out, half, t_first, t_all);
+    }
 }
 
 #[target_feature(enable = "avx2")]
@@ -110,6 +209,88 @@ pub unsafe fn dot_tile_f32(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
                 i += 1;
             }
             out[r * t_n + t] = s;
+        }
+    }
+}
+
+/// `e^x` for 8 lanes (Cephes-style range reduction and polynomial, as `avx512::exp16`).
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    // 2^n through the exponent bits (n is within [-126, 127] after the clamp).
+    let pow2n =
+        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+    _mm256_mul_ps(p, pow2n)
+}
+
+/// The selective scan for state sizes that are multiples of 8; see `crate::ssm::selective_scan_ref`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. Shapes are asserted.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
+    let (t_n, ch, n) = (s.tokens, s.channels, s.state);
+    if !n.is_multiple_of(8) {
+        crate::ssm::selective_scan_ref(y, i, h, s);
+        return;
+    }
+    i.check(y, h, s);
+    for t in 0..t_n {
+        for k in 0..ch {
+            let (dtv, xv) = (i.dt[t * ch + k], i.x[t * ch + k]);
+            // SAFETY: all offsets are inside the checked lengths (n is a multiple of 8).
+            unsafe {
+                let dtx = _mm256_set1_ps(dtv);
+                let xx = _mm256_set1_ps(xv);
+                let mut acc = _mm256_setzero_ps();
+                for j in (0..n).step_by(8) {
+                    let hp = h.as_mut_ptr().add(k * n + j);
+                    let da = exp8(_mm256_mul_ps(dtx, _mm256_loadu_ps(i.a.as_ptr().add(k * n + j))));
+                    let db = _mm256_mul_ps(dtx, _mm256_loadu_ps(i.b.as_ptr().add(t * n + j)));
+                    let hv = _mm256_fmadd_ps(da, _mm256_loadu_ps(hp), _mm256_mul_ps(db, xx));
+                    _mm256_storeu_ps(hp, hv);
+                    acc = _mm256_fmadd_ps(hv, _mm256_loadu_ps(i.c.as_ptr().add(t * n + j)), acc);
+                }
+                let out = hsum256(acc) + i.d[k] * xv;
+                let zv = i.z[t * ch + k];
+                y[t * ch + k] = out * (zv / (1.0 + (-zv).exp()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp8_is_accurate_over_the_softmax_range() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("exp8: not tested, this CPU lacks AVX2/FMA");
+            return;
+        }
+        let xs: Vec<f32> = (0..8 * 800).map(|i| -87.0 + i as f32 * 0.0137).collect();
+        for c in xs.chunks_exact(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: avx2 and fma were detected above.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr()))) };
+            for (g, &x) in got.iter().zip(c) {
+                let want = (x as f64).exp();
+                assert!(((*g as f64) - want).abs() <= 3e-7 * want, "exp({x}) = {g}, want {want}");
+            }
         }
     }
 }
