@@ -2,6 +2,7 @@
 SDKs and by raw HTTP."""
 import json
 import re
+import subprocess
 import time
 
 import httpx
@@ -10,7 +11,7 @@ import pytest
 from ai21 import AI21Client
 from ai21.models.chat import ChatMessage
 
-from conftest import KEY, Server
+from conftest import BIN, KEY, Server, free_port
 
 SEED_BODY = """{
 		"model": "jamba-1.5-large",
@@ -354,3 +355,38 @@ def test_full_queue_answers_429_with_retry_after():
                 assert retry is not None and body["error"]["type"] == "rate_limit_error"
     finally:
         assert s.stop() == 0
+
+
+def test_usable_context_is_what_the_cache_budget_holds():
+    # SmolLM2 keeps 30 layers x 192 floats x K and V = 46,080 bytes per position: 8 MiB holds 11
+    # blocks of 16 positions. The budget is not raised; the usable context shrinks and says so.
+    s = Server("--kv-cache-mb", "8")
+    try:
+        models = httpx.get(s.base + "/v1/models").json()["data"]
+        assert {m["max_model_len"] for m in models} == {176}
+        assert {m["context_length"] for m in httpx.get(s.base + "/studio/v1/models").json()["data"]} == {176}
+        long = "word " * 300
+        r = httpx.post(s.base + "/v1/chat/completions",
+                       json={"model": "jamba-mini", "messages": [{"role": "user", "content": long}]}, timeout=120)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "176" in r.json()["error"]["message"] and "budget" in r.json()["error"]["message"]
+        r = httpx.post(s.base + "/studio/v1/chat/completions",
+                       json={"model": "jamba-mini", "messages": [{"role": "user", "content": long}]}, timeout=120)
+        assert r.status_code == 422 and "176" in r.text
+        # What fits still runs; the answer is cut at the context, not refused.
+        r = httpx.post(s.base + "/v1/chat/completions",
+                       json={"model": "jamba-mini", "messages": USER, "max_tokens": 500, "ignore_eos": True}, timeout=120)
+        assert r.status_code == 200
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] <= 176
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_budget_too_small_for_one_block_refuses_to_start():
+    port = free_port()
+    p = subprocess.run([str(BIN), "serve", "--port", str(port), "-t", "1", "--kv-cache-mb", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "KV cache budget of 1 MiB cannot serve this model" in p.stderr

@@ -383,6 +383,9 @@ impl Engine {
         let out = self.scheduler.schedule();
         self.record_admissions(&out);
         if out.items.is_empty() {
+            // Cache operations still apply (a state saved, a slot reset), so that the pools
+            // match the scheduler's books.
+            self.runner.apply(&out.ops);
             if !self.scheduler.is_idle() {
                 // Nothing fits: wait briefly for a cancellation or a finish to free room.
                 std::thread::sleep(Duration::from_millis(1));

@@ -28,15 +28,21 @@ impl ModelRunner {
         self.cache.bytes()
     }
 
-    /// Runs one step. Token ids come from the scheduler, which owns the sequences.
-    pub fn execute(&mut self, out: &SchedulerOutput, sched: &Scheduler) -> Result<(), ModelError> {
-        for op in &out.ops {
+    /// Applies cache operations in order (saving, restoring and resetting states, copying blocks).
+    pub fn apply(&mut self, ops: &[CacheOp]) {
+        for op in ops {
             match *op {
                 CacheOp::ResetState(slot) => self.cache.states.reset(slot),
                 CacheOp::CopyState { from, to } => self.cache.states.copy(from, to),
                 CacheOp::CopyBlock { from, to } => self.cache.kv.copy_block(from, to),
             }
         }
+    }
+
+    /// Runs one step: its cache operations, then one forward pass over its items. Token ids come
+    /// from the scheduler, which owns the sequences.
+    pub fn execute(&mut self, out: &SchedulerOutput, sched: &Scheduler) -> Result<(), ModelError> {
+        self.apply(&out.ops);
         self.rows.clear();
         let mut row = 0;
         let mut items = Vec::with_capacity(out.items.len());

@@ -63,12 +63,10 @@ impl MemoryPlan {
             0
         };
         let left = budget - slots * slot_bytes;
-        let blocks = if block_bytes == 0 {
-            // No attention layers: blocks cost nothing; enough to cover every running context.
-            spec.context.div_ceil(bs).saturating_mul(max_running.max(1)).min(1 << 22)
-        } else {
-            left / block_bytes
-        };
+        // No attention layers: blocks cost nothing; enough to cover every running context.
+        let blocks = left
+            .checked_div(block_bytes)
+            .unwrap_or_else(|| spec.context.div_ceil(bs).saturating_mul(max_running.max(1)).min(1 << 22));
         if blocks < 2 {
             return Err(err(format!("one block of {bs} positions takes {block_bytes} bytes")));
         }

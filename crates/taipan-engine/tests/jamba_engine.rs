@@ -61,10 +61,6 @@ fn run_ids(e: &EngineHandle, mut req: GenRequest) -> Vec<u32> {
     }
 }
 
-fn direct_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
-    direct_greedy_on(&model(), prompt, n)
-}
-
 fn direct_greedy_on(m: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
     let compute = Compute::new(2);
     let mut st = m.new_state();

@@ -45,7 +45,7 @@ fn batched(m: &Model, compute: &Compute, work: &[(Vec<u32>, usize)]) -> Vec<Vec<
     let per_seq = 3;
     let mut cache = Cache::new(&m.cache_spec(), bs, per_seq * work.len(), work.len());
     let tables: Vec<Vec<u32>> = (0..work.len())
-        .map(|i| (0..per_seq).map(|k| ((k * work.len() + (i * 7) % work.len()) as u32)).collect())
+        .map(|i| (0..per_seq).map(|k| (k * work.len() + (i * 7) % work.len()) as u32).collect())
         .collect();
     let slots: Vec<u32> = (0..work.len()).map(|i| ((i * 5 + 3) % work.len()) as u32).collect();
     let mut sc = Scratch::default();
