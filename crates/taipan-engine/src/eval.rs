@@ -196,3 +196,25 @@ pub fn bench_batched(
         step_breakdown: parts.into_iter().map(|(n, v)| (n, if total > 0.0 { v / total } else { 0.0 })).collect(),
     })
 }
+
+/// The machine's read bandwidth in GB/s as `threads` threads see it: a streaming read of `bytes`
+/// (at least 1 GiB makes caches irrelevant), best of three. Decode and batched steps that read
+/// every weight once are bound by it.
+pub fn read_bandwidth(compute: &Compute, bytes: usize) -> f64 {
+    let words = bytes / 8;
+    let data: Vec<u64> = (0..words as u64).collect();
+    let sums: Vec<std::sync::atomic::AtomicU64> = (0..compute.pool.threads() * 4).map(|_| Default::default()).collect();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let chunk = words.div_ceil(sums.len());
+        compute.pool.run(sums.len(), &|i| {
+            let part = &data[(i * chunk).min(words)..((i + 1) * chunk).min(words)];
+            let s = part.iter().fold(0u64, |a, &v| a.wrapping_add(v));
+            sums[i].fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&sums);
+    (words * 8) as f64 / best / 1e9
+}

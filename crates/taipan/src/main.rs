@@ -326,6 +326,9 @@ struct BenchArgs {
     /// that many streams), aggregate tok/s and where a step's time goes.
     #[arg(long)]
     batch: Option<usize>,
+    /// Also measure the machine's read bandwidth (a streaming read of 1 GiB), the bound of decode.
+    #[arg(long)]
+    bandwidth: bool,
 }
 
 fn default_model_path() -> PathBuf {
@@ -583,7 +586,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             Some(b) => Some(eval::bench_batched(&model, &compute, b.max(1), 32, a.gen.max(1))?),
             None => None,
         };
-        rows.push((t, r, compute.kernels.isa, batched));
+        let gb_s = a.bandwidth.then(|| eval::read_bandwidth(&compute, 1 << 30));
+        rows.push((t, r, compute.kernels.isa, batched, gb_s));
     }
     let shares = |parts: &[(&str, f64)]| {
         parts.iter().map(|(n, v)| (n.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>()
@@ -591,11 +595,15 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.json {
         let v: Vec<_> = rows
             .iter()
-            .map(|(t, r, isa, b)| {
+            .map(|(t, r, isa, b, gb_s)| {
                 let mut row = serde_json::json!({"model": path.display().to_string(), "threads": t, "isa": format!("{isa:?}"),
                     "prompt_tokens": r.prompt_tokens, "gen_tokens": r.gen_tokens,
                     "prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s,
                     "decode_breakdown": shares(&r.decode_breakdown)});
+                if let Some(g) = gb_s {
+                    row["read_gb_s"] = serde_json::json!(g);
+                    row["weight_bytes"] = serde_json::json!(model.weight_bytes());
+                }
                 if let Some(b) = b {
                     row["batch"] = serde_json::json!({"sequences": b.batch, "decode_tok_s": b.decode_tok_s,
                         "step_ms": b.step_ms, "step_breakdown": shares(&b.step_breakdown)});
@@ -613,10 +621,13 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             format!("prefill {} tok/s", a.prompt),
             format!("decode {} tok/s", a.gen)
         );
-        for (t, r, isa, _) in &rows {
+        for (t, r, isa, _, gb_s) in &rows {
             println!("{t:>7} {:>10} {:>16.1} {:>16.1}", format!("{isa:?}"), r.prefill_tok_s, r.decode_tok_s);
+            if let Some(g) = gb_s {
+                println!("        read bandwidth with {t} threads: {g:.1} GB/s");
+            }
         }
-        if let Some((t, r, _, b)) = rows.last() {
+        if let Some((t, r, _, b, _)) = rows.last() {
             if !r.decode_breakdown.is_empty() {
                 println!("where decode time goes ({t} threads):");
                 for (part, share) in &r.decode_breakdown {

@@ -56,9 +56,7 @@ impl Mlp {
         let act = resize(&mut s.act, rows * f);
         for (a, g_u) in act.chunks_exact_mut(f).zip(gu.chunks_exact(2 * f)) {
             let (g, u) = g_u.split_at(f);
-            for ((a, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
-                *a = ops::silu(gv) * uv;
-            }
+            ops::swiglu_into(a, g, u);
         }
         compute.matmul(out, act, rows, &self.down, mm);
     }

@@ -103,9 +103,7 @@ impl Mamba {
             let (conv_state, _) = slot.layer(self.state_layer);
             ssm::causal_conv1d(&mut xc[span.clone()], &x[span], &self.conv_w, self.conv_b.as_deref(), conv_state, di);
         }
-        for v in xc.iter_mut() {
-            *v = ops::silu(*v);
-        }
+        ops::silu_in_place(xc);
         // 3. dt, B and C from one product, each RMSNorm'd; dt through its own projection.
         let p_w = r + 2 * n;
         let dbc = resize(&mut s.dbc, rows * p_w);
