@@ -220,7 +220,7 @@ pub fn parse_answer(
     let as_text = || ParsedAnswer { content: Some(text.to_string()), calls: vec![] };
     if let Some(at) = text.find(&syntax.open) {
         let body = &text[at + syntax.open.len()..];
-        let body = body.find(&syntax.close).map_or(body, |end| &body[..end]);
+        let body = close_at(body, &syntax.close).map_or(body, |end| &body[..end]);
         return match calls_from(body, tools, new_id) {
             Some(calls) => ParsedAnswer { content: content_before(&text[..at]), calls },
             None => as_text(),
@@ -324,7 +324,7 @@ impl ToolStream {
 
     /// Sends what the call objects after the tag make known: names once complete, then arguments.
     fn scan_calls(&mut self, out: &mut Vec<StreamPiece>, new_id: &mut dyn FnMut() -> String) {
-        let body = self.pending.find(&self.syntax.close).map_or(self.pending.as_str(), |e| &self.pending[..e]);
+        let body = close_at(&self.pending, &self.syntax.close).map_or(self.pending.as_str(), |e| &self.pending[..e]);
         for (k, (start, end)) in top_level_objects(body).into_iter().enumerate().skip(self.finished) {
             let slice = &body[start..end.unwrap_or(body.len())];
             let members = object_members(slice);
@@ -447,6 +447,13 @@ fn outside_strings(b: &[u8], from: usize) -> impl Iterator<Item = (usize, u8)> +
         in_string = c == b'"';
         Some((j, c))
     })
+}
+
+/// Where the closing tag first appears outside JSON strings: a tag written inside an argument
+/// string is part of the string, not the end of the calls.
+fn close_at(body: &str, close: &str) -> Option<usize> {
+    let first = *close.as_bytes().first()?;
+    outside_strings(body.as_bytes(), 0).find(|&(j, c)| c == first && body[j..].starts_with(close)).map(|(j, _)| j)
 }
 
 /// Where the JSON value starting at `b[i]` ends (one past it), if it is complete.
@@ -630,6 +637,26 @@ mod tests {
         assert!(plain.push(" ", &mut id).is_empty());
         assert_eq!(plain.push(" Hi", &mut id), vec![StreamPiece::Content("  Hi".into())]);
         assert!(plain.push(" ", &mut id) == vec![StreamPiece::Content(" ".into())]);
+    }
+
+    #[test]
+    fn a_closing_tag_inside_an_argument_string_is_text() {
+        let s = ToolSyntax::generic(false);
+        let text = "<tool_call>[{\"name\": \"add\", \"arguments\": {\"a\": \"1}}]</tool_call> 2\"}}]</tool_call>";
+        let parsed = parse_answer(text, &s, &tools(), &mut ids());
+        assert_eq!(parsed.calls.len(), 1, "{parsed:?}");
+        assert_eq!(parsed.calls[0].arguments, "{\"a\": \"1}}]</tool_call> 2\"}");
+        let mut stream = ToolStream::new(s, tools());
+        let mut id = ids();
+        let mut args = String::new();
+        for piece in text.as_bytes().chunks(5).map(|c| std::str::from_utf8(c).unwrap()) {
+            for p in stream.push(piece, &mut id) {
+                if let StreamPiece::CallArguments { arguments, .. } = p {
+                    args.push_str(&arguments);
+                }
+            }
+        }
+        assert_eq!(args, parsed.calls[0].arguments);
     }
 
     #[test]

@@ -87,6 +87,17 @@ mod x86_entry {
         // SAFETY: only installed after detecting avx2 and fma.
         unsafe { avx2::dot_group_packed(w, acts, out) }
     }
+    pub fn attend_avx2(
+        out: &mut [f32],
+        q: &[f32],
+        kv: &crate::ops::KvView<'_>,
+        n: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+    ) {
+        // SAFETY: only installed after detecting avx2 and fma.
+        unsafe { avx2::attend_head(out, q, kv, n, scale, scores) }
+    }
     pub fn scan_avx2(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
         // SAFETY: only installed after detecting avx2 and fma.
         unsafe { avx2::selective_scan(y, i, h, s) }
@@ -118,7 +129,7 @@ impl Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx2,
                 f32_tile: x86_entry::f32_avx2,
-                attend_head: crate::ops::attend_head_ref,
+                attend_head: x86_entry::attend_avx2,
                 selective_scan: x86_entry::scan_avx2,
             }),
             #[cfg(target_arch = "x86_64")]

@@ -272,6 +272,78 @@ pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &
     }
 }
 
+/// One attention head over positions `0..n` of a paged KV view; see `crate::ops::attend_head_ref`.
+/// Walks the block table block by block, scores with 8-lane dot products, exponentiates eight
+/// scores at a time, and normalises once at the end.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. Shapes are asserted.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn attend_head(
+    out: &mut [f32],
+    q: &[f32],
+    kv: &crate::ops::KvView<'_>,
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
+    let hd = q.len();
+    if !hd.is_multiple_of(8) {
+        crate::ops::attend_head_ref(out, q, kv, n, scale, scores);
+        return;
+    }
+    assert!(out.len() == hd && n > 0);
+    kv.check(n, hd);
+    scores.clear();
+    scores.resize(n.next_multiple_of(8), f32::NEG_INFINITY);
+    let bs = kv.block_size;
+    let mut max = f32::NEG_INFINITY;
+    // SAFETY: `check` proved every position's row is inside the pool, and hd is a multiple of 8.
+    unsafe {
+        let qp = q.as_ptr();
+        for (bi, &b) in kv.blocks[..n.div_ceil(bs)].iter().enumerate() {
+            let first = bi * bs;
+            for i in 0..bs.min(n - first) {
+                let kp = kv.k.as_ptr().add((b as usize * bs + i) * kv.stride + kv.offset);
+                let mut acc = _mm256_setzero_ps();
+                for j in (0..hd).step_by(8) {
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(j)), _mm256_loadu_ps(kp.add(j)), acc);
+                }
+                let sc = hsum256(acc) * scale;
+                max = max.max(sc);
+                scores[first + i] = sc;
+            }
+        }
+        let mx = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        for c in scores.chunks_exact_mut(8) {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mx));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        let inv = 1.0 / hsum256(sum);
+        out.fill(0.0);
+        let op = out.as_mut_ptr();
+        for (bi, &b) in kv.blocks[..n.div_ceil(bs)].iter().enumerate() {
+            let first = bi * bs;
+            for i in 0..bs.min(n - first) {
+                let vp = kv.v.as_ptr().add((b as usize * bs + i) * kv.stride + kv.offset);
+                let w = _mm256_set1_ps(scores[first + i]);
+                for j in (0..hd).step_by(8) {
+                    _mm256_storeu_ps(
+                        op.add(j),
+                        _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(j)), _mm256_loadu_ps(op.add(j))),
+                    );
+                }
+            }
+        }
+        let inv = _mm256_set1_ps(inv);
+        for j in (0..hd).step_by(8) {
+            _mm256_storeu_ps(op.add(j), _mm256_mul_ps(_mm256_loadu_ps(op.add(j)), inv));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
