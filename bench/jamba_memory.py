@@ -7,7 +7,7 @@ slots and saved states together.
    within weights + budget + a fixed overhead, round after round.
 2. One 32,000-token prompt on the 646 M synthetic Jamba in a 256 MiB budget: time to first token,
    beside llama-server on the same file.
-Usage: bench/jamba_memory.py SMALL_GGUF BIG_GGUF LLAMA_SERVER_BINARY"""
+Usage: bench/jamba_memory.py SMALL_GGUF BIG_GGUF LLAMA_SERVER_BINARY [conversations|long]"""
 import json, os, re, sys, threading, time
 import urllib.error
 import urllib.request
@@ -66,7 +66,7 @@ def conversations(small, budget_mb, clients, tokens, rounds):
             rss.append(s.rss_mb())
             print(f"round {rnd + 1}: {len(codes)} requests in {time.perf_counter() - t:.1f} s, statuses "
                   f"{sorted(set(codes))}, RSS {rss[-1]:.0f} MB", flush=True)
-        running = s.metric("taipan_running_sequences") if True else None
+        running = s.metric("taipan_running_sequences")
         return rss, outcomes, running
     finally:
         s.stop()
@@ -92,10 +92,21 @@ def long_prompt(big, llama_server, n):
 
 def main():
     small, big, llama_server = sys.argv[1:4]
+    only = sys.argv[4] if len(sys.argv) > 4 else None
+    if only != "long":
+        part_conversations(small)
+    if only != "conversations":
+        part_long(big, llama_server)
+
+
+def part_conversations(small):
     print("## Conversations: 64 clients x ~2,000 tokens, 5 rounds, --kv-cache-mb 64 (small synthetic Jamba)\n", flush=True)
     rss, outcomes, running = conversations(small, 64, 64, 2000, 5)
     print(f"\nRSS MB: start {rss[0]:.0f}, after each round {', '.join(f'{x:.0f}' for x in rss[1:])}; "
           f"outcomes {outcomes}; running sequences after the load: {running:.0f}\n", flush=True)
+
+
+def part_long(big, llama_server):
     print("## One 32,000-token prompt, 646 M synthetic Jamba, --kv-cache-mb 256\n", flush=True)
     ours, peer = long_prompt(big, llama_server, 32000)
     print(f"taipan: status {ours[0]}, time to first token {ours[1]:.1f} s, RSS growth {ours[2]:.0f} MB")

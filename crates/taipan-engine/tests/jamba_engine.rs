@@ -156,15 +156,7 @@ fn sixteen_concurrent_requests_answer_as_they_do_alone() {
 #[test]
 fn sixteen_concurrent_requests_on_a_larger_synthetic_jamba_answer_as_they_do_alone() {
     let out = std::env::temp_dir().join(format!("taipan-synth-engine-{}.gguf", std::process::id()));
-    let spec = taipan_model::synth::SynthJamba {
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 512,
-        experts: 4,
-        dt_rank: 16,
-        ..Default::default()
-    };
+    let spec = taipan_model::synth::SynthJamba::hidden_256();
     taipan_model::synth::write_synthetic_jamba(&out, &shared_dir().join("fixtures/jamba-tiny-a.gguf"), &spec).unwrap();
     let m = Arc::new(Model::load(&out, LoadOptions::default()).unwrap());
     let _ = std::fs::remove_file(&out);

@@ -29,6 +29,22 @@ pub struct SynthJamba {
     pub seed: u64,
 }
 
+impl SynthJamba {
+    /// The same layer pattern at hidden 256 (4 heads, 2 KV heads, 4 experts): small enough for
+    /// tests to build and run in a second, large enough for the packed int8 kernels.
+    pub fn hidden_256() -> Self {
+        SynthJamba {
+            hidden: 256,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 512,
+            experts: 4,
+            dt_rank: 16,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for SynthJamba {
     /// Jamba-1.5-Mini's proportions scaled to hidden 1024 (performance.md): 646 M parameters.
     fn default() -> Self {

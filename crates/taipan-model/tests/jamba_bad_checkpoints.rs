@@ -175,15 +175,7 @@ fn sharded_bf16_checkpoints_load_and_agree_with_f32() {
 #[test]
 fn synthetic_jamba_state_is_constant_in_context_length() {
     let out = std::env::temp_dir().join(format!("taipan-synth-{}.gguf", std::process::id()));
-    let spec = taipan_model::synth::SynthJamba {
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 512,
-        experts: 4,
-        dt_rank: 16,
-        ..Default::default()
-    };
+    let spec = taipan_model::synth::SynthJamba::hidden_256();
     let donor = fixture_dir().parent().unwrap().join("jamba-tiny-a.gguf");
     taipan_model::synth::write_synthetic_jamba(&out, &donor, &spec).unwrap();
     let m = Model::load(&out, LoadOptions::default()).unwrap();

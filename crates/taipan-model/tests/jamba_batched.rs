@@ -110,15 +110,7 @@ fn tiny_jamba_batched_rows_equal_single_sequence_rows() {
 #[test]
 fn synthetic_jamba_batched_rows_equal_single_sequence_rows() {
     let out = std::env::temp_dir().join(format!("taipan-synth-batched-{}.gguf", std::process::id()));
-    let spec = taipan_model::synth::SynthJamba {
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 512,
-        experts: 4,
-        dt_rank: 16,
-        ..Default::default()
-    };
+    let spec = taipan_model::synth::SynthJamba::hidden_256();
     taipan_model::synth::write_synthetic_jamba(&out, &fixtures().join("jamba-tiny-a.gguf"), &spec).unwrap();
     let m = Model::load(&out, LoadOptions::default()).unwrap();
     let _ = std::fs::remove_file(&out);

@@ -682,7 +682,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let s = &e.stats;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let size = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
-        let simple: [(&str, &str, &str, u64); 15] = [
+        let simple: [(&str, &str, &str, u64); 18] = [
             ("taipan_queue_length", "gauge", "Requests waiting for admission.", size(&s.queued)),
             ("taipan_running_sequences", "gauge", "Sequences in the running batch.", size(&s.running)),
             ("taipan_kv_cache_blocks_total", "gauge", "KV cache blocks in the pool.", size(&s.kv_blocks_total)),
@@ -697,6 +697,24 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 "gauge",
                 "KV cache blocks holding a reusable prefix.",
                 size(&s.kv_blocks_cached),
+            ),
+            (
+                "taipan_state_slots_total",
+                "gauge",
+                "Recurrent-state slots in the pool (0 for models without recurrent layers).",
+                size(&s.state_slots_total),
+            ),
+            (
+                "taipan_state_slots_running",
+                "gauge",
+                "State slots held by running sequences.",
+                size(&s.state_slots_live),
+            ),
+            (
+                "taipan_saved_states",
+                "gauge",
+                "Saved recurrent states kept for prefix reuse (each holds a slot and its prefix's blocks).",
+                size(&s.saved_states),
             ),
             ("taipan_requests_finished_total", "counter", "Requests generated to the end.", load(&s.requests_finished)),
             (
