@@ -252,3 +252,37 @@ pub struct BatchItem<'a> {
     pub state_slot: Option<u32>,
     pub logits: Logits,
 }
+
+/// Refuses a batch no architecture can run: a pool made for another shape, an empty item,
+/// positions past the context, tokens outside the vocabulary, a block table that does not cover
+/// the positions (when the model has attention layers).
+pub(crate) fn check_items(
+    items: &[BatchItem<'_>],
+    kv: &KvPool,
+    spec: &CacheSpec,
+    vocab: usize,
+) -> Result<(), crate::ModelError> {
+    use crate::ModelError::Input;
+    if kv.layers != spec.attention_layers || kv.kv_dim != spec.kv_dim {
+        return Err(Input("KV pool was made for another model".into()));
+    }
+    let bs = kv.block_size;
+    for it in items {
+        let end = it.start + it.tokens.len();
+        if it.tokens.is_empty() {
+            return Err(Input("no tokens to run".into()));
+        }
+        if end > spec.context {
+            return Err(Input(format!("sequence of {end} tokens exceeds the context length {}", spec.context)));
+        }
+        if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let covered =
+            it.blocks.len() * bs >= end && it.blocks[..end.div_ceil(bs)].iter().all(|&b| (b as usize) < kv.blocks());
+        if spec.attention_layers > 0 && !covered {
+            return Err(Input("block table does not cover the sequence".into()));
+        }
+    }
+    Ok(())
+}

@@ -247,14 +247,7 @@ impl Model {
     /// their state sizes.
     pub fn cache_spec(&self) -> CacheSpec {
         match &self.arch {
-            Arch::Llama(m) => CacheSpec {
-                attention_layers: m.config.layers,
-                kv_dim: m.config.kv_dim(),
-                recurrent_layers: 0,
-                conv_floats: 0,
-                ssm_floats: 0,
-                context: m.config.context,
-            },
+            Arch::Llama(m) => m.config.cache_spec(),
             Arch::Jamba(m) => m.config.cache_spec(),
         }
     }

@@ -77,6 +77,18 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
     }
+
+    /// Keys and values in every layer; no recurrent state.
+    pub fn cache_spec(&self) -> crate::CacheSpec {
+        crate::CacheSpec {
+            attention_layers: self.layers,
+            kv_dim: self.kv_dim(),
+            recurrent_layers: 0,
+            conv_floats: 0,
+            ssm_floats: 0,
+            context: self.context,
+        }
+    }
 }
 
 /// One transformer block's weights.
@@ -226,29 +238,8 @@ impl Llama {
         scratch: &mut LlamaScratch,
     ) -> Result<(), ModelError> {
         let c = &self.config;
-        if pool.kv_dim != c.kv_dim() || pool.layers != c.layers {
-            return Err(ModelError::Input("KV pool was made for another model".into()));
-        }
+        crate::cache::check_items(items, pool, &c.cache_spec(), c.vocab)?;
         let bs = pool.block_size;
-        for it in items {
-            let end = it.start + it.tokens.len();
-            if it.tokens.is_empty() {
-                return Err(ModelError::Input("no tokens to run".into()));
-            }
-            if end > c.context {
-                return Err(ModelError::Input(format!(
-                    "sequence of {end} tokens exceeds the context length {}",
-                    c.context
-                )));
-            }
-            if it.blocks.len() * bs < end || it.blocks[..end.div_ceil(bs)].iter().any(|&b| b as usize >= pool.blocks())
-            {
-                return Err(ModelError::Input("block table does not cover the sequence".into()));
-            }
-            if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= c.vocab) {
-                return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
-            }
-        }
         let t_n: usize = items.iter().map(|it| it.tokens.len()).sum();
         let (d, qd, kvd, ff) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff);
         let qkv_w = qd + 2 * kvd;

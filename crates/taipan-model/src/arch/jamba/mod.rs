@@ -111,35 +111,12 @@ impl Jamba {
         layers + self.embedding.len() + self.output.memory_bytes()
     }
 
-    /// Refuses a batch the pass cannot run: empty items, positions past the context, tokens
-    /// outside the vocabulary, block tables that do not cover the positions, missing or shared
-    /// state slots.
+    /// Refuses a batch the pass cannot run: what [`crate::cache::check_items`] refuses, and
+    /// missing state slots (shared ones are refused when the slots are borrowed).
     fn check_batch(&self, items: &[BatchItem<'_>], cache: &Cache) -> Result<(), ModelError> {
         let c = &self.config;
-        let spec = c.cache_spec();
-        if cache.kv.layers != spec.attention_layers || cache.kv.kv_dim != spec.kv_dim {
-            return Err(ModelError::Input("KV pool was made for another model".into()));
-        }
-        let bs = cache.kv.block_size;
+        crate::cache::check_items(items, &cache.kv, &c.cache_spec(), c.vocab)?;
         for it in items {
-            let end = it.start + it.tokens.len();
-            if it.tokens.is_empty() {
-                return Err(ModelError::Input("no tokens to run".into()));
-            }
-            if end > c.context {
-                return Err(ModelError::Input(format!(
-                    "sequence of {end} tokens exceeds the context length {}",
-                    c.context
-                )));
-            }
-            if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= c.vocab) {
-                return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
-            }
-            let covered = it.blocks.len() * bs >= end
-                && it.blocks[..end.div_ceil(bs)].iter().all(|&b| (b as usize) < cache.kv.blocks());
-            if spec.attention_layers > 0 && !covered {
-                return Err(ModelError::Input("block table does not cover the sequence".into()));
-            }
             match it.state_slot {
                 Some(s) if (s as usize) < cache.states.slots() => {}
                 Some(s) => return Err(ModelError::Input(format!("state slot {s} is outside the pool"))),
