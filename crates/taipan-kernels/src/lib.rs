@@ -23,5 +23,5 @@ mod x86;
 
 pub use dispatch::{Isa, Kernels};
 pub use formats::DType;
-pub use matmul::{Compute, DenseMatrix, MatmulMode, MatmulScratch, Matrix};
+pub use matmul::{Compute, DenseMatrix, MatmulMode, MatmulScratch, Matrix, RowsProduct};
 pub use pool::ThreadPool;

@@ -159,6 +159,91 @@ impl Compute {
     }
 }
 
+/// One of several products that share a parallel region ([`Compute::matmul_rows`]): `w` applied
+/// to the activation rows `rows`, written to output rows `out_first..out_first + rows.len()`.
+pub struct RowsProduct<'a> {
+    pub w: &'a Matrix,
+    pub rows: &'a [usize],
+    pub out_first: usize,
+}
+
+impl Compute {
+    /// Several products over one input in one parallel region (the experts of a MoE layer):
+    /// `out[p.out_first + i, n] = x[p.rows[i], k] · p.wᵀ` for every product `p`. All matrices
+    /// are `[n, k]`. Each weight group is read once for all the rows routed to its matrix, and
+    /// the input is quantized once for every product.
+    pub fn matmul_rows(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        x_rows: usize,
+        products: &[RowsProduct<'_>],
+        scratch: &mut MatmulScratch,
+    ) {
+        let Some(first) = products.first() else { return };
+        let (n, k) = (first.w.rows(), first.w.cols());
+        assert_eq!(x.len(), x_rows * k, "matmul_rows input shape");
+        for p in products {
+            assert!(p.w.rows() == n && p.w.cols() == k, "matmul_rows: matrices of different shapes");
+            assert!(p.rows.iter().all(|&r| r < x_rows), "matmul_rows: activation row out of range");
+            assert!((p.out_first + p.rows.len()) * n <= out.len(), "matmul_rows output shape");
+        }
+        let packed: Option<Vec<&PackedMatrix>> = products
+            .iter()
+            .map(|p| match p.w {
+                Matrix::Packed(m) => Some(m),
+                Matrix::Dense(_) => None,
+            })
+            .collect();
+        let Some(packed) = packed else {
+            // Exact mode: dense products one after another.
+            let mut rows_in = Vec::new();
+            for p in products {
+                rows_in.clear();
+                for &r in p.rows {
+                    rows_in.extend_from_slice(&x[r * k..(r + 1) * k]);
+                }
+                let span = p.out_first * n..(p.out_first + p.rows.len()) * n;
+                self.matmul(&mut out[span], &rows_in, p.rows.len(), p.w, scratch);
+            }
+            return;
+        };
+        // Output rows of different products must not overlap: tasks write them unsynchronised.
+        let mut spans: Vec<(usize, usize)> = products.iter().map(|p| (p.out_first, p.rows.len())).collect();
+        spans.sort_unstable();
+        assert!(spans.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0), "matmul_rows: output rows overlap");
+        scratch.acts.quantize(x, x_rows, k);
+        let acts = &scratch.acts;
+        let tile = self.kernels.packed_tile;
+        let groups = packed[0].groups();
+        // Work units are (product, group) pairs; units of one product cost the same.
+        let units = products.len() * groups;
+        let chunk = units.div_ceil(self.pool.threads() * 8).max(1);
+        let sink = OutPtr(out.as_mut_ptr());
+        self.pool.run(units.div_ceil(chunk), &|task| {
+            let mut buf = [0f32; GROUP * 4];
+            for u in task * chunk..((task + 1) * chunk).min(units) {
+                let (p, g) = (&products[u / groups], u % groups);
+                let group = packed[u / groups].group(g);
+                let live = (n - g * GROUP).min(GROUP);
+                for t0 in (0..p.rows.len()).step_by(4) {
+                    let nt = (p.rows.len() - t0).min(4);
+                    let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, p.rows[t0 + i.min(nt - 1)]));
+                    tile(&group, &xs[..nt], &mut buf[..GROUP * nt]);
+                    for r in 0..live {
+                        for j in 0..nt {
+                            // SAFETY: output row out_first+t0+j belongs to this product alone
+                            // (spans checked disjoint and in bounds) and column g·GROUP+r to this
+                            // unit alone.
+                            unsafe { *sink.at((p.out_first + t0 + j) * n + g * GROUP + r) = buf[r * nt + j] };
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// A raw output pointer shared by tasks that write disjoint elements.
 struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint (row, token) cells; the caller waits for all of them.

@@ -6,10 +6,11 @@
 //! eq. (2a)-(2b) with zero-order hold on A and Euler on B; Jamba (Lieber et al. 2024) adds RMSNorms
 //! on dt, B and C before this kernel.
 
-/// `out[t, c] = bias[c] + Σ_j w[c, j] · window_t[c, j]` where `window_t` holds the `K-1` previous
+/// `out[t, c] = bias[c] + Σ_j w[j, c] · window_t[c, j]` where `window_t` holds the `K-1` previous
 /// raw inputs of channel `c` (from `state` at the start) and `x[t, c]`, oldest first.
 ///
-/// `x`, `out`: `[tokens, channels]`; `w`: `[channels, K]`; `state`: `[K-1, channels]` (oldest row
+/// `x`, `out`: `[tokens, channels]`; `w`: `[K, channels]`, tap-major (see [`taps_major`]) so
+/// that every tap is one pass over contiguous channels; `state`: `[K-1, channels]` (oldest row
 /// first), updated to the last `K-1` inputs.
 pub fn causal_conv1d(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, state: &mut [f32], channels: usize) {
     assert!(channels > 0 && w.len().is_multiple_of(channels));
@@ -17,21 +18,44 @@ pub fn causal_conv1d(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>
     assert!(k >= 1 && state.len() == (k - 1) * channels);
     assert_eq!(x.len(), out.len());
     assert!(x.len().is_multiple_of(channels));
+    assert!(bias.is_none_or(|b| b.len() == channels));
     for (xt, ot) in x.chunks_exact(channels).zip(out.chunks_exact_mut(channels)) {
-        for c in 0..channels {
-            let wc = &w[c * k..(c + 1) * k];
-            let mut acc = 0f32;
-            for j in 0..k - 1 {
-                acc += wc[j] * state[j * channels + c];
+        // Per channel the sum runs oldest tap first, then the bias, whatever the split.
+        ot.fill(0.0);
+        for (j, past) in state.chunks_exact(channels).enumerate() {
+            let wj = &w[j * channels..(j + 1) * channels];
+            for ((o, &wv), &sv) in ot.iter_mut().zip(wj).zip(past) {
+                *o += wv * sv;
             }
-            acc += wc[k - 1] * xt[c];
-            ot[c] = acc + bias.map_or(0.0, |b| b[c]);
+        }
+        let newest = &w[(k - 1) * channels..];
+        for ((o, &wv), &xv) in ot.iter_mut().zip(newest).zip(xt) {
+            *o += wv * xv;
+        }
+        if let Some(b) = bias {
+            for (o, &bv) in ot.iter_mut().zip(b) {
+                *o += bv;
+            }
         }
         if k > 1 {
             state.copy_within(channels.., 0);
             state[(k - 2) * channels..].copy_from_slice(xt);
         }
     }
+}
+
+/// A conv weight stored `[channels, K]` (as checkpoints hold it) in the tap-major form
+/// [`causal_conv1d`] takes.
+pub fn taps_major(w: &[f32], channels: usize) -> Vec<f32> {
+    assert!(channels > 0 && w.len().is_multiple_of(channels));
+    let k = w.len() / channels;
+    let mut out = vec![0f32; w.len()];
+    for c in 0..channels {
+        for j in 0..k {
+            out[j * channels + c] = w[c * k + j];
+        }
+    }
+    out
 }
 
 /// `softplus(x) = ln(1 + e^x)`, passing `x` through above 20 as PyTorch does.
@@ -41,6 +65,22 @@ pub fn softplus(x: f32) -> f32 {
         x
     } else {
         x.exp().ln_1p()
+    }
+}
+
+/// `x = softplus(x + bias)` over rows of `bias.len()` channels: the vectorisable form of
+/// [`softplus`]. `ln(1 + e)` is taken as `ln(u)·e/(u − 1)` with `u = 1 + e`, which keeps full
+/// relative precision where `e` is far below 1 (and is `e` itself where `u` rounds to 1).
+pub fn softplus_bias_in_place(x: &mut [f32], bias: &[f32]) {
+    assert!(!bias.is_empty() && x.len().is_multiple_of(bias.len()));
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            let s = *v + b;
+            let e = crate::ops::fast_exp(s);
+            let u = 1.0 + e;
+            let ln1p = if u == 1.0 { e } else { crate::ops::fast_ln(u) * (e / (u - 1.0)) };
+            *v = if s > 20.0 { s } else { ln1p };
+        }
     }
 }
 
@@ -112,14 +152,17 @@ mod tests {
     #[test]
     fn conv_in_chunks_equals_one_shot() {
         let ch = 3;
-        let w: Vec<f32> = (0..ch * 4).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w_rows: Vec<f32> = (0..ch * 4).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = taps_major(&w_rows, ch);
         let bias = [0.1, -0.2, 0.3];
         let x: Vec<f32> = (0..7 * ch).map(|i| (i as f32 * 0.71).cos()).collect();
         let mut one = vec![0f32; x.len()];
         let mut st = vec![0f32; 3 * ch];
         causal_conv1d(&mut one, &x, &w, Some(&bias), &mut st, ch);
         // Channel 0 at t=0 sees only x[0] with the newest tap.
-        assert!((one[0] - (w[3] * x[0] + 0.1)).abs() < 1e-6);
+        assert!((one[0] - (w_rows[3] * x[0] + 0.1)).abs() < 1e-6);
+        // Channel 1 at t=1 sees x[0] and x[1] with its two newest taps.
+        assert!((one[ch + 1] - (w_rows[4 + 2] * x[1] + w_rows[4 + 3] * x[ch + 1] - 0.2)).abs() < 1e-6);
         let mut parts = vec![0f32; x.len()];
         let mut st2 = vec![0f32; 3 * ch];
         for (lo, hi) in [(0, 2), (2, 3), (3, 7)] {
@@ -188,6 +231,19 @@ mod tests {
             for (g, w) in y.iter().zip(&want).chain(h.iter().zip(&h0)) {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{:?}: {g} vs {w}", k.isa);
             }
+        }
+    }
+
+    #[test]
+    fn vectorised_softplus_matches_libm() {
+        let xs: Vec<f32> = (0..40_000).map(|i| -60.0 + i as f32 * 0.002).collect();
+        let bias: Vec<f32> = (0..8).map(|i| i as f32 * 0.125 - 0.5).collect();
+        let mut got = xs.clone();
+        softplus_bias_in_place(&mut got, &bias);
+        for (i, (&x, &g)) in xs.iter().zip(&got).enumerate() {
+            let s = x + bias[i % 8];
+            let want = if s > 20.0 { s as f64 } else { (s as f64).exp().ln_1p() };
+            assert!((g as f64 - want).abs() <= 6e-7 * want.abs(), "softplus({s}) = {g}, want {want}");
         }
     }
 

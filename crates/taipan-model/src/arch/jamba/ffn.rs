@@ -4,7 +4,7 @@
 
 use super::resize;
 use taipan_kernels::matmul::MatmulScratch;
-use taipan_kernels::{ops, Compute, Matrix};
+use taipan_kernels::{ops, Compute, Matrix, RowsProduct};
 
 /// A SwiGLU MLP: `down · (silu(gate · x) ⊙ up · x)`.
 #[derive(Debug)]
@@ -31,8 +31,10 @@ pub(super) struct FfnScratch {
     router: Vec<f32>,
     /// Per expert: (row, weight) of the rows routed to it.
     routes: Vec<Vec<(usize, f32)>>,
-    /// The rows routed to one expert, gathered `[n, H]`, and its output `[n, H]`.
-    rows_in: Vec<f32>,
+    /// Per expert, the batch rows routed to it; and `0..routed` (the down products' inputs).
+    route_rows: Vec<Vec<usize>>,
+    own_rows: Vec<usize>,
+    /// The experts' outputs, one row per routed (row, expert) pair `[routed, H]`.
     rows_out: Vec<f32>,
 }
 
@@ -104,24 +106,49 @@ impl Ffn {
                 routes[e].push((t, p[e]));
             }
         }
+        // Every routed (row, expert) pair gets one row of the experts' outputs, grouped by
+        // expert; all experts' gate/up products run in one parallel region, then all down ones.
+        let mut offsets = Vec::with_capacity(e_n);
+        let mut total = 0;
+        for route in &routes {
+            offsets.push(total);
+            total += route.len();
+        }
+        let (mut ids, mut own) = (std::mem::take(&mut s.route_rows), std::mem::take(&mut s.own_rows));
+        ids.clear();
+        ids.extend(routes.iter().map(|route| route.iter().map(|&(t, _)| t).collect::<Vec<_>>()));
+        own.clear();
+        own.extend(0..total);
+        let f = experts[0].down.cols();
+        let used = || experts.iter().zip(&routes).enumerate().filter(|(_, (_, route))| !route.is_empty());
+        let gate_up: Vec<RowsProduct<'_>> = used()
+            .map(|(e, (expert, _))| RowsProduct { w: &expert.gate_up, rows: &ids[e], out_first: offsets[e] })
+            .collect();
+        let gu = resize(&mut s.gate_up, total * 2 * f);
+        compute.matmul_rows(gu, x, rows, &gate_up, mm);
+        let act = resize(&mut s.act, total * f);
+        for (a, g_u) in act.chunks_exact_mut(f).zip(gu.chunks_exact(2 * f)) {
+            let (g, u) = g_u.split_at(f);
+            ops::swiglu_into(a, g, u);
+        }
+        let down: Vec<RowsProduct<'_>> = used()
+            .map(|(e, (expert, route))| RowsProduct {
+                w: &expert.down,
+                rows: &own[offsets[e]..offsets[e] + route.len()],
+                out_first: offsets[e],
+            })
+            .collect();
+        let y = resize(&mut s.rows_out, total * h);
+        compute.matmul_rows(y, act, total, &down, mm);
         out.fill(0.0);
-        let (mut rows_in, mut rows_out) = (std::mem::take(&mut s.rows_in), std::mem::take(&mut s.rows_out));
-        for (expert, route) in experts.iter().zip(&routes) {
-            if route.is_empty() {
-                continue;
-            }
-            rows_in.clear();
-            for &(t, _) in route {
-                rows_in.extend_from_slice(&x[t * h..(t + 1) * h]);
-            }
-            rows_out.resize(route.len() * h, 0.0);
-            expert.forward(compute, &rows_in, route.len(), &mut rows_out, s, mm);
-            for (&(t, w), y) in route.iter().zip(rows_out.chunks_exact(h)) {
-                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(y) {
+        for (route, &first) in routes.iter().zip(&offsets) {
+            for (i, &(t, w)) in route.iter().enumerate() {
+                let yr = &y[(first + i) * h..(first + i + 1) * h];
+                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
                     *o += w * v;
                 }
             }
         }
-        (s.rows_in, s.rows_out, s.routes) = (rows_in, rows_out, routes);
+        (s.routes, s.route_rows, s.own_rows) = (routes, ids, own);
     }
 }

@@ -7,7 +7,7 @@ use super::mamba::Mamba;
 use super::{Jamba, JambaConfig, Layer, Mixer};
 use crate::weights::{RawTensor, WeightSource};
 use crate::ModelError;
-use taipan_kernels::{formats, DType, MatmulMode, Matrix};
+use taipan_kernels::{formats, ssm, DType, MatmulMode, Matrix};
 
 fn tensor_err(src: &dyn WeightSource, t: &str, message: String) -> ModelError {
     ModelError::Tensor { path: src.path().into(), tensor: t.into(), message }
@@ -186,7 +186,7 @@ impl Jamba {
                 let m = Mamba {
                     in_proj: matrix(src, &name("ssm_in.weight"), 2 * di, h, mode)?,
                     in_bias: optional_vector(src, &name("ssm_in.bias"), 2 * di)?,
-                    conv_w: f32s(src, &conv)?,
+                    conv_w: ssm::taps_major(&f32s(src, &conv)?, di),
                     conv_b: optional_vector(src, &name("ssm_conv1d.bias"), di)?,
                     x_proj: matrix(src, &name("ssm_x.weight"), r + 2 * n, di, mode)?,
                     dt_norm: vector(src, &name("ssm_dt_norm.weight"), r)?,

@@ -17,7 +17,7 @@ pub(super) struct Mamba {
     /// `[2·Di, H]`: x rows, then gate z rows.
     pub in_proj: Matrix,
     pub in_bias: Option<Vec<f32>>,
-    /// `[Di, K]`
+    /// `[K, Di]`, tap-major.
     pub conv_w: Vec<f32>,
     /// `[Di]`
     pub conv_b: Option<Vec<f32>>,
@@ -119,11 +119,7 @@ impl Mamba {
         ops::rms_norm(cm, &self.c_norm, c.rms_eps);
         let dt = resize(&mut s.dt, rows * di);
         compute.matmul(dt, dt_low, rows, &self.dt_proj, mm);
-        for row in dt.chunks_exact_mut(di) {
-            for (v, bias) in row.iter_mut().zip(&self.dt_bias) {
-                *v = ssm::softplus(*v + bias);
-            }
-        }
+        ssm::softplus_bias_in_place(dt, &self.dt_bias);
         // 4. The selective scan per sequence on its own state, sequences in parallel.
         let y = resize(&mut s.y, rows * di);
         let (x, z, dt, b, cm) = (&*xc, &*z, &*dt, &*b, &*cm);
