@@ -8,7 +8,7 @@ the same at temperature 0 and reports how many prompt tokens turn 2 computed."""
 import json, os, subprocess, sys, time
 import urllib.request
 
-from server import BIN, ROOT, SHARED, Server
+from server import BIN, ROOT, FIXTURES, Server
 
 MODEL = os.path.join(ROOT, "bench", "out", "synth-jamba.gguf")
 
@@ -34,8 +34,8 @@ def chat(server, messages, max_tokens=8):
 def main():
     os.makedirs(os.path.dirname(MODEL), exist_ok=True)
     if not os.path.exists(MODEL):
-        subprocess.run([BIN, "synth-jamba", MODEL, "--tokenizer-from", os.path.join(SHARED, "fixtures", "jamba-tiny-a.gguf")], check=True)
-    words = open(os.path.join(SHARED, "fixtures", "smollm2-llamacpp", "ppl_text.txt")).read().split()
+        subprocess.run([BIN, "synth-jamba", MODEL, "--tokenizer-from", os.path.join(FIXTURES, "jamba-tiny-a.gguf")], check=True)
+    words = open(os.path.join(FIXTURES, "smollm2-llamacpp", "ppl_text.txt")).read().split()
     s = Server("-m", MODEL)
     try:
         # About 2,000 tokens of history.

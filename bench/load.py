@@ -10,9 +10,9 @@ import json, os, re, statistics, subprocess, sys, threading, time
 import urllib.error
 import urllib.request
 
-from server import BIN, SHARED, Server
+from server import BIN, FIXTURES, Server
 
-TEXT = open(os.path.join(SHARED, "fixtures", "smollm2-llamacpp", "ppl_text.txt")).read()
+TEXT = open(os.path.join(FIXTURES, "smollm2-llamacpp", "ppl_text.txt")).read()
 WORDS = TEXT.split()
 
 

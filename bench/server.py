@@ -4,7 +4,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "taipan")
-SHARED = os.path.join(ROOT, "..", "shared")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 
 def free_port():

@@ -15,7 +15,7 @@ use taipan_model::{LoadOptions, Model, Scratch};
 fn model() -> Arc<Model> {
     static M: OnceLock<Arc<Model>> = OnceLock::new();
     Arc::clone(M.get_or_init(|| {
-        let dir = shared_dir().join("fixtures/jamba-tiny-a");
+        let dir = fixtures_dir().join("jamba-tiny-a");
         Arc::new(
             Model::load(&dir, LoadOptions { mode: MatmulMode::Exact, quantize: None }).expect("jamba-tiny-a loads"),
         )
@@ -157,7 +157,7 @@ fn sixteen_concurrent_requests_answer_as_they_do_alone() {
 fn sixteen_concurrent_requests_on_a_larger_synthetic_jamba_answer_as_they_do_alone() {
     let out = std::env::temp_dir().join(format!("taipan-synth-engine-{}.gguf", std::process::id()));
     let spec = taipan_model::synth::SynthJamba::hidden_256();
-    taipan_model::synth::write_synthetic_jamba(&out, &shared_dir().join("fixtures/jamba-tiny-a.gguf"), &spec).unwrap();
+    taipan_model::synth::write_synthetic_jamba(&out, &fixtures_dir().join("jamba-tiny-a.gguf"), &spec).unwrap();
     let m = Arc::new(Model::load(&out, LoadOptions::default()).unwrap());
     let _ = std::fs::remove_file(&out);
     let prompts = mixed_prompts(&m);

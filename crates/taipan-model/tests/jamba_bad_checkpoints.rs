@@ -5,10 +5,7 @@ use std::path::{Path, PathBuf};
 use taipan_model::{LoadOptions, Model};
 
 fn fixture_dir() -> PathBuf {
-    std::env::var_os("TAIPAN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-        .join("fixtures/jamba-tiny-a")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join("jamba-tiny-a")
 }
 
 /// A copy of the fixture directory with its config and tensors edited.

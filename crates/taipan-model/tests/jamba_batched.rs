@@ -6,10 +6,7 @@ use taipan_kernels::{Compute, MatmulMode};
 use taipan_model::{BatchItem, Cache, LoadOptions, Logits, Model, Scratch};
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("TAIPAN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-        .join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
 /// Sixteen sequences of mixed lengths, each split into a first part and a rest; the rest is one

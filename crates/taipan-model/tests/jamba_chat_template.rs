@@ -1,15 +1,11 @@
-//! The Jamba 1.5+ chat template (`shared/spec/jamba-chat-template.jinja`) reproduces the 10 golden
-//! renderings of `shared/spec/jamba-chat-template.examples.json` byte for byte.
+//! The Jamba 1.5+ chat template (`tests/fixtures/spec/jamba-chat-template.jinja`) reproduces the 10 golden
+//! renderings of `tests/fixtures/spec/jamba-chat-template.examples.json` byte for byte.
 
 use std::path::PathBuf;
 use taipan_model::ChatTemplate;
 
 fn spec(name: &str) -> PathBuf {
-    std::env::var_os("TAIPAN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-        .join("spec")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join("spec").join(name)
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! jamba-tiny-a (HF directory and GGUF) against transformers' float32 reference outputs
-//! (`shared/fixtures/jamba-tiny-a`, see its README).
+//! (`tests/fixtures/jamba-tiny-a`, see its README).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -7,10 +7,7 @@ use taipan_kernels::{Compute, MatmulMode};
 use taipan_model::{ChatMessage, LoadOptions, Model, RenderOptions, Scratch};
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("TAIPAN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-        .join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
 fn compute() -> &'static Compute {

@@ -107,26 +107,23 @@ mod tests {
     use taipan_engine::{EngineConfig, Event, GenRequest};
     use taipan_model::LoadOptions;
 
-    fn shared(path: &str) -> PathBuf {
-        std::env::var_os("TAIPAN_SHARED")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-            .join(path)
+    fn fixture(path: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(path)
     }
 
     /// jamba-tiny-a with the Jamba 1.5 chat template (its own file carries a ChatML one).
     fn jamba() -> Arc<Model> {
         static M: OnceLock<Arc<Model>> = OnceLock::new();
         Arc::clone(M.get_or_init(|| {
-            let mut m = Model::load(&shared("fixtures/jamba-tiny-a"), LoadOptions::default()).expect("loads");
-            let src = std::fs::read_to_string(shared("spec/jamba-chat-template.jinja")).expect("template");
+            let mut m = Model::load(&fixture("jamba-tiny-a"), LoadOptions::default()).expect("loads");
+            let src = std::fs::read_to_string(fixture("spec/jamba-chat-template.jinja")).expect("template");
             m.set_chat_template(&src).expect("compiles");
             Arc::new(m)
         }))
     }
 
     fn golden(name: &str) -> String {
-        let text = std::fs::read_to_string(shared("spec/jamba-chat-template.examples.json")).expect("goldens");
+        let text = std::fs::read_to_string(fixture("spec/jamba-chat-template.examples.json")).expect("goldens");
         let v: Value = serde_json::from_str(&text).expect("json");
         let case = v["cases"].as_array().and_then(|c| c.iter().find(|c| c["name"] == name)).expect("case");
         case["rendered"].as_str().expect("rendered").to_string()
@@ -180,7 +177,7 @@ mod tests {
     /// them, and earlier calls, in the documented fallback formats.
     #[test]
     fn chatml_template_gets_the_fallback_formats() {
-        let m = Model::load(&shared("fixtures/jamba-tiny-a"), LoadOptions::default()).expect("loads");
+        let m = Model::load(&fixture("jamba-tiny-a"), LoadOptions::default()).expect("loads");
         let weather: Value = serde_json::from_str(WEATHER).unwrap();
         let req = ai21(json!({"model": "m", "tools": [weather], "messages": [
             {"role": "system", "content": "Be brief."},

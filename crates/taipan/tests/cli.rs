@@ -110,9 +110,8 @@ fn bench_and_perplexity_report_numbers() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
     assert!(v[1]["decode_tok_s"].as_f64().unwrap() > 0.0);
-    let shared =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/smollm2-llamacpp/ppl_text.txt");
-    let (ok, out, err) = taipan(&["perplexity", m, shared.to_str().unwrap(), "--ctx", "256", "-t", "2"]);
+    let text = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2-llamacpp/ppl_text.txt");
+    let (ok, out, err) = taipan(&["perplexity", m, text.to_str().unwrap(), "--ctx", "256", "-t", "2"]);
     assert!(ok, "{err}");
     assert!(out.contains("PPL = "), "{out}");
 }

@@ -4,16 +4,13 @@
 
 use std::path::PathBuf;
 
-/// The `shared/` folder beside the repository (override with `TAIPAN_SHARED`).
-pub fn shared_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("TAIPAN_SHARED") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+/// The repository's test fixtures (`tests/fixtures`).
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
 pub fn smollm_fixtures() -> PathBuf {
-    shared_dir().join("fixtures/smollm2-llamacpp")
+    fixtures_dir().join("smollm2-llamacpp")
 }
 
 /// The default model, as `scripts/get-model.sh` places it.
