@@ -304,6 +304,10 @@ pub fn attention(
     for x in seqs {
         assert!((x.first_row + x.tokens) * qdim <= q.len());
     }
+    // Jobs write their rows' outputs unsynchronised: sequences must not share a row.
+    let mut spans: Vec<(usize, usize)> = seqs.iter().map(|x| (x.first_row, x.tokens)).collect();
+    spans.sort_unstable();
+    assert!(spans.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0), "attention: sequences' rows overlap");
     let group = s.heads / s.kv_heads;
     let sink = SharedOut(out.as_mut_ptr());
     let attend = kernels.attend_head;

@@ -5,8 +5,14 @@
 //! claimed from a shared counter, so when another process takes a core, the threads that run pick
 //! up the remaining tasks; a worker that never woke up for a region is simply not waited for
 //! (it must join the region before it may take a task, and the caller closes it when done).
+//!
+//! A task that panics, on the caller or on a worker, stops the region from handing out more
+//! tasks; the caller still waits for every joined worker (the closure it lent them lives until
+//! then) and re-raises the first panic on its own thread. The pool stays usable afterwards.
 
+use std::any::Any;
 use std::cell::UnsafeCell;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -27,6 +33,8 @@ struct Shared {
     /// Written by the caller before an epoch opens, read by workers that joined it.
     job: UnsafeCell<Option<*const Job>>,
     sleepers: AtomicUsize,
+    /// The first panic of the current region, re-raised by the caller once the region drains.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
     lock: Mutex<bool>,
     wake: Condvar,
 }
@@ -56,6 +64,7 @@ impl ThreadPool {
             n_tasks: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
             sleepers: AtomicUsize::new(0),
+            panic: Mutex::new(None),
             lock: Mutex::new(false),
             wake: Condvar::new(),
         });
@@ -113,6 +122,11 @@ impl ThreadPool {
                 std::thread::yield_now();
             }
         }
+        // Every joined worker has left: nobody can call `f` any more.
+        let panic = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(payload) = panic {
+            resume_unwind(payload);
+        }
     }
 
     /// Splits `0..n` into chunks of at least `min_chunk` items, about four per thread, and runs
@@ -124,14 +138,21 @@ impl ThreadPool {
     }
 }
 
+/// Claims and runs tasks until none are left. A panic is caught, recorded for the caller, and
+/// ends the region's hand-out of tasks; it never escapes (a worker must always leave the region).
 fn run_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
     let n = s.n_tasks.load(Ordering::Relaxed);
-    loop {
+    let outcome = catch_unwind(AssertUnwindSafe(|| loop {
         let i = s.next_task.fetch_add(1, Ordering::Relaxed);
         if i >= n {
             break;
         }
         f(i);
+    }));
+    if let Err(payload) = outcome {
+        s.next_task.store(usize::MAX / 2, Ordering::Relaxed);
+        let mut first = s.panic.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(payload);
     }
 }
 
@@ -222,6 +243,36 @@ mod tests {
             }
         }
         assert_eq!(total.load(Ordering::Relaxed), 64 * 2000);
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_caller_after_every_worker_left_and_the_pool_still_works() {
+        let pool = ThreadPool::new(3);
+        for bad in [0usize, 5, 63] {
+            let started = AtomicUsize::new(0);
+            let finished = AtomicUsize::new(0);
+            let caught = catch_unwind(AssertUnwindSafe(|| {
+                pool.run(64, &|i| {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    if i == bad {
+                        panic!("task {i} fails");
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                    finished.fetch_add(1, Ordering::SeqCst);
+                });
+            }));
+            let payload = caught.expect_err("the panic reaches the caller");
+            let msg = payload.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert_eq!(msg, format!("task {bad} fails"));
+            // Every task that started has finished (or is the one that panicked): no worker is
+            // still inside the closure the caller lent.
+            assert_eq!(finished.load(Ordering::SeqCst) + 1, started.load(Ordering::SeqCst));
+        }
+        let total = AtomicUsize::new(0);
+        pool.run(100, &|_| {
+            total.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 100);
     }
 
     #[test]
