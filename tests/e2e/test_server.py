@@ -390,3 +390,41 @@ def test_a_budget_too_small_for_one_block_refuses_to_start():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "KV cache budget of 1 MiB cannot serve this model" in p.stderr
+
+
+def test_the_fault_header_is_ignored_unless_fault_injection_is_enabled(http):
+    r = http.post("/v1/chat/completions", headers={"x-taipan-fault": "kill-engine"},
+                  json={"model": "jamba-mini", "messages": USER, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert http.get("/health").status_code == 200
+
+
+def test_injected_panics_fail_only_their_request_and_a_dead_engine_turns_health_503_and_exits():
+    s = Server("--max-running", "8", env={"TAIPAN_FAULT_INJECTION": "1"})
+    try:
+        with httpx.Client(base_url=s.base, timeout=120) as c:
+            body = {"model": "jamba-mini", "messages": USER, "max_tokens": 8, "temperature": 0}
+            # A panic in one request's step: that request gets a 500 naming an internal error...
+            r = c.post("/v1/chat/completions", headers={"x-taipan-fault": "panic-sequence"}, json=body)
+            assert r.status_code == 500, r.text
+            assert "internal error" in r.json()["error"]["message"]
+            # ...streamed, an error chunk and [DONE]...
+            r = c.post("/v1/chat/completions", headers={"x-taipan-fault": "panic-sequence"},
+                       json={**body, "stream": True})
+            events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and "internal error" in json.loads(events[-2])["error"]["message"]
+            # ...and the server goes on serving.
+            assert c.post("/v1/chat/completions", json=body).status_code == 200
+            assert c.get("/health").status_code == 200
+            # The engine thread dies: the request fails, /health says 503, the process exits non-zero.
+            r = c.post("/v1/chat/completions", headers={"x-taipan-fault": "kill-engine"}, json=body)
+            assert r.status_code in (500, 503), r.text
+            for _ in range(100):  # the thread marks itself stopped as it unwinds, just after
+                h = c.get("/health")
+                if h.status_code != 200:
+                    break
+                time.sleep(0.01)
+            assert h.status_code == 503 and h.json()["status"] == "engine stopped"
+        assert s.proc.wait(timeout=30) == 70
+    finally:
+        s.stop()

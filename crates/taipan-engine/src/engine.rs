@@ -19,6 +19,7 @@ use crate::runner::ModelRunner;
 use crate::sampler::SamplingParams;
 use crate::scheduler::{BudgetError, MemoryPlan, NewSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -49,6 +50,21 @@ pub struct GenRequest {
     pub constraint: Option<Constraint>,
     /// Decode special tokens as their text (a tool-call tag may be one).
     pub special_text: bool,
+    /// A fault to inject while this request runs (tests of the engine's isolation only; the
+    /// server honours it only when started with fault injection enabled).
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
+}
+
+/// Faults a test can inject into the engine through a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A panic in this request's own part of a step (its output processing): it fails alone.
+    PanicInSequence,
+    /// A panic inside the batched forward pass: every request in that batch fails.
+    PanicInForward,
+    /// A panic outside any isolation: the engine thread dies.
+    KillEngine,
 }
 
 impl GenRequest {
@@ -67,6 +83,7 @@ impl GenRequest {
             snapshot_at: vec![],
             constraint: None,
             special_text: false,
+            fault: None,
         }
     }
 }
@@ -184,6 +201,11 @@ impl EngineHandle {
         })
     }
 
+    /// Whether the engine thread still runs (false once it died; nothing is served after that).
+    pub fn is_running(&self) -> bool {
+        !self.stats.stopped.load(Ordering::SeqCst)
+    }
+
     /// The longest prompt plus answer the engine can hold: the model's context, or less when the
     /// memory budget holds less.
     pub fn context_limit(&self) -> usize {
@@ -216,9 +238,30 @@ pub fn start(model: Arc<Model>, config: EngineConfig) -> Result<EngineHandle, Bu
     let runner = ModelRunner::new(Arc::clone(&model), config.threads, &memory);
     std::thread::Builder::new()
         .name("taipan-engine".into())
-        .spawn(move || Engine::new(model, scheduler, runner, stats).run(rx))
+        .spawn(move || {
+            let _mark = MarkStopped(Arc::clone(&stats));
+            Engine::new(model, scheduler, runner, stats).run(rx)
+        })
         .expect("spawning the engine thread");
     Ok(handle)
+}
+
+/// Marks the engine stopped when its thread ends, by return or by panic.
+struct MarkStopped(Arc<EngineStats>);
+
+impl Drop for MarkStopped {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// A request in flight: its listener and the choices still running.
@@ -320,6 +363,9 @@ impl Engine {
     }
 
     fn accept(&mut self, job: Job) {
+        if job.request.fault == Some(Fault::KillEngine) {
+            panic!("injected fault: the engine thread dies");
+        }
         let id = self.next_req;
         self.next_req += 1;
         let request = Arc::new(job.request);
@@ -334,6 +380,14 @@ impl Engine {
             first_token_seen: false,
             failed: false,
         };
+        let vocab = self.model.vocab_size();
+        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
+            // Refused alone here, rather than failing every request of the batch it would join.
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            self.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            state.sink.send(Event::Error(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
+            return;
+        }
         let limit = self.scheduler.config().memory.context;
         if request.prompt.is_empty() || request.prompt.len() >= limit {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
@@ -393,10 +447,29 @@ impl Engine {
             return;
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.runner.execute(&out, &self.scheduler) {
-            let reqs: Vec<u64> = out.items.iter().filter_map(|i| self.seqs.get(&i.seq)).map(|s| s.req).collect();
+        let inject = out.items.iter().any(|i| self.fault_of(i.seq) == Some(Fault::PanicInForward));
+        let (runner, scheduler) = (&mut self.runner, &self.scheduler);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if inject {
+                panic!("injected fault: a panic inside the forward pass");
+            }
+            runner.execute(&out, scheduler)
+        }));
+        // A failed pass fails the requests of its batch (their states may be half-updated);
+        // the others, waiting, go on.
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(payload) => {
+                self.stats.internal_errors.fetch_add(1, Ordering::Relaxed);
+                Some(format!("internal error in the forward pass: {}", panic_message(&*payload)))
+            }
+        };
+        if let Some(message) = failure {
+            let mut reqs: Vec<u64> = out.items.iter().filter_map(|i| self.seqs.get(&i.seq)).map(|s| s.req).collect();
+            reqs.dedup();
             for r in reqs {
-                self.fail(r, e.to_string());
+                self.fail(r, message.clone());
             }
             return;
         }
@@ -408,7 +481,14 @@ impl Engine {
             }
             let reached_end = self.scheduler.tokens(item.seq).is_some_and(|t| item.start + item.len == t.len());
             if rows > 0 && reached_end {
-                self.sample(item.seq, row + rows - 1);
+                // One sequence's output processing failing ends its request, not the step.
+                let sampled = catch_unwind(AssertUnwindSafe(|| self.sample(item.seq, row + rows - 1)));
+                if let Err(payload) = sampled {
+                    self.stats.internal_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(req) = self.seqs.get(&item.seq).map(|s| s.req) {
+                        self.fail(req, format!("internal error in this request's step: {}", panic_message(&*payload)));
+                    }
+                }
             }
         }
         for req in std::mem::take(&mut self.gone) {
@@ -454,9 +534,16 @@ impl Engine {
         }
     }
 
+    fn fault_of(&self, seq: SeqId) -> Option<Fault> {
+        self.seqs.get(&seq).and_then(|s| self.requests.get(&s.req)).and_then(|r| r.request.fault)
+    }
+
     /// Samples the next token of `seq` from logits row `row`, sends its events, and ends the
     /// sequence when it is done.
     fn sample(&mut self, seq: SeqId, row: usize) {
+        if self.fault_of(seq) == Some(Fault::PanicInSequence) {
+            panic!("injected fault: a panic in one sequence's output processing");
+        }
         let model = Arc::clone(&self.model);
         let Some(s) = self.seqs.get_mut(&seq) else { return };
         let Some(r) = self.requests.get_mut(&s.req) else { return };

@@ -20,6 +20,8 @@ pub mod stop;
 
 pub use constraint::{Constraint, ConstraintError, Grammar, GrammarCompiler};
 pub use detokenizer::IncrementalDecoder;
-pub use engine::{EngineConfig, EngineHandle, EngineStats, Event, EventSink, GenRequest, SubmitError, TokenLogprob};
+pub use engine::{
+    EngineConfig, EngineHandle, EngineStats, Event, EventSink, Fault, GenRequest, SubmitError, TokenLogprob,
+};
 pub use generate::{generate, FinishReason, GenerateParams, Generation};
 pub use sampler::{Sampler, SamplingParams};

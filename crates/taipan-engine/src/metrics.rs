@@ -35,6 +35,10 @@ impl Histogram {
 /// Everything the engine reports.
 #[derive(Debug, Default)]
 pub struct EngineStats {
+    /// Set when the engine thread ended (it died): nothing more is served.
+    pub stopped: std::sync::atomic::AtomicBool,
+    /// Panics caught inside a step (each failed the requests it touched).
+    pub internal_errors: AtomicU64,
     /// Requests submitted and not yet admitted.
     pub queued: AtomicUsize,
     /// Sequences admitted and running.

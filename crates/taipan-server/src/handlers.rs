@@ -8,7 +8,7 @@ use crate::structured::{plan_output, shape_constraint, OutputPlan};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -20,7 +20,7 @@ use taipan_api::response::{self, ChoiceOut, LogprobEntry, OpenAiStream, Usage};
 use taipan_api::tools::{parse_answer, StreamPiece, ToolStream};
 use taipan_api::{parse_chat, parse_completion, ApiError, Dialect, ErrorKind, PromptInput};
 use taipan_engine::{
-    EngineHandle, Event, EventSink, FinishReason, GenRequest, SamplingParams, SubmitError, TokenLogprob,
+    EngineHandle, Event, EventSink, Fault, FinishReason, GenRequest, SamplingParams, SubmitError, TokenLogprob,
 };
 use taipan_model::Model;
 use tokio::sync::mpsc;
@@ -138,17 +138,46 @@ fn count(state: &AppState, resp: Response) -> Response {
     resp
 }
 
-pub async fn chat_ai21(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    let r = chat(&state, body, Dialect::Ai21).await.unwrap_or_else(IntoResponse::into_response);
+/// The fault a test asks for with `x-taipan-fault`, honoured only when the server was started
+/// with fault injection enabled.
+fn injected_fault(state: &AppState, headers: &HeaderMap) -> Option<Fault> {
+    if !state.config.fault_injection {
+        return None;
+    }
+    match headers.get("x-taipan-fault")?.to_str().ok()? {
+        "panic-sequence" => Some(Fault::PanicInSequence),
+        "panic-forward" => Some(Fault::PanicInForward),
+        "kill-engine" => Some(Fault::KillEngine),
+        _ => None,
+    }
+}
+
+pub async fn chat_ai21(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let fault = injected_fault(&state, &headers);
+    let r = chat(&state, body, Dialect::Ai21, fault).await.unwrap_or_else(IntoResponse::into_response);
     count(&state, r)
 }
 
-pub async fn chat_openai(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    let r = chat(&state, body, Dialect::OpenAi).await.unwrap_or_else(IntoResponse::into_response);
+pub async fn chat_openai(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let fault = injected_fault(&state, &headers);
+    let r = chat(&state, body, Dialect::OpenAi, fault).await.unwrap_or_else(IntoResponse::into_response);
     count(&state, r)
 }
 
-async fn chat(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>, dialect: Dialect) -> HttpResult<Response> {
+async fn chat(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    dialect: Dialect,
+    fault: Option<Fault>,
+) -> HttpResult<Response> {
     let bytes = read_body(body, dialect, state.config.max_body_bytes)?;
     let req = parse_chat(&bytes, dialect).map_err(|e| fail(dialect, e))?;
     let eng = engine(state, dialect)?;
@@ -191,6 +220,7 @@ async fn chat(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>, dialec
         snapshot_at,
         constraint: plan.constraint.clone(),
         special_text: plan.special_text,
+        fault,
     };
     let rx = submit(&eng, gen, dialect)?;
     let id = new_id(if dialect == Dialect::Ai21 { "chat-" } else { "chatcmpl-" });
@@ -387,12 +417,21 @@ async fn stream_chat(
     let _ = tx.send("[DONE]".into()).await;
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    let r = completions_inner(&state, body).await.unwrap_or_else(IntoResponse::into_response);
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let fault = injected_fault(&state, &headers);
+    let r = completions_inner(&state, body, fault).await.unwrap_or_else(IntoResponse::into_response);
     count(&state, r)
 }
 
-async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> HttpResult<Response> {
+async fn completions_inner(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    fault: Option<Fault>,
+) -> HttpResult<Response> {
     let d = Dialect::OpenAi;
     let bytes = read_body(body, d, state.config.max_body_bytes)?;
     let req = parse_completion(&bytes).map_err(|e| fail(d, e))?;
@@ -414,6 +453,11 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
                 (ids, t.clone())
             }
             PromptInput::Tokens(ids) => {
+                // The tokenizer may know more ids than the model has embeddings for.
+                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= model.vocab_size()) {
+                    let msg = format!("token id {bad} is outside the model's vocabulary of {}", model.vocab_size());
+                    return Err(fail(d, ApiError::invalid(format!("prompt.{i}"), msg)));
+                }
                 let text = model
                     .tokenizer
                     .decode(ids, false)
@@ -471,6 +515,7 @@ async fn completions_inner(state: &Arc<AppState>, body: Result<Bytes, BytesRejec
                     snapshot_at: vec![],
                     constraint: constraint.clone(),
                     special_text: false,
+                    fault,
                 };
                 let mut rx = submit(&eng, gen, d)?;
                 usage.prompt_tokens += ids.len();
@@ -598,10 +643,13 @@ pub async fn models_ai21(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.engine.get().is_some() {
-        json_response(json!({"status": "ok"}).to_string())
-    } else {
-        let mut r = (StatusCode::SERVICE_UNAVAILABLE, json!({"status": "loading"}).to_string()).into_response();
+    let status = match state.engine.get() {
+        Some(e) if e.is_running() => return json_response(json!({"status": "ok"}).to_string()),
+        Some(_) => "engine stopped",
+        None => "loading",
+    };
+    {
+        let mut r = (StatusCode::SERVICE_UNAVAILABLE, json!({"status": status}).to_string()).into_response();
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         r
     }

@@ -125,6 +125,7 @@ where
                 } else {
                     eprintln!("taipan: usable context {} tokens", m.context);
                 }
+                watch_engine(engine.clone());
                 state.set_engine(engine);
                 // Index the vocabulary for grammars now rather than on the first JSON request.
                 if let Err(e) = state.grammar_compiler() {
@@ -159,6 +160,27 @@ where
         });
     };
     axum::serve(listener, tower::make::Shared::new(app)).with_graceful_shutdown(signal).await
+}
+
+/// Exit status when the engine thread died (EX_SOFTWARE), so that a supervisor restarts us.
+pub const ENGINE_DIED_EXIT: i32 = 70;
+
+/// Watches the engine thread: once it has died, `/health` answers 503 (it checks the same flag)
+/// and, after a moment for in-flight responses to carry their errors out, the process exits with
+/// [`ENGINE_DIED_EXIT`].
+fn watch_engine(engine: taipan_engine::EngineHandle) {
+    let spawned = std::thread::Builder::new().name("taipan-engine-watch".into()).spawn(move || {
+        while engine.is_running() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("taipan: the engine thread died; /health reports 503; exiting in 2 s");
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        std::process::exit(ENGINE_DIED_EXIT);
+    });
+    if let Err(e) = spawned {
+        eprintln!("taipan: cannot watch the engine thread: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// KV cache size, batch token budget and concurrency of the engine.
     pub engine: taipan_engine::EngineConfig,
+    /// Honour the `x-taipan-fault` header (tests of failure handling only; off in production).
+    pub fault_injection: bool,
 }
 
 impl ServerConfig {

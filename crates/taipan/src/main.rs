@@ -194,6 +194,8 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             e.max_running = a.max_running.or(file.max_running).unwrap_or(e.max_running).max(1);
             e
         },
+        // Only the test suite sets this: it lets a request inject a panic into the engine.
+        fault_injection: std::env::var_os("TAIPAN_FAULT_INJECTION").is_some_and(|v| v == "1"),
     };
     let mode = if a.exact { MatmulMode::Exact } else { MatmulMode::Fast };
     let quantize = parse_quantize(a.quantize.as_deref())?;
