@@ -144,10 +144,14 @@ pub(crate) enum Progress {
     Continue,
     /// The grammar is complete: nothing but a stop token could follow.
     Complete,
-    /// The output cannot follow the grammar any more (e.g. the text after a trigger does not
-    /// fit it); the rest runs unconstrained.
-    Abandoned,
 }
+
+/// The output can no longer follow its grammar (the library refused a step, allowed nothing, or
+/// panicked). The sequence must end with an error: a grammar is a guarantee, never dropped
+/// mid-answer to carry on unconstrained.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("structured output failed: {0}")]
+pub struct GrammarFailure(pub String);
 
 /// One sequence's position in its constraint.
 pub(crate) struct Guide {
@@ -156,7 +160,6 @@ pub(crate) struct Guide {
     matcher: Option<Matcher>,
     /// Text generated while waiting for the trigger.
     seen: String,
-    abandoned: bool,
     /// The budget is nearly spent: every token now comes from the closing path.
     closing: bool,
     /// The last mask, while near the end of the budget (for replacing a sampled token).
@@ -218,7 +221,6 @@ impl Guide {
             constraint: constraint.clone(),
             matcher,
             seen: String::new(),
-            abandoned: false,
             closing: false,
             last_mask: None,
             constrained_tokens: 0,
@@ -227,40 +229,37 @@ impl Guide {
     }
 
     /// Draws the next token under the grammar: mask the logits, sample, vet the draw against the
-    /// closing path. `left` is the token budget left, this token included. `None` when the grammar
-    /// allows nothing (the caller ends the sequence). A panic inside the grammar library ends this
-    /// sequence's constraint and the sequence, never the engine thread.
-    pub(crate) fn sample(&mut self, sampler: &mut Sampler, logits: &mut [f32], left: usize) -> Option<u32> {
+    /// closing path. `left` is the token budget left, this token included. A grammar that allows
+    /// nothing, refuses, or panics inside the library fails the sequence (never the engine thread).
+    pub(crate) fn sample(
+        &mut self,
+        sampler: &mut Sampler,
+        logits: &mut [f32],
+        left: usize,
+    ) -> Result<u32, GrammarFailure> {
         let active = self.active();
         let started = Instant::now();
-        let allowed = catch_unwind(AssertUnwindSafe(|| self.mask_inner(logits, left))).unwrap_or_else(|_| {
-            self.abandon();
-            false
-        });
+        catch_unwind(AssertUnwindSafe(|| self.mask_inner(logits, left)))
+            .unwrap_or_else(|_| Err(GrammarFailure("the grammar library panicked computing a mask".into())))?;
         let mut spent = started.elapsed();
-        if !allowed {
-            return None;
-        }
         let drawn = sampler.sample(logits);
         let started = Instant::now();
-        let token = catch_unwind(AssertUnwindSafe(|| self.vet_inner(drawn, left))).unwrap_or_else(|_| {
-            self.abandon();
-            drawn
-        });
+        let token = catch_unwind(AssertUnwindSafe(|| self.vet_inner(drawn, left)))
+            .map_err(|_| GrammarFailure("the grammar library panicked checking a token".into()))?;
         spent += started.elapsed();
         if active {
             self.constrained_tokens += 1;
             self.spent += spent;
         }
-        Some(token)
+        Ok(token)
     }
 
-    /// See [`Guide::advance_inner`]; on a panic the rest runs unconstrained.
-    pub(crate) fn advance(&mut self, token: u32, text: &str) -> Progress {
+    /// See [`Guide::advance_inner`]; a panic inside the grammar library is a failure too.
+    pub(crate) fn advance(&mut self, token: u32, text: &str) -> Result<Progress, GrammarFailure> {
         let active = self.active();
         let started = Instant::now();
-        let progress =
-            catch_unwind(AssertUnwindSafe(|| self.advance_inner(token, text))).unwrap_or_else(|_| self.abandon());
+        let progress = catch_unwind(AssertUnwindSafe(|| self.advance_inner(token, text)))
+            .unwrap_or_else(|_| Err(GrammarFailure("the grammar library panicked consuming a token".into())));
         if active {
             self.spent += started.elapsed();
         }
@@ -280,11 +279,10 @@ impl Guide {
     /// Masks the logits of tokens the grammar does not allow now. `left` is the token budget
     /// left, this token included: once the shortest way to finish the grammar (as the closing
     /// path finds it) no longer fits comfortably, the guide follows that path, so that the output
-    /// is complete when the budget ends. Returns false when no token is allowed at all (the caller
-    /// ends the sequence).
-    fn mask_inner(&mut self, logits: &mut [f32], left: usize) -> bool {
+    /// is complete when the budget ends.
+    fn mask_inner(&mut self, logits: &mut [f32], left: usize) -> Result<(), GrammarFailure> {
         let compiler = Arc::clone(&self.constraint.compiler);
-        let Some(m) = self.matcher.as_mut() else { return true };
+        let Some(m) = self.matcher.as_mut() else { return Ok(()) };
         if !self.closing && left <= CLOSING_WINDOW {
             // A margin of two tokens absorbs a path that grows by a token as the text moves on.
             // No known way to finish at all: leave the model free rather than steer it nowhere.
@@ -293,7 +291,7 @@ impl Guide {
         match m.compute_mask() {
             Ok(mask) => {
                 if mask.num_set() == 0 {
-                    return false;
+                    return Err(GrammarFailure("the grammar allows no token at this point".into()));
                 }
                 if left <= CLOSING_WINDOW && !self.closing {
                     self.last_mask = Some(mask.clone());
@@ -305,7 +303,7 @@ impl Guide {
                         if let Some(slot) = logits.get_mut(t as usize) {
                             *slot = if l.is_finite() { l } else { 0.0 };
                         }
-                        return true;
+                        return Ok(());
                     }
                 }
                 let n = mask.len().min(logits.len());
@@ -317,9 +315,9 @@ impl Guide {
                 for l in logits.iter_mut().skip(n) {
                     *l = f32::NEG_INFINITY;
                 }
-                true
+                Ok(())
             }
-            Err(_) => false,
+            Err(e) => Err(GrammarFailure(format!("the grammar cannot go on: {e}"))),
         }
     }
 
@@ -345,18 +343,15 @@ impl Guide {
     }
 
     /// Advances past a sampled token whose decoded text is `text`.
-    fn advance_inner(&mut self, token: u32, text: &str) -> Progress {
-        if self.abandoned {
-            return Progress::Abandoned;
-        }
+    fn advance_inner(&mut self, token: u32, text: &str) -> Result<Progress, GrammarFailure> {
         if let Some(m) = self.matcher.as_mut() {
             return match m.consume_token(token) {
-                Ok(()) if m.is_stopped() => Progress::Complete,
-                Ok(()) => Progress::Continue,
-                Err(_) => self.abandon(),
+                Ok(()) if m.is_stopped() => Ok(Progress::Complete),
+                Ok(()) => Ok(Progress::Continue),
+                Err(e) => Err(GrammarFailure(format!("the grammar refused token {token}: {e}"))),
             };
         }
-        let Some(trigger) = self.constraint.trigger.as_deref() else { return Progress::Continue };
+        let Some(trigger) = self.constraint.trigger.as_deref() else { return Ok(Progress::Continue) };
         self.seen.push_str(text);
         let Some(at) = self.seen.find(trigger) else {
             // Only a tail shorter than the trigger can still become part of it.
@@ -365,29 +360,21 @@ impl Guide {
                 keep -= 1;
             }
             self.seen.drain(..keep);
-            return Progress::Continue;
+            return Ok(Progress::Continue);
         };
         let mut m = self.constraint.grammar.matcher.deep_clone();
         let rest = &self.seen[at + trigger.len()..];
         if !rest.is_empty() {
+            // The token that completed the trigger was drawn unconstrained: what it carries
+            // past the trigger must already fit the grammar.
             let tokens = self.constraint.compiler.tokenize(rest);
-            if m.consume_tokens(&tokens).is_err() {
-                return self.abandon();
+            if let Err(e) = m.consume_tokens(&tokens) {
+                return Err(GrammarFailure(format!("the text after {trigger:?} does not fit the grammar: {e}")));
             }
         }
         let stopped = m.is_stopped();
         self.matcher = Some(m);
         self.seen.clear();
-        if stopped {
-            Progress::Complete
-        } else {
-            Progress::Continue
-        }
-    }
-
-    fn abandon(&mut self) -> Progress {
-        self.matcher = None;
-        self.abandoned = true;
-        Progress::Abandoned
+        Ok(if stopped { Progress::Complete } else { Progress::Continue })
     }
 }

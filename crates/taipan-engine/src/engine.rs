@@ -578,6 +578,12 @@ impl Engine {
         let (constrained, spent) = s.output.take_grammar_cost();
         self.stats.constrained_tokens.fetch_add(constrained, Ordering::Relaxed);
         self.stats.constraint_us.fetch_add(spent.as_micros() as u64, Ordering::Relaxed);
+        if let Some(e) = emitted.error {
+            // Output that breaks its grammar is never passed off as an answer.
+            let req_id = s.req;
+            self.fail(req_id, e.to_string());
+            return;
+        }
         if let Some(token) = emitted.token {
             self.scheduler.append_token(seq, token);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);

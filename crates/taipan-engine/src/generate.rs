@@ -59,7 +59,7 @@ pub fn generate(
     prompt: &[u32],
     params: &GenerateParams,
     mut on_text: impl FnMut(&str),
-) -> Result<Generation, ModelError> {
+) -> Result<Generation, GenerateError> {
     let mut state = model.new_state();
     let mut scratch = Scratch::default();
     let mut output = SeqOutput::new(OutputParams {
@@ -81,6 +81,9 @@ pub fn generate(
     loop {
         let room = model.context_length().saturating_sub(state.len());
         let emitted = output.next(scratch.logits_mut(), &model.tokenizer, room);
+        if let Some(e) = emitted.error {
+            return Err(e.into());
+        }
         if !emitted.text.is_empty() {
             on_text(&emitted.text);
             text.push_str(&emitted.text);
@@ -92,7 +95,16 @@ pub fn generate(
                 return Ok(Generation { tokens, text, finish, prompt_tokens: prompt.len(), prefill_time, decode_time });
             }
             (None, Some(next)) => model.forward(compute, &[next], &mut state, &mut scratch, false)?,
-            (None, None) => unreachable!("a token is sampled unless the sequence ends"),
+            (None, None) => unreachable!("a token is sampled unless the sequence ends or fails"),
         }
     }
+}
+
+/// Why a single-stream generation stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Grammar(#[from] crate::constraint::GrammarFailure),
 }

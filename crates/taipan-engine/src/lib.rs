@@ -18,10 +18,10 @@ pub mod sampler;
 pub mod scheduler;
 pub mod stop;
 
-pub use constraint::{Constraint, ConstraintError, Grammar, GrammarCompiler};
+pub use constraint::{Constraint, ConstraintError, Grammar, GrammarCompiler, GrammarFailure};
 pub use detokenizer::IncrementalDecoder;
 pub use engine::{
     EngineConfig, EngineHandle, EngineStats, Event, EventSink, Fault, GenRequest, SubmitError, TokenLogprob,
 };
-pub use generate::{generate, FinishReason, GenerateParams, Generation};
+pub use generate::{generate, FinishReason, GenerateError, GenerateParams, Generation};
 pub use sampler::{Sampler, SamplingParams};

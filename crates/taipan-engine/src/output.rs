@@ -3,7 +3,7 @@
 //! detokenization, stop strings and the length limit, in that order — one path for the engine
 //! and the single-stream CLI alike.
 
-use crate::constraint::{Constraint, Guide, Progress};
+use crate::constraint::{Constraint, GrammarFailure, Guide, Progress};
 use crate::detokenizer::IncrementalDecoder;
 use crate::generate::FinishReason;
 use crate::sampler::{Sampler, SamplingParams};
@@ -61,6 +61,9 @@ pub struct Emitted {
     pub logprobs: Vec<TokenLogprob>,
     /// Set when the sequence has ended.
     pub finish: Option<FinishReason>,
+    /// Set when the sequence cannot go on correctly (its grammar failed): it must end with this
+    /// error, not as a finished answer.
+    pub error: Option<GrammarFailure>,
 }
 
 /// One sequence's sampler, grammar, decoder and stop matcher.
@@ -118,9 +121,8 @@ impl SeqOutput {
         let next = match self.guide.as_mut() {
             None => self.sampler.sample(logits),
             Some(g) => match g.sample(&mut self.sampler, logits, left) {
-                Some(t) => t,
-                // The grammar allows nothing more (it cannot happen once complete: stop ids stay).
-                None => return self.finish(tokenizer, FinishReason::Stop, Emitted::default()),
+                Ok(t) => t,
+                Err(e) => return Emitted { error: Some(e), ..Default::default() },
             },
         };
         self.generated += 1;
@@ -135,12 +137,9 @@ impl SeqOutput {
         }
         let piece = self.detok.push(tokenizer, next);
         let grammar_done = match self.guide.as_mut().map(|g| g.advance(next, &piece)) {
-            Some(Progress::Complete) => true,
-            Some(Progress::Abandoned) => {
-                self.guide = None;
-                false
-            }
-            _ => false,
+            Some(Ok(Progress::Complete)) => true,
+            Some(Ok(Progress::Continue)) | None => false,
+            Some(Err(e)) => return Emitted { error: Some(e), ..Default::default() },
         };
         let check = self.stops.push(&piece);
         out.text = check.emit;

@@ -125,3 +125,31 @@ fn lazy_constraint_starts_at_its_trigger() {
     assert_eq!(text, format!("{first_word} Atlantis, of course."));
     assert_eq!(finish, FinishReason::Stop);
 }
+
+/// Text after a lazy grammar's trigger that does not fit the grammar ends the sequence with an
+/// error: never a `stop`, never an answer that carries on unconstrained.
+#[test]
+fn output_that_breaks_its_grammar_fails_loudly() {
+    use taipan_engine::output::{OutputParams, SeqOutput};
+    let m = model();
+    // One token that holds the trigger "(" and then ")", which the digits grammar refuses.
+    let ids = m.tokenizer.encode("()", false).expect("tokenizes");
+    assert_eq!(ids.len(), 1, "the fixture needs \"()\" to be one token: {ids:?}");
+    let mut out = SeqOutput::new(OutputParams {
+        sampling: SamplingParams::default(),
+        max_tokens: 8,
+        min_tokens: 0,
+        ignore_eos: false,
+        stop: vec![],
+        logprobs: None,
+        special_text: false,
+        constraint: Some(constraint(r#"start: /[0-9]+/"#, Some("("))),
+    });
+    let mut logits = vec![0f32; m.vocab_size()];
+    logits[ids[0] as usize] = 50.0;
+    let emitted = out.next(&mut logits, &m.tokenizer, 100);
+    let err = emitted.error.expect("the grammar failure is reported");
+    assert!(err.to_string().contains("does not fit the grammar"), "{err}");
+    assert_eq!(emitted.finish, None);
+    assert!(emitted.text.is_empty(), "no text of a broken answer is shown: {:?}", emitted.text);
+}
