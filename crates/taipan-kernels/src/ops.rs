@@ -141,47 +141,42 @@ pub enum RopeStyle {
     Half,
 }
 
-/// Cosines and sines of `pos · base^(−2i/d)`, grown on demand.
+/// Rotary position embedding: pairs of each head turn by `pos · base^(−2i/d)`.
+///
+/// Nothing is tabulated per position (a model may declare millions of them): a forward pass
+/// computes the angles of its own positions once ([`Rope::angles`]) and every layer reuses them.
 #[derive(Debug, Clone)]
-pub struct RopeTable {
+pub struct Rope {
     pub dims: usize,
     pub base: f32,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    positions: usize,
+    /// `base^(−2i/d)` for `i < d/2`.
+    freqs: Vec<f64>,
 }
 
-impl RopeTable {
-    pub fn new(dims: usize, base: f32, positions: usize) -> Self {
-        let mut t = RopeTable { dims, base, cos: vec![], sin: vec![], positions: 0 };
-        t.ensure(positions);
-        t
+impl Rope {
+    pub fn new(dims: usize, base: f32) -> Self {
+        let freqs = (0..dims / 2).map(|i| (base as f64).powf(-2.0 * i as f64 / dims as f64)).collect();
+        Rope { dims, base, freqs }
     }
 
-    /// Makes positions `0..positions` available.
-    pub fn ensure(&mut self, positions: usize) {
-        let half = self.dims / 2;
-        for p in self.positions..positions {
-            for i in 0..half {
-                let freq = (self.base as f64).powf(-2.0 * i as f64 / self.dims as f64);
-                let angle = p as f64 * freq;
-                self.cos.push(angle.cos() as f32);
-                self.sin.push(angle.sin() as f32);
+    /// Cosines and sines for `positions`: `[positions.len(), d/2]` each.
+    pub fn angles(&self, positions: &[usize], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        cos.clear();
+        sin.clear();
+        for &p in positions {
+            for &f in &self.freqs {
+                let angle = p as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
             }
         }
-        self.positions = self.positions.max(positions);
     }
 
-    pub fn positions(&self) -> usize {
-        self.positions
-    }
-
-    /// Rotates every head of `x` (`[heads, head_dim]`, the first `dims` of each head) for `pos`.
-    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize, style: RopeStyle) {
-        assert!(pos < self.positions, "rope position {pos} beyond table");
+    /// Rotates every head of `x` (`[heads, head_dim]`, the first `dims` of each head) by the
+    /// angles of one position (`cos`, `sin`: its `d/2` values from [`Rope::angles`]).
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], style: RopeStyle) {
         let half = self.dims / 2;
-        let cos = &self.cos[pos * half..(pos + 1) * half];
-        let sin = &self.sin[pos * half..(pos + 1) * half];
+        assert!(cos.len() >= half && sin.len() >= half && self.dims <= head_dim);
         for head in x.chunks_exact_mut(head_dim) {
             for i in 0..half {
                 let (a, b) = match style {
@@ -427,16 +422,20 @@ mod tests {
 
     #[test]
     fn rope_styles_rotate_their_pairs() {
-        let t = RopeTable::new(4, 10000.0, 8);
+        let t = Rope::new(4, 10000.0);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        t.angles(&[0, 1, 1_000_000_000], &mut cos, &mut sin);
         let mut a = vec![1.0, 0.0, 1.0, 0.0];
-        t.apply(&mut a, 4, 1, RopeStyle::Adjacent);
+        t.apply(&mut a, 4, &cos[2..], &sin[2..], RopeStyle::Adjacent);
         assert!((a[0] - 1f32.cos()).abs() < 1e-6 && (a[1] - 1f32.sin()).abs() < 1e-6);
         let mut b = vec![1.0, 1.0, 0.0, 0.0];
-        t.apply(&mut b, 4, 1, RopeStyle::Half);
+        t.apply(&mut b, 4, &cos[2..], &sin[2..], RopeStyle::Half);
         assert!((b[0] - 1f32.cos()).abs() < 1e-6 && (b[2] - 1f32.sin()).abs() < 1e-6);
+        // A far position costs nothing to reach: angle 1e9 rad.
+        assert!((cos[4] as f64 - 1e9f64.cos()).abs() < 1e-6);
         // Position 0 is the identity; norms are preserved.
         let mut c = vec![0.3, -0.7, 1.1, 2.0];
-        t.apply(&mut c, 4, 0, RopeStyle::Half);
+        t.apply(&mut c, 4, &cos[..2], &sin[..2], RopeStyle::Half);
         assert_eq!(c, vec![0.3, -0.7, 1.1, 2.0]);
     }
 

@@ -56,6 +56,11 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// Instructions one rendering may execute. The Jamba template spends a few hundred per message,
+/// so this allows conversations of tens of thousands of messages and stops a runaway loop in
+/// well under a second.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 fn raise_exception(message: String) -> Result<Jv, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
 }
@@ -72,6 +77,8 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
+        // Templates come from model files: one that loops without end must fail, not hang.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned("chat", source.to_string()).map_err(|e| TemplateError::Compile(format!("{e:#}")))?;
         let variables =
             env.get_template("chat").map_err(|e| TemplateError::Compile(e.to_string()))?.undeclared_variables(false);

@@ -138,3 +138,38 @@ fn corrupt_lengths_do_not_allocate_or_panic() {
     tensors[1].dims = vec![33];
     assert!(err_of("blocks.gguf", &to_bytes(&md, &tensors)).contains("whole number"));
 }
+
+/// Llama hyper-parameters are bounded before the model sizes anything from them (a declared
+/// context of 2^50 positions once built a RoPE table that large).
+#[test]
+fn hostile_llama_hyper_parameters_are_named_errors() {
+    use taipan_model::arch::llama::LlamaConfig;
+    let base = |key: &str, value: Value| {
+        let mut md: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("llama.embedding_length".into(), Value::U32(64)),
+            ("llama.attention.head_count".into(), Value::U32(4)),
+            ("llama.block_count".into(), Value::U32(2)),
+            ("llama.feed_forward_length".into(), Value::U32(128)),
+            ("llama.vocab_size".into(), Value::U32(32)),
+            ("llama.context_length".into(), Value::U32(256)),
+        ];
+        md.retain(|(k, _)| k != key);
+        md.push((key.into(), value));
+        md
+    };
+    let ok = GgufFile::open(tmp("llama-ok.gguf", &to_bytes(&base("llama.block_count", Value::U32(2)), &[]))).unwrap();
+    assert!(LlamaConfig::from_gguf(&ok, "llama").is_ok());
+    for (key, value) in [
+        ("llama.context_length", Value::U64(1 << 50)),
+        ("llama.block_count", Value::U64(1 << 40)),
+        ("llama.feed_forward_length", Value::U64(1 << 40)),
+        ("llama.attention.head_count", Value::U32(128)),
+    ] {
+        let name = format!("llama-{key}.gguf");
+        let f = GgufFile::open(tmp(&name, &to_bytes(&base(key, value.clone()), &[]))).unwrap();
+        let msg = LlamaConfig::from_gguf(&f, "llama").expect_err("refused").to_string();
+        let field = key.trim_start_matches("llama.");
+        assert!(msg.contains(field) || msg.contains("zero"), "{key} = {value:?}: {msg}");
+    }
+}

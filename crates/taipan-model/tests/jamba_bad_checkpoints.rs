@@ -192,3 +192,23 @@ fn synthetic_jamba_state_is_constant_in_context_length() {
     assert!(sizes[2].1 > sizes[0].1);
     let _ = std::fs::remove_file(out);
 }
+
+/// Sizes from a config are bounded before anything is allocated from them: a hostile value is an
+/// error naming its field, never a panic, an overflow or a huge allocation.
+#[test]
+fn hostile_sizes_in_config_are_named_errors() {
+    let cases: [(&str, serde_json::Value, &str); 6] = [
+        ("num_experts", serde_json::json!(0), "num_experts"),
+        // More heads than hidden units: a head size of 0.
+        ("num_attention_heads", serde_json::json!(128), "head_dim"),
+        ("num_hidden_layers", serde_json::json!(1u64 << 40), "num_hidden_layers"),
+        ("mamba_expand", serde_json::json!(u64::MAX / 2), "mamba_expand"),
+        ("intermediate_size", serde_json::json!(1u64 << 40), "intermediate_size"),
+        ("max_position_embeddings", serde_json::json!(1u64 << 50), "max_position_embeddings"),
+    ];
+    for (field, value, named) in cases {
+        let dir = variant(&format!("hostile-{field}"), |c| c[field] = value.clone(), |_| {});
+        let msg = load_err(&dir);
+        assert!(msg.contains(named), "{field} = {value}: {msg}");
+    }
+}

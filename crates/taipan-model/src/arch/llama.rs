@@ -10,7 +10,7 @@ use crate::cache::{BatchItem, KvPool, Logits};
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 use crate::ModelError;
 use taipan_kernels::matmul::MatmulScratch;
-use taipan_kernels::ops::{self, AttentionShape, AttnSeq, KvLayer, RopeStyle, RopeTable};
+use taipan_kernels::ops::{self, AttentionShape, AttnSeq, KvLayer, Rope, RopeStyle};
 use taipan_kernels::{formats, Compute, DType, MatmulMode, Matrix};
 
 /// Validated hyper-parameters.
@@ -64,6 +64,24 @@ impl LlamaConfig {
         }
         if cfg.layers == 0 || cfg.d_model == 0 || cfg.d_ff == 0 || cfg.head_dim == 0 || cfg.vocab == 0 {
             return Err(bad("a dimension is zero".into()));
+        }
+        use super::{MAX_CONTEXT, MAX_HEADS, MAX_HEAD_DIM, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH};
+        let bounds = [
+            ("block_count", cfg.layers, MAX_LAYERS),
+            ("embedding_length", cfg.d_model, MAX_WIDTH),
+            ("feed_forward_length", cfg.d_ff, MAX_WIDTH),
+            ("attention.head_count", cfg.heads, MAX_HEADS),
+            ("attention.key_length", cfg.head_dim, MAX_HEAD_DIM),
+            ("vocab_size", cfg.vocab, MAX_VOCAB),
+            ("context_length", cfg.context, MAX_CONTEXT),
+        ];
+        for (field, value, max) in bounds {
+            if value > max {
+                return Err(bad(format!("{arch}.{field} = {value} is beyond the supported maximum {max}")));
+            }
+        }
+        if cfg.context == 0 {
+            return Err(bad(format!("{arch}.context_length is zero")));
         }
         if cfg.rope_dims > cfg.head_dim || !cfg.rope_dims.is_multiple_of(2) {
             return Err(bad(format!("rope dimension {} does not fit head size {}", cfg.rope_dims, cfg.head_dim)));
@@ -127,15 +145,17 @@ pub struct Llama {
     out_norm: Vec<f32>,
     /// `[vocab, d_model]`
     output: Matrix,
-    rope: RopeTable,
+    rope: Rope,
     pub mode: MatmulMode,
 }
 
 /// Buffers of one forward pass, kept between calls.
 #[derive(Debug, Default)]
 pub struct LlamaScratch {
-    /// Position of every row of the batch.
+    /// Position of every row of the batch, and its rotary angles `[rows, rope_dims/2]`.
     positions: Vec<usize>,
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
     /// Rows whose logits are wanted.
     logit_rows: Vec<usize>,
     x: Vec<f32>,
@@ -213,7 +233,7 @@ impl Llama {
         }
         let out_name = if f.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
         let output = load_stacked(f, &[(out_name, c.vocab)], d, mode)?;
-        let rope = RopeTable::new(c.rope_dims, c.rope_base, c.context);
+        let rope = Rope::new(c.rope_dims, c.rope_base);
         Ok(Llama { out_norm: load_f32(f, "output_norm.weight", d)?, config: c, embedding, layers, output, rope, mode })
     }
 
@@ -255,6 +275,8 @@ impl Llama {
                 Logits::All => s.logit_rows.extend(first..s.positions.len()),
             }
         }
+        self.rope.angles(&s.positions, &mut s.rope_cos, &mut s.rope_sin);
+        let half = c.rope_dims / 2;
         grow(&mut s.x, t_n * d);
         grow(&mut s.h, t_n * d);
         grow(&mut s.qkv, t_n * qkv_w);
@@ -287,8 +309,9 @@ impl Llama {
             let qkv = &mut s.qkv[..t_n * qkv_w];
             compute.matmul(qkv, h, t_n, &layer.wqkv, &mut s.mm);
             let q = &mut s.q[..t_n * qd];
-            for ((t, &pos), it_row) in s.positions.iter().enumerate().zip(qkv.chunks_exact_mut(qkv_w)) {
-                self.rope.apply(&mut it_row[..qd + kvd], c.head_dim, pos, RopeStyle::Adjacent);
+            for (t, it_row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+                let (cos, sin) = (&s.rope_cos[t * half..(t + 1) * half], &s.rope_sin[t * half..(t + 1) * half]);
+                self.rope.apply(&mut it_row[..qd + kvd], c.head_dim, cos, sin, RopeStyle::Adjacent);
                 q[t * qd..(t + 1) * qd].copy_from_slice(&it_row[..qd]);
             }
             let mut t = 0;

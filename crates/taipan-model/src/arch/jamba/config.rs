@@ -51,6 +51,10 @@ impl JambaConfig {
         let boolean = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
         let hidden = req("hidden_size")?;
         let layers = req("num_hidden_layers")?;
+        // Checked before anything is sized by it.
+        if !(1..=crate::arch::MAX_LAYERS).contains(&layers) {
+            return Err(cfg_err(path, "num_hidden_layers", &format!("must be 1..={}", crate::arch::MAX_LAYERS)));
+        }
         let heads = req("num_attention_heads")?;
         let kv_heads = int("num_key_value_heads")?.unwrap_or(heads);
         let period = int("attn_layer_period")?.unwrap_or(8);
@@ -86,7 +90,10 @@ impl JambaConfig {
             experts_per_token: int("num_experts_per_tok")?.unwrap_or(2),
             d_state: int("mamba_d_state")?.unwrap_or(16),
             d_conv: int("mamba_d_conv")?.unwrap_or(4),
-            d_inner: int("mamba_expand")?.unwrap_or(2) * hidden,
+            d_inner: int("mamba_expand")?
+                .unwrap_or(2)
+                .checked_mul(hidden)
+                .ok_or_else(|| cfg_err(path, "mamba_expand", "mamba_expand × hidden_size overflows"))?,
             dt_rank,
             conv_bias: boolean("mamba_conv_bias", true),
             proj_bias: boolean("mamba_proj_bias", false),
@@ -107,6 +114,9 @@ impl JambaConfig {
             None => return Err(cfg_err(&f.path, "jamba.attention.head_count_kv", "required key is missing")),
         };
         let layers = f.get_u64(&k("block_count"))? as usize;
+        if !(1..=crate::arch::MAX_LAYERS).contains(&layers) {
+            return Err(cfg_err(&f.path, "jamba.block_count", &format!("must be 1..={}", crate::arch::MAX_LAYERS)));
+        }
         if kv.len() != layers {
             return Err(cfg_err(&f.path, "jamba.attention.head_count_kv", "needs one entry per layer"));
         }
@@ -137,8 +147,22 @@ impl JambaConfig {
     }
 
     fn validate(&self, path: &std::path::Path) -> Result<(), ModelError> {
+        use crate::arch::{MAX_CONTEXT, MAX_EXPERTS, MAX_HEADS, MAX_HEAD_DIM, MAX_VOCAB, MAX_WIDTH};
         let checks = [
-            (self.hidden > 0, "hidden_size", "must be positive"),
+            (self.hidden > 0 && self.hidden <= MAX_WIDTH, "hidden_size", "must be between 1 and 2^20"),
+            (
+                self.intermediate > 0 && self.intermediate <= MAX_WIDTH,
+                "intermediate_size",
+                "must be between 1 and 2^20",
+            ),
+            (self.heads <= MAX_HEADS, "num_attention_heads", "must be at most 4096"),
+            (self.head_dim > 0 && self.head_dim <= MAX_HEAD_DIM, "head_dim", "must be between 1 and 4096"),
+            (self.d_inner > 0 && self.d_inner <= MAX_WIDTH, "mamba_expand", "d_inner must be between 1 and 2^20"),
+            (self.d_state <= 4096 && self.d_conv <= 1024, "mamba_d_state", "Mamba state sizes are implausibly large"),
+            (self.dt_rank <= self.d_inner, "mamba_dt_rank", "must not exceed the inner size"),
+            (self.experts >= 1 && self.experts <= MAX_EXPERTS, "num_experts", "must be between 1 and 4096"),
+            (self.vocab <= MAX_VOCAB, "vocab_size", "must be at most 2^24"),
+            (self.context >= 1 && self.context <= MAX_CONTEXT, "max_position_embeddings", "must be between 1 and 2^30"),
             (
                 self.heads > 0 && self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
                 "num_key_value_heads",
