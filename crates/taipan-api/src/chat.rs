@@ -409,7 +409,16 @@ mod tests {
             (r#"[1,2]"#, "body"),
             (r#"{"model":"#, "body"),
         ];
-        for (body, field) in cases {
+        let long_stop = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"stop":["a","{}"]}}"#,
+            "x".repeat(1025)
+        );
+        let many_stops = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"stop":[{}]}}"#,
+            ["\"s\""; 65].join(",")
+        );
+        let bounded = [(long_stop.as_str(), "stop.1"), (many_stops.as_str(), "stop")];
+        for (body, field) in cases.into_iter().chain(bounded) {
             let e = ai21(body).expect_err(body);
             assert_eq!(e.field.as_deref(), Some(field), "{body}: {e}");
             assert_eq!(e.status(Dialect::Ai21), 422);

@@ -57,17 +57,32 @@ pub(crate) fn opt_bool(o: &Obj, key: &str) -> Result<Option<bool>, ApiError> {
 }
 
 /// `stop`: a string or a list of non-empty strings.
+/// Most stop strings one request may give: each is matched against every token's text.
+pub const MAX_STOP_STRINGS: usize = 64;
+/// Longest stop string, in bytes (text is held back while it could still become one).
+pub const MAX_STOP_BYTES: usize = 1024;
+
 pub(crate) fn stop_list(o: &Obj) -> Result<Vec<String>, ApiError> {
+    let one = |field: String, s: &str| {
+        if s.is_empty() {
+            Err(ApiError::invalid(field, "stop strings must not be empty"))
+        } else if s.len() > MAX_STOP_BYTES {
+            Err(ApiError::invalid(field, format!("stop strings are at most {MAX_STOP_BYTES} bytes")))
+        } else {
+            Ok(s.to_string())
+        }
+    };
     match present(o, "stop") {
         None => Ok(vec![]),
-        Some(Value::String(s)) if s.is_empty() => Err(ApiError::invalid("stop", "stop strings must not be empty")),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::String(s)) => Ok(vec![one("stop".into(), s)?]),
+        Some(Value::Array(items)) if items.len() > MAX_STOP_STRINGS => {
+            Err(ApiError::invalid("stop", format!("at most {MAX_STOP_STRINGS} stop strings")))
+        }
         Some(Value::Array(items)) => items
             .iter()
             .enumerate()
             .map(|(i, v)| match v {
-                Value::String(s) if !s.is_empty() => Ok(s.clone()),
-                Value::String(_) => Err(ApiError::invalid(format!("stop.{i}"), "stop strings must not be empty")),
+                Value::String(s) => one(format!("stop.{i}"), s),
                 _ => Err(ApiError::invalid(format!("stop.{i}"), "stop must be a string or a list of strings")),
             })
             .collect(),

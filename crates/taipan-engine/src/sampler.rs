@@ -92,6 +92,22 @@ impl Sampler {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         // Total mass over the whole vocabulary, so that top-p is measured against all of it.
         let total: f64 = logits.iter().map(|&l| (((l - max) * inv_t) as f64).exp()).sum();
+        if p.top_p >= 1.0 && (p.top_k == 0 || p.top_k >= logits.len()) {
+            // Nothing is cut: draw over the vocabulary as it lies, without ordering it.
+            let mut r = self.rng.next_f64() * total;
+            let mut last = argmax(logits);
+            for (i, &l) in logits.iter().enumerate() {
+                let w = (((l - max) * inv_t) as f64).exp();
+                if w > 0.0 {
+                    last = i as u32;
+                    r -= w;
+                    if r <= 0.0 {
+                        return last;
+                    }
+                }
+            }
+            return last;
+        }
         let c = &mut self.candidates;
         c.clear();
         c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
@@ -170,6 +186,17 @@ mod tests {
             seen.insert(s.sample(&logits));
         }
         assert_eq!(seen, [3u32, 7].into_iter().collect());
+    }
+
+    #[test]
+    fn sampling_without_truncation_orders_nothing() {
+        let logits: Vec<f32> = (0..50_000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 3 });
+        for _ in 0..10 {
+            let t = s.sample(&logits) as usize;
+            assert!(t < logits.len());
+        }
+        assert!(s.candidates.is_empty(), "the vocabulary was copied (and sorted) for a draw that cuts nothing");
     }
 
     #[test]

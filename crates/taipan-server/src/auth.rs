@@ -11,11 +11,13 @@ use taipan_api::{ApiError, ErrorKind};
 
 /// Equality whose time does not depend on where the inputs differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    // The whole length difference takes part (not a truncation of it), and every byte of the
+    // longer input is visited whatever the contents.
+    let mut diff = a.len() ^ b.len();
     for i in 0..a.len().max(b.len()) {
         let x = a.get(i).copied().unwrap_or(0);
         let y = b.get(i).copied().unwrap_or(0);
-        diff |= x ^ y;
+        diff |= (x ^ y) as usize;
     }
     diff == 0
 }
@@ -56,6 +58,11 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
+        // A length difference of 65,536 once vanished in a truncation to 16 bits.
+        let mut padded = b"secret".to_vec();
+        padded.resize(6 + 65536, 0);
+        assert!(!constant_time_eq(b"secret", &padded));
+        assert!(!constant_time_eq(&padded, b"secret"));
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer abc".parse().unwrap());
         assert_eq!(presented_key(&h), Some("abc"));

@@ -77,18 +77,33 @@ fn check_model(state: &AppState, name: &str, dialect: Dialect) -> HttpResult<()>
     ))
 }
 
+fn busy(dialect: Dialect) -> HttpError {
+    HttpError {
+        dialect,
+        error: ApiError::new(ErrorKind::Overloaded, "the server is busy: too many requests are waiting; retry shortly"),
+        retry_after: Some(1),
+    }
+}
+
+/// A place among the requests being prepared, or 429 at once when the queue is full or that
+/// many are already being prepared (nothing is rendered or tokenized for a request that would
+/// be refused anyway).
+fn admit_preparation(
+    state: &AppState,
+    eng: &EngineHandle,
+    dialect: Dialect,
+) -> HttpResult<tokio::sync::OwnedSemaphorePermit> {
+    if eng.stats.queued.load(Ordering::SeqCst) >= state.config.max_queue.max(1) {
+        return Err(busy(dialect));
+    }
+    Arc::clone(&state.preparing).try_acquire_owned().map_err(|_| busy(dialect))
+}
+
 fn submit(eng: &EngineHandle, req: GenRequest, dialect: Dialect) -> HttpResult<mpsc::UnboundedReceiver<Event>> {
     let (tx, rx) = mpsc::unbounded_channel();
     match eng.submit(req, Box::new(ChannelSink(tx))) {
         Ok(()) => Ok(rx),
-        Err(SubmitError::QueueFull(_)) => Err(HttpError {
-            dialect,
-            error: ApiError::new(
-                ErrorKind::Overloaded,
-                "the server is busy: too many requests are waiting; retry shortly",
-            ),
-            retry_after: Some(1),
-        }),
+        Err(SubmitError::QueueFull(_)) => Err(busy(dialect)),
         Err(SubmitError::Stopped) => {
             Err(fail(dialect, ApiError::new(ErrorKind::Unavailable, "the engine has stopped")))
         }
@@ -184,6 +199,7 @@ async fn chat(
     check_model(state, &req.model, dialect)?;
     let model = Arc::clone(&eng.model);
     let req = Arc::new(req);
+    let preparing = admit_preparation(state, &eng, dialect)?;
     let (prompt, snapshot_at, plan) = {
         let (model, req, state) = (Arc::clone(&model), Arc::clone(&req), Arc::clone(state));
         tokio::task::spawn_blocking(move || {
@@ -223,6 +239,7 @@ async fn chat(
         fault,
     };
     let rx = submit(&eng, gen, dialect)?;
+    drop(preparing);
     let id = new_id(if dialect == Dialect::Ai21 { "chat-" } else { "chatcmpl-" });
     if req.stream {
         let (tx, out) = mpsc::channel(64);
@@ -438,6 +455,7 @@ async fn completions_inner(
     let eng = engine(state, d)?;
     check_model(state, &req.model, d)?;
     let model = Arc::clone(&eng.model);
+    let preparing = admit_preparation(state, &eng, d)?;
     // Tokenize every prompt first so that a bad one fails the request before any work starts.
     let mut prompts = Vec::new();
     for (i, p) in req.prompts.iter().enumerate() {
@@ -483,6 +501,8 @@ async fn completions_inner(
         }
         None => None,
     };
+    // Prepared: the engine's queue takes over the back-pressure.
+    drop(preparing);
     let id = new_id("cmpl-");
     let created = unix_now();
     let (tx, mut out_rx) = mpsc::channel::<String>(64);

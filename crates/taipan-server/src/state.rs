@@ -95,17 +95,22 @@ pub struct AppState {
     pub created: u64,
     /// Grammar compiler for the model's vocabulary, built on the first constrained request.
     pub grammar: OnceLock<Result<Arc<GrammarCompiler>, String>>,
+    /// Requests being prepared (rendered, tokenized, grammars compiled) before they reach the
+    /// engine's queue: as many as the queue holds, so that a flood is refused with 429 before it
+    /// costs any work.
+    pub preparing: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     pub fn new(config: ServerConfig) -> Self {
         AppState {
-            config,
             engine: OnceLock::new(),
             names: OnceLock::new(),
             http: HttpStats::default(),
             created: crate::ids::unix_now(),
             grammar: OnceLock::new(),
+            preparing: Arc::new(tokio::sync::Semaphore::new(config.max_queue.max(1))),
+            config,
         }
     }
 
