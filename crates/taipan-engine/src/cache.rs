@@ -101,8 +101,10 @@ impl BlockManager {
     /// Drops one reference.
     pub fn release(&mut self, b: u32) {
         let r = &mut self.refs[b as usize];
-        debug_assert!(*r > 0, "releasing free block {b}");
-        *r = r.saturating_sub(1);
+        // A second release would put the block on the free list twice and hand it to two
+        // sequences: stop here (the engine then reports itself dead) rather than corrupt answers.
+        assert!(*r > 0, "releasing free block {b}: block bookkeeping is broken");
+        *r -= 1;
         if *r == 0 {
             if self.content[b as usize].is_some() {
                 self.tick += 1;
@@ -165,6 +167,15 @@ impl BlockManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[should_panic(expected = "releasing free block")]
+    fn releasing_a_free_block_is_refused_in_every_build() {
+        let mut m = BlockManager::new(4, 16);
+        let b = m.allocate().expect("a block");
+        m.release(b);
+        m.release(b);
+    }
 
     #[test]
     fn allocate_release_and_reuse_prefixes() {
