@@ -460,16 +460,7 @@ async fn completions_inner(
     let mut prompts = Vec::new();
     for (i, p) in req.prompts.iter().enumerate() {
         let (ids, text) = match p {
-            PromptInput::Text(t) => {
-                let mut ids = model
-                    .tokenizer
-                    .encode(t, true)
-                    .map_err(|e| fail(d, ApiError::new(ErrorKind::Internal, e.to_string())))?;
-                if model.tokenizer.specials.add_bos {
-                    ids.splice(0..0, model.tokenizer.specials.bos);
-                }
-                (ids, t.clone())
-            }
+            PromptInput::Text(t) => (crate::prompt::tokenize(&model, t).map_err(|e| fail(d, e))?, t.clone()),
             PromptInput::Tokens(ids) => {
                 // The tokenizer may know more ids than the model has embeddings for.
                 if let Some(&bad) = ids.iter().find(|&&t| t as usize >= model.vocab_size()) {
@@ -693,8 +684,9 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, By
             .map_err(|e| fail(d, ApiError::new(ErrorKind::Internal, e.to_string())))?;
         let add =
             v.get("add_special_tokens").or_else(|| v.get("add_special")).and_then(Value::as_bool).unwrap_or(false);
-        if add && eng.model.tokenizer.specials.add_bos {
-            ids.splice(0..0, eng.model.tokenizer.specials.bos);
+        let bos = eng.model.tokenizer.specials.bos;
+        if add && eng.model.tokenizer.specials.add_bos && bos.is_some() && ids.first().copied() != bos {
+            ids.splice(0..0, bos);
         }
         Ok::<_, HttpError>(json_response(
             json!({"tokens": ids, "count": ids.len(), "max_model_len": eng.context_limit()}).to_string(),

@@ -192,9 +192,10 @@ pub(crate) fn render(
         .map_err(|e| ApiError::invalid("messages", format!("the chat template rejected the conversation: {e}")))
 }
 
-fn tokenize(model: &Model, text: &str) -> Result<Vec<u32>, ApiError> {
+/// Token ids of a prompt text (special tokens parsed), with the model's BOS in front unless the
+/// text already begins with it (a rendered template or a raw prompt may carry it as text).
+pub(crate) fn tokenize(model: &Model, text: &str) -> Result<Vec<u32>, ApiError> {
     let mut ids = model.tokenizer.encode(text, true).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
-    // A template that does not emit BOS itself relies on the tokenizer for it.
     if model.tokenizer.specials.add_bos {
         if let Some(bos) = model.tokenizer.specials.bos {
             if ids.first() != Some(&bos) {
@@ -266,5 +267,26 @@ pub struct ContextWindow {
 impl ContextWindow {
     pub fn of(engine: &taipan_engine::EngineHandle) -> Self {
         ContextWindow { tokens: engine.context_limit(), model: engine.model.context_length() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tokenize;
+    use std::path::PathBuf;
+    use taipan_model::{LoadOptions, Model};
+
+    #[test]
+    fn a_prompt_that_begins_with_bos_gets_no_second_one() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/jamba-tiny-a");
+        let m = Model::load(&dir, LoadOptions::default()).expect("loads");
+        let bos = m.tokenizer.specials.bos.expect("the fixture has a BOS");
+        assert!(m.tokenizer.specials.add_bos);
+        let bos_text = m.tokenizer.decode(&[bos], true).expect("decodes");
+        let plain = tokenize(&m, "Hello").unwrap();
+        assert_eq!(plain[0], bos);
+        assert_ne!(plain.get(1), Some(&bos));
+        let with = tokenize(&m, &format!("{bos_text}Hello")).unwrap();
+        assert_eq!(with.iter().take_while(|&&t| t == bos).count(), 1, "{with:?}");
     }
 }
