@@ -167,23 +167,15 @@ fn injected_fault(state: &AppState, headers: &HeaderMap) -> Option<Fault> {
     }
 }
 
-pub async fn chat_ai21(
+/// `POST /studio/v1/chat/completions` (AI21) and `/v1/chat/completions` (OpenAI).
+pub async fn chat_in(
+    dialect: Dialect,
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let fault = injected_fault(&state, &headers);
-    let r = chat(&state, body, Dialect::Ai21, fault).await.unwrap_or_else(IntoResponse::into_response);
-    count(&state, r)
-}
-
-pub async fn chat_openai(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let fault = injected_fault(&state, &headers);
-    let r = chat(&state, body, Dialect::OpenAi, fault).await.unwrap_or_else(IntoResponse::into_response);
+    let r = chat(&state, body, dialect, fault).await.unwrap_or_else(IntoResponse::into_response);
     count(&state, r)
 }
 

@@ -21,13 +21,14 @@ use axum::http::{Request, Uri};
 use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
+use taipan_api::Dialect;
 
 /// All routes, with auth and the body-size limit applied.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
-        .route("/studio/v1/chat/completions", post(handlers::chat_ai21))
-        .route("/v1/chat/completions", post(handlers::chat_openai))
+        .route("/studio/v1/chat/completions", post(|s, h, b| handlers::chat_in(Dialect::Ai21, s, h, b)))
+        .route("/v1/chat/completions", post(|s, h, b| handlers::chat_in(Dialect::OpenAi, s, h, b)))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::models_openai))
         .route("/studio/v1/models", get(handlers::models_ai21))
