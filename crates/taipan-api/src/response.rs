@@ -18,19 +18,21 @@ impl Usage {
     }
 }
 
-/// One sampled token's log-probability with its alternatives, as text.
+/// One sampled token's log-probability with its alternatives: text, and the token's own bytes
+/// (which differ from the text's where a token holds part of a UTF-8 character).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogprobEntry {
     pub token: String,
     pub logprob: f32,
-    pub top: Vec<(String, f32)>,
+    pub bytes: Vec<u8>,
+    /// `(text, logprob, bytes)` of the most likely tokens.
+    pub top: Vec<(String, f32, Vec<u8>)>,
 }
 
 fn openai_logprob(e: &LogprobEntry) -> Value {
-    let bytes = |s: &str| Value::from(s.as_bytes().iter().map(|&b| Value::from(b)).collect::<Vec<_>>());
     json!({
-        "token": e.token, "logprob": e.logprob, "bytes": bytes(&e.token),
-        "top_logprobs": e.top.iter().map(|(t, lp)| json!({"token": t, "logprob": lp, "bytes": bytes(t)})).collect::<Vec<_>>(),
+        "token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+        "top_logprobs": e.top.iter().map(|(t, lp, b)| json!({"token": t, "logprob": lp, "bytes": b})).collect::<Vec<_>>(),
     })
 }
 
@@ -185,7 +187,7 @@ pub fn completion_logprobs(entries: &[(String, Option<LogprobEntry>)], offset: u
             Some(e) => {
                 token_logprobs.push(Value::from(e.logprob));
                 let mut top = Map::new();
-                for (t, lp) in &e.top {
+                for (t, lp, _) in &e.top {
                     top.insert(t.clone(), Value::from(*lp));
                 }
                 top_logprobs.push(Value::Object(top));

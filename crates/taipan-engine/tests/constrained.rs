@@ -76,6 +76,17 @@ fn token_bytes_spell_the_encoded_text() {
     assert_eq!(spelled, text.as_bytes());
     let im_end = m.tokenizer.token_id("<|im_end|>").unwrap();
     assert_eq!(bytes[im_end as usize], b"\xFF<|im_end|>");
+    // One token's own bytes (what logprobs report): exact where a token holds part of a
+    // character, which decoding the token alone turns into U+FFFD.
+    for (id, b) in bytes.iter().enumerate() {
+        let own = m.tokenizer.bytes_of(id as u32);
+        assert_eq!(&own[..], b.strip_prefix(b"\xFF").unwrap_or(b), "token {id}");
+    }
+    let emoji_ids = m.tokenizer.encode("😀", false).unwrap();
+    assert!(emoji_ids.len() > 1, "the emoji is split: {emoji_ids:?}");
+    let joined: Vec<u8> = emoji_ids.iter().flat_map(|&i| m.tokenizer.bytes_of(i)).collect();
+    assert_eq!(joined, "😀".as_bytes());
+    assert!(emoji_ids.iter().any(|&i| m.tokenizer.decode(&[i], false).unwrap().contains('\u{FFFD}')));
 }
 
 const OBJECT: &str = r#"start: %json {"x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}, "type": "object"}"#;

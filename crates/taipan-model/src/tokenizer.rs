@@ -59,6 +59,12 @@ enum PieceSpelling {
 
 /// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are shifted to
 /// code points from U+0100 up, in byte order.
+/// [`byte_level_decoder`], built once.
+fn byte_level_map() -> &'static std::collections::HashMap<char, u8> {
+    static MAP: std::sync::OnceLock<std::collections::HashMap<char, u8>> = std::sync::OnceLock::new();
+    MAP.get_or_init(byte_level_decoder)
+}
+
 fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
     let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     let mut map = std::collections::HashMap::with_capacity(256);
@@ -273,34 +279,46 @@ impl Tokenizer {
     /// The raw bytes of every token, for byte-level grammar matching. Special tokens are
     /// `0xFF` followed by their text so that no plain text can spell them.
     pub fn token_bytes(&self) -> Vec<Vec<u8>> {
-        let byte_level = (self.spelling == PieceSpelling::ByteLevel).then(byte_level_decoder);
         let added = self.special.get_added_tokens_decoder();
-        let mut out = Vec::with_capacity(self.vocab_size);
-        for (id, piece) in self.pieces.iter().enumerate() {
-            let bytes = if self.control[id] {
-                let mut b = vec![0xFF];
-                b.extend_from_slice(piece.as_bytes());
+        (0..self.pieces.len())
+            .map(|id| {
+                let mut b = if self.control[id] { vec![0xFF] } else { Vec::new() };
+                b.extend(self.piece_bytes(id, added.contains_key(&(id as u32))));
                 b
-            } else if added.contains_key(&(id as u32)) {
-                piece.as_bytes().to_vec()
-            } else if let Some(map) = &byte_level {
-                // A character outside the alphabet cannot come from a byte; keep its UTF-8.
-                let mut b = Vec::with_capacity(piece.len());
-                for c in piece.chars() {
-                    match map.get(&c) {
-                        Some(&byte) => b.push(byte),
-                        None => b.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
-                    }
-                }
-                b
-            } else if let Some(byte) = sentencepiece_byte(piece) {
-                vec![byte]
-            } else {
-                piece.replace('▁', " ").into_bytes()
-            };
-            out.push(bytes);
+            })
+            .collect()
+    }
+
+    /// The bytes one token contributes to the output (its text for a special token): exact even
+    /// where the token holds part of a UTF-8 character, which decoding it alone cannot show.
+    pub fn bytes_of(&self, id: u32) -> Vec<u8> {
+        if (id as usize) >= self.pieces.len() {
+            return Vec::new();
         }
-        out
+        let added = self.special.get_added_tokens_decoder().contains_key(&id);
+        self.piece_bytes(id as usize, added)
+    }
+
+    fn piece_bytes(&self, id: usize, added: bool) -> Vec<u8> {
+        let piece = &self.pieces[id];
+        if self.control[id] || added {
+            piece.as_bytes().to_vec()
+        } else if self.spelling == PieceSpelling::ByteLevel {
+            // A character outside the alphabet cannot come from a byte; keep its UTF-8.
+            let map = byte_level_map();
+            let mut b = Vec::with_capacity(piece.len());
+            for c in piece.chars() {
+                match map.get(&c) {
+                    Some(&byte) => b.push(byte),
+                    None => b.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                }
+            }
+            b
+        } else if let Some(byte) = sentencepiece_byte(piece) {
+            vec![byte]
+        } else {
+            piece.replace('▁', " ").into_bytes()
+        }
     }
 
     /// The id of a token given by its exact vocabulary string.

@@ -125,7 +125,8 @@ fn logprob_entry(model: &Model, t: &TokenLogprob) -> LogprobEntry {
     LogprobEntry {
         token: token_text(model, t.id),
         logprob: t.logprob,
-        top: t.top.iter().map(|&(id, lp)| (token_text(model, id), lp)).collect(),
+        bytes: model.tokenizer.bytes_of(t.id),
+        top: t.top.iter().map(|&(id, lp)| (token_text(model, id), lp, model.tokenizer.bytes_of(id))).collect(),
     }
 }
 
