@@ -606,6 +606,10 @@ impl Scheduler {
         self.running.retain(|&s| s != v);
         self.pending_saves.retain(|&(s, _)| s != v);
         let mut e = self.seqs.remove(&v).expect("preempted sequence exists");
+        if e.computed >= e.prompt_len {
+            // Its prompt's logits were produced and reported: the recomputation needs none.
+            e.prompt_logits = false;
+        }
         self.release(&mut e);
         self.seqs.insert(v, e);
         self.waiting.push_front(v);

@@ -26,6 +26,20 @@ pub enum Isa {
     Avx512Vnni,
 }
 
+impl Isa {
+    /// The level's name, as `TAIPAN_ISA` and `TAIPAN_REQUIRE_ISA` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512",
+        }
+    }
+
+    /// Every level with kernels of its own, narrowest first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+}
+
 /// Kernel entry points for one instruction-set level.
 #[derive(Clone, Copy)]
 pub struct Kernels {
@@ -150,7 +164,25 @@ impl Kernels {
 
     /// Every table this CPU can run, scalar first.
     pub fn available() -> Vec<Kernels> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter_map(Self::for_isa).collect()
+        Isa::ALL.into_iter().filter_map(Self::for_isa).collect()
+    }
+
+    /// Whether tests of `isa`'s kernels can run on this CPU. A test that cannot run says so on
+    /// stderr rather than passing as if it had; and when `TAIPAN_REQUIRE_ISA` names the level
+    /// (`avx2`, `avx512`, comma-separated, or `all`), its absence fails the test, so a run that
+    /// must cover an instruction set cannot pass without it.
+    #[doc(hidden)]
+    pub fn testable(isa: Isa) -> bool {
+        if Self::for_isa(isa).is_some() {
+            return true;
+        }
+        let name = isa.name();
+        let required = std::env::var("TAIPAN_REQUIRE_ISA").unwrap_or_default();
+        if required.split(',').map(str::trim).any(|r| r == name || r == "all") {
+            panic!("TAIPAN_REQUIRE_ISA names {name}, which this CPU lacks: its kernels are not tested");
+        }
+        eprintln!("SKIPPED: {name} kernels not tested, this CPU lacks the instruction set");
+        false
     }
 
     /// The fastest table for this CPU (detected once). `TAIPAN_ISA=scalar|avx2|avx512` overrides.

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use taipan_kernels::formats::{dequantize, dot_ref, kquants, legacy, DType};
 use taipan_kernels::packed::{dot_packed_ref, ActRow, PackedMatrix, GROUP};
 use taipan_kernels::quant::QuantizedActs;
-use taipan_kernels::{Compute, Kernels, MatmulMode, MatmulScratch, Matrix};
+use taipan_kernels::{Compute, Isa, Kernels, MatmulMode, MatmulScratch, Matrix};
 
 const ALL: [DType; 11] = [
     DType::F32,
@@ -268,6 +268,16 @@ fn wrong_sizes_are_errors_not_panics() {
     }
 }
 
+/// The comparisons here loop over `Kernels::available()`; this names every level they leave out
+/// (and fails when `TAIPAN_REQUIRE_ISA` requires one of them).
+#[test]
+fn every_instruction_set_is_tested_or_reported_skipped() {
+    let tested: Vec<Isa> = Isa::ALL.into_iter().filter(|&isa| Kernels::testable(isa)).collect();
+    assert_eq!(tested, Kernels::available().iter().map(|k| k.isa).collect::<Vec<_>>());
+    assert!(tested.contains(&Kernels::best().isa), "the level in use must be among those tested");
+    eprintln!("kernel levels tested on this CPU: {:?}", tested.iter().map(|i| i.name()).collect::<Vec<_>>());
+}
+
 #[test]
 fn activation_quantization_error_is_bounded() {
     let mut rng = Lcg(7);
@@ -288,7 +298,7 @@ fn activation_quantization_error_is_bounded() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn simd_activation_quantization_is_bit_identical() {
-    if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
+    if !Kernels::testable(Isa::Avx512Vnni) {
         return;
     }
     let mut rng = Lcg(99);

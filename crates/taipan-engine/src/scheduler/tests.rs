@@ -39,7 +39,8 @@ fn step(s: &mut Scheduler, limit: &HashMap<SeqId, usize>) -> (SchedulerOutput, V
     s.complete(&out);
     let mut done = Vec::new();
     for item in &out.items {
-        if item.logits == Logits::Last {
+        let reached_end = item.start + item.len == s.tokens(item.seq).unwrap().len();
+        if item.logits != Logits::None && reached_end {
             let prompt = s.prompt_len(item.seq).unwrap();
             let generated = s.tokens(item.seq).unwrap().len() - prompt + 1;
             if generated >= limit.get(&item.seq).copied().unwrap_or(usize::MAX) {
@@ -182,6 +183,32 @@ fn preemption_frees_the_newest_and_it_resumes_later() {
     assert!(!preempted.contains(&1), "the oldest is never preempted by a newer one");
     assert_eq!(finished, vec![1, 2], "both complete, the preempted one after resuming");
     assert_eq!(s.blocks_used(), 0);
+}
+
+#[test]
+fn a_preempted_sequence_does_not_compute_its_prompt_logits_twice() {
+    // As above, but the newer sequence asked for its prompt's logits: they are produced (every
+    // prompt row) once; after preemption the recomputed prompt asks for the last row only.
+    let mut s = Scheduler::new(config(6, 0, 64, 4));
+    s.add(seq(1, 8));
+    s.add(NewSeq { prompt_logits: true, ..seq(2, 8) });
+    let limit = HashMap::from([(1, 12), (2, 12)]);
+    let (mut all_rows, mut was_preempted, mut finished) = (0, false, Vec::new());
+    for _ in 0..200 {
+        let (out, done) = step(&mut s, &limit);
+        for item in out.items.iter().filter(|i| i.seq == 2 && i.logits == Logits::All) {
+            assert!(!was_preempted, "prompt logits computed again after preemption: {item:?}");
+            all_rows += item.len;
+        }
+        was_preempted |= out.preempted.contains(&2);
+        finished.extend(done);
+        if s.is_idle() {
+            break;
+        }
+    }
+    assert!(was_preempted, "the test must preempt the sequence");
+    assert_eq!(all_rows, 8, "every prompt row's logits, once");
+    assert_eq!(finished, vec![1, 2]);
 }
 
 #[test]
