@@ -2,6 +2,7 @@
 SDKs and by raw HTTP."""
 import json
 import re
+import socket
 import subprocess
 import time
 
@@ -307,6 +308,36 @@ def test_disconnect_mid_stream_frees_the_engine(server, http):
     assert time.time() - t < 20
     after = int(re.search(r"taipan_requests_cancelled_total (\d+)", http.get("/metrics").text).group(1))
     assert after == before + 1
+
+
+def test_disconnect_during_a_long_prefill_cancels_at_once():
+    # 8 prompt tokens a step: this ~6,000-token prompt takes about a minute to prefill. A client
+    # that leaves before the first token (streamed or not) must free the engine within moments.
+    s = Server("--max-batch-tokens", "8")
+    try:
+        def metric(name):
+            return int(float(re.search(rf"^{name} (\S+)", httpx.get(s.base + "/metrics").text, re.M).group(1)))
+
+        for k, stream in enumerate((True, False)):
+            body = json.dumps({"model": "jamba-mini", "messages": [{"role": "user", "content": "word " * 6000}],
+                               "max_tokens": 4, "stream": stream}).encode()
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            deadline = time.time() + 30
+            while metric("taipan_running_sequences") == 0:
+                assert time.time() < deadline, "the request never started"
+                time.sleep(0.05)
+            time.sleep(1.0)
+            assert metric("taipan_running_sequences") == 1, "still prefilling"
+            sock.close()
+            t = time.time()
+            while metric("taipan_running_sequences") != 0:
+                assert time.time() - t < 5, f"stream={stream}: the engine kept prefilling for a client that left"
+                time.sleep(0.05)
+            assert metric("taipan_requests_cancelled_total") == k + 1
+    finally:
+        assert s.stop() == 0
 
 
 def test_graceful_shutdown_exits_zero():

@@ -26,14 +26,44 @@ use taipan_model::Model;
 use tokio::sync::mpsc;
 
 /// Forwards engine events to the request's task; notices when the client is gone.
-struct ChannelSink(mpsc::UnboundedSender<Event>);
+struct ChannelSink {
+    events: mpsc::UnboundedSender<Event>,
+    client: ClientPresence,
+}
 
 impl EventSink for ChannelSink {
     fn send(&mut self, event: Event) -> bool {
-        self.0.send(event).is_ok()
+        self.events.send(event).is_ok()
     }
     fn alive(&self) -> bool {
-        !self.0.is_closed()
+        !self.events.is_closed() && self.client.present()
+    }
+}
+
+/// Whether the client still waits for a request's answer. hyper drops the handler's future (a
+/// plain answer) or the response body (a stream) when the connection closes; the [`ClientGuard`]
+/// held there clears the flag, and the engine, which checks it every step, cancels the request
+/// at once, during a long prefill too, rather than at the next event it would have sent.
+#[derive(Clone)]
+struct ClientPresence(Arc<std::sync::atomic::AtomicBool>);
+
+/// Clears its [`ClientPresence`] when dropped.
+struct ClientGuard(ClientPresence);
+
+impl ClientPresence {
+    fn new() -> (ClientPresence, ClientGuard) {
+        let p = ClientPresence(Arc::new(std::sync::atomic::AtomicBool::new(true)));
+        (p.clone(), ClientGuard(p))
+    }
+
+    fn present(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        (self.0).0.store(false, Ordering::Relaxed);
     }
 }
 
@@ -99,9 +129,14 @@ fn admit_preparation(
     Arc::clone(&state.preparing).try_acquire_owned().map_err(|_| busy(dialect))
 }
 
-fn submit(eng: &EngineHandle, req: GenRequest, dialect: Dialect) -> HttpResult<mpsc::UnboundedReceiver<Event>> {
+fn submit(
+    eng: &EngineHandle,
+    req: GenRequest,
+    dialect: Dialect,
+    client: &ClientPresence,
+) -> HttpResult<mpsc::UnboundedReceiver<Event>> {
     let (tx, rx) = mpsc::unbounded_channel();
-    match eng.submit(req, Box::new(ChannelSink(tx))) {
+    match eng.submit(req, Box::new(ChannelSink { events: tx, client: client.clone() })) {
         Ok(()) => Ok(rx),
         Err(SubmitError::QueueFull(_)) => Err(busy(dialect)),
         Err(SubmitError::Stopped) => {
@@ -136,10 +171,12 @@ fn json_response(body: String) -> Response {
     r
 }
 
-/// Server-sent events from a channel of already formatted `data:` payloads.
-fn sse_response(rx: mpsc::Receiver<String>) -> Response {
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|payload| (Ok::<_, Infallible>(Bytes::from(format!("data: {payload}\n\n"))), rx))
+/// Server-sent events from a channel of already formatted `data:` payloads. The body holds the
+/// client's guard: the stream's requests are cancelled as soon as hyper drops it.
+fn sse_response(rx: mpsc::Receiver<String>, client: ClientGuard) -> Response {
+    let stream = futures_util::stream::unfold((rx, client), |(mut rx, client)| async move {
+        let payload = rx.recv().await?;
+        Some((Ok::<_, Infallible>(Bytes::from(format!("data: {payload}\n\n"))), (rx, client)))
     });
     let mut r = Response::new(Body::from_stream(stream));
     let h = r.headers_mut();
@@ -231,13 +268,14 @@ async fn chat(
         special_text: plan.special_text,
         fault,
     };
-    let rx = submit(&eng, gen, dialect)?;
+    let (client, guard) = ClientPresence::new();
+    let rx = submit(&eng, gen, dialect, &client)?;
     drop(preparing);
     let id = new_id(if dialect == Dialect::Ai21 { "chat-" } else { "chatcmpl-" });
     if req.stream {
         let (tx, out) = mpsc::channel(64);
         tokio::spawn(stream_chat(rx, tx, dialect, id, Arc::clone(&req), model, prompt_tokens, plan));
-        return Ok(sse_response(out));
+        return Ok(sse_response(out, guard));
     }
     let mut choices = collect_choices(rx, req.n, &model, dialect).await?;
     if let Some(syntax) = &plan.tool_syntax {
@@ -487,6 +525,7 @@ async fn completions_inner(
     };
     // Prepared: the engine's queue takes over the back-pressure.
     drop(preparing);
+    let (client, guard) = ClientPresence::new();
     let id = new_id("cmpl-");
     let created = unix_now();
     let (tx, mut out_rx) = mpsc::channel::<String>(64);
@@ -521,7 +560,7 @@ async fn completions_inner(
                     special_text: false,
                     fault,
                 };
-                let mut rx = submit(&eng, gen, d)?;
+                let mut rx = submit(&eng, gen, d, &client)?;
                 usage.prompt_tokens += ids.len();
                 let mut texts = vec![String::new(); req.n];
                 let mut lps: Vec<Vec<(String, Option<LogprobEntry>)>> = vec![Vec::new(); req.n];
@@ -610,7 +649,7 @@ async fn completions_inner(
                 }
             }
         });
-        return Ok(sse_response(out_rx));
+        return Ok(sse_response(out_rx, guard));
     }
     drop(tx_final);
     let drain = tokio::spawn(async move { while out_rx.recv().await.is_some() {} });
