@@ -2,6 +2,7 @@
 SDKs and by raw HTTP."""
 import json
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -340,10 +341,42 @@ def test_disconnect_during_a_long_prefill_cancels_at_once():
         assert s.stop() == 0
 
 
-def test_graceful_shutdown_exits_zero():
-    s = Server()
-    assert httpx.get(s.base + "/health").status_code == 200
-    assert s.stop() == 0
+def _in_flight_during_sigterm(s, max_tokens):
+    """One streamed and one plain request running when SIGTERM arrives; returns their outcomes."""
+    import concurrent.futures
+    body = {"model": "jamba-mini", "messages": USER, "max_tokens": max_tokens, "ignore_eos": True}
+
+    def streamed():
+        r = httpx.post(s.base + "/v1/chat/completions", json={**body, "stream": True}, timeout=120)
+        return [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+
+    def plain():
+        return httpx.post(s.base + "/v1/chat/completions", json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        events, answer = pool.submit(streamed), pool.submit(plain)
+        time.sleep(1.5)
+        s.proc.send_signal(signal.SIGTERM)
+        code = s.proc.wait(timeout=60)
+        return events.result(), answer.result(), code
+
+
+def test_graceful_shutdown_lets_requests_finish_within_the_grace_and_exits_zero():
+    s = Server("--shutdown-grace", "60")
+    events, answer, code = _in_flight_during_sigterm(s, 300)
+    assert code == 0
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 300
+
+
+def test_a_shutdown_that_cuts_requests_tells_each_client_and_exits_non_zero():
+    s = Server("--shutdown-grace", "1")
+    events, answer, code = _in_flight_during_sigterm(s, 4000)
+    assert code == 75, "cut requests make the exit non-zero (EX_TEMPFAIL)"
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["message"] == "the server is shutting down"
+    assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
+    log = open(s.log.name).read()
+    assert "2 requests were cut by the shutdown" in log
 
 
 def test_tools_documents_and_tool_messages_are_accepted(server):

@@ -99,6 +99,9 @@ pub enum Event {
     PromptLogprobs(Vec<Option<TokenLogprob>>),
     /// The request failed; no more events follow.
     Error(String),
+    /// The engine ended the request, not for anything in it (the server is shutting down); no
+    /// more events follow.
+    Cancelled(String),
 }
 
 /// Where a request's events go. `send` returns false once nobody listens.
@@ -199,6 +202,12 @@ impl EngineHandle {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             SubmitError::Stopped
         })
+    }
+
+    /// Cancels every request in flight, and every later one, with [`Event::Cancelled`]: for a
+    /// shutdown whose grace period ran out, so that each client hears why its answer stopped.
+    pub fn cancel_everything(&self) {
+        self.stats.shutting_down.store(true, Ordering::SeqCst);
     }
 
     /// Whether the engine thread still runs (false once it died; nothing is served after that).
@@ -331,6 +340,9 @@ impl Engine {
             while let Ok(job) = rx.try_recv() {
                 self.accept(job);
             }
+            if self.stats.shutting_down.load(Ordering::SeqCst) {
+                self.cancel_all("the server is shutting down");
+            }
             self.drop_abandoned();
             self.step();
             self.publish_stats();
@@ -419,6 +431,17 @@ impl Engine {
     fn drop_abandoned(&mut self) {
         let gone: Vec<u64> = self.requests.iter().filter(|(_, r)| !r.sink.alive()).map(|(&id, _)| id).collect();
         for id in gone {
+            self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            self.drop_request(id);
+        }
+    }
+
+    fn cancel_all(&mut self, reason: &str) {
+        let ids: Vec<u64> = self.requests.keys().copied().collect();
+        for id in ids {
+            if let Some(r) = self.requests.get_mut(&id) {
+                r.sink.send(Event::Cancelled(reason.to_string()));
+            }
             self.stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
             self.drop_request(id);
         }

@@ -37,6 +37,9 @@ impl Histogram {
 pub struct EngineStats {
     /// Set when the engine thread ended (it died): nothing more is served.
     pub stopped: std::sync::atomic::AtomicBool,
+    /// Set when the server's shutdown grace ran out: every request in flight, and any that
+    /// arrives later, is cancelled with [`crate::Event::Cancelled`].
+    pub shutting_down: std::sync::atomic::AtomicBool,
     /// Panics caught inside a step (each failed the requests it touched).
     pub internal_errors: AtomicU64,
     /// Requests submitted and not yet admitted.

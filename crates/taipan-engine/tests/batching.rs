@@ -47,7 +47,7 @@ fn collect(rx: mpsc::Receiver<Event>, n: usize) -> Vec<(String, FinishReason, us
                 done += 1;
             }
             Event::PromptLogprobs(_) => {}
-            Event::Error(e) => panic!("engine error: {e}"),
+            Event::Error(e) | Event::Cancelled(e) => panic!("engine error: {e}"),
         }
     }
     out

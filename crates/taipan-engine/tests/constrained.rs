@@ -60,7 +60,7 @@ fn collect(rx: mpsc::Receiver<Event>) -> (String, FinishReason) {
             Event::Delta { text: t, .. } => text.push_str(&t),
             Event::Done { finish, .. } => return (text, finish),
             Event::PromptLogprobs(_) => {}
-            Event::Error(e) => panic!("engine error: {e}"),
+            Event::Error(e) | Event::Cancelled(e) => panic!("engine error: {e}"),
         }
     }
 }

@@ -43,7 +43,7 @@ fn outcome(rx: mpsc::Receiver<Event>) -> Result<String, String> {
             Event::Delta { text: t, .. } => text.push_str(&t),
             Event::Done { .. } => return Ok(text),
             Event::PromptLogprobs(_) => {}
-            Event::Error(e) => return Err(e),
+            Event::Error(e) | Event::Cancelled(e) => return Err(e),
         }
     }
 }
@@ -117,4 +117,33 @@ fn a_dead_engine_says_so() {
     }
     let (tx, _rx) = mpsc::channel();
     assert_eq!(e.submit(GenRequest::new(prompt("Hello"), 4), Box::new(tx)), Err(SubmitError::Stopped));
+}
+
+#[test]
+fn cancelling_everything_ends_running_and_later_requests_with_a_reason() {
+    let e = engine();
+    let long = GenRequest { ignore_eos: true, ..GenRequest::new(prompt("Count to a million:"), 4000) };
+    let running = submit(&e, long);
+    // Wait until it produces text, so that it is running, not queued.
+    loop {
+        if let Event::Delta { .. } = running.recv_timeout(Duration::from_secs(60)).expect("it runs") {
+            break;
+        }
+    }
+    e.cancel_everything();
+    let reason = loop {
+        match running.recv_timeout(Duration::from_secs(60)).expect("the engine answers") {
+            Event::Cancelled(reason) => break reason,
+            Event::Delta { .. } => {}
+            other => panic!("expected a cancellation, got {other:?}"),
+        }
+    };
+    assert_eq!(reason, "the server is shutting down");
+    let later = submit(&e, GenRequest::new(prompt("Hello"), 4));
+    assert!(matches!(later.recv_timeout(Duration::from_secs(60)), Ok(Event::Cancelled(_))));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.stats.running.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        assert!(Instant::now() < deadline, "everything is freed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -55,7 +55,7 @@ fn run_ids(e: &EngineHandle, mut req: GenRequest) -> Vec<u32> {
         match rx.recv().unwrap() {
             Event::Delta { logprobs, .. } => ids.extend(logprobs.iter().map(|l| l.id)),
             Event::Done { .. } => return ids,
-            Event::Error(e) => panic!("{e}"),
+            Event::Error(e) | Event::Cancelled(e) => panic!("{e}"),
             Event::PromptLogprobs(_) => {}
         }
     }
@@ -102,7 +102,7 @@ fn concurrent_equals_alone(m: Arc<Model>, prompts: &[Vec<u32>], tokens: usize) {
             match rx.recv().unwrap() {
                 Event::Delta { logprobs, .. } => ids.extend(logprobs.iter().map(|l| l.id)),
                 Event::Done { .. } => break,
-                Event::Error(err) => panic!("{err}"),
+                Event::Error(err) | Event::Cancelled(err) => panic!("{err}"),
                 Event::PromptLogprobs(_) => {}
             }
         }

@@ -47,13 +47,14 @@ impl EventSink for ChannelSink {
 #[derive(Clone)]
 struct ClientPresence(Arc<std::sync::atomic::AtomicBool>);
 
-/// Clears its [`ClientPresence`] when dropped.
-struct ClientGuard(ClientPresence);
+/// Clears its [`ClientPresence`] when dropped; counted in [`AppState::in_flight`] meanwhile.
+struct ClientGuard(ClientPresence, Arc<std::sync::atomic::AtomicUsize>);
 
 impl ClientPresence {
-    fn new() -> (ClientPresence, ClientGuard) {
+    fn new(state: &AppState) -> (ClientPresence, ClientGuard) {
         let p = ClientPresence(Arc::new(std::sync::atomic::AtomicBool::new(true)));
-        (p.clone(), ClientGuard(p))
+        state.in_flight.fetch_add(1, Ordering::SeqCst);
+        (p.clone(), ClientGuard(p, Arc::clone(&state.in_flight)))
     }
 
     fn present(&self) -> bool {
@@ -64,6 +65,7 @@ impl ClientPresence {
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         (self.0).0.store(false, Ordering::Relaxed);
+        self.1.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -230,6 +232,7 @@ async fn chat(
     let model = Arc::clone(&eng.model);
     let req = Arc::new(req);
     let preparing = admit_preparation(state, &eng, dialect)?;
+    let (client, guard) = ClientPresence::new(state);
     let (prompt, snapshot_at, plan) = {
         let (model, req, state) = (Arc::clone(&model), Arc::clone(&req), Arc::clone(state));
         tokio::task::spawn_blocking(move || {
@@ -268,7 +271,6 @@ async fn chat(
         special_text: plan.special_text,
         fault,
     };
-    let (client, guard) = ClientPresence::new();
     let rx = submit(&eng, gen, dialect, &client)?;
     drop(preparing);
     let id = new_id(if dialect == Dialect::Ai21 { "chat-" } else { "chatcmpl-" });
@@ -332,6 +334,7 @@ async fn collect_choices(
             }
             Some(Event::PromptLogprobs(_)) => {}
             Some(Event::Error(e)) => return Err(fail(dialect, ApiError::new(ErrorKind::Internal, e))),
+            Some(Event::Cancelled(e)) => return Err(fail(dialect, ApiError::new(ErrorKind::Unavailable, e))),
             None => return Err(fail(dialect, ApiError::new(ErrorKind::Internal, "the engine dropped the request"))),
         }
     }
@@ -442,7 +445,7 @@ async fn stream_chat(
                 });
             }
             Some(Event::PromptLogprobs(_)) => continue,
-            Some(Event::Error(e)) => {
+            Some(Event::Error(e)) | Some(Event::Cancelled(e)) => {
                 let _ = tx.send(stream_error(&e)).await;
                 let _ = tx.send("[DONE]".into()).await;
                 return;
@@ -487,6 +490,7 @@ async fn completions_inner(
     check_model(state, &req.model, d)?;
     let model = Arc::clone(&eng.model);
     let preparing = admit_preparation(state, &eng, d)?;
+    let (client, guard) = ClientPresence::new(state);
     // Tokenize every prompt first so that a bad one fails the request before any work starts.
     let mut prompts = Vec::new();
     for (i, p) in req.prompts.iter().enumerate() {
@@ -525,7 +529,6 @@ async fn completions_inner(
     };
     // Prepared: the engine's queue takes over the back-pressure.
     drop(preparing);
-    let (client, guard) = ClientPresence::new();
     let id = new_id("cmpl-");
     let created = unix_now();
     let (tx, mut out_rx) = mpsc::channel::<String>(64);
@@ -618,6 +621,7 @@ async fn completions_inner(
                             results.push((pi * req.n + choice, full, finish_str(finish).to_string(), lp));
                         }
                         Some(Event::Error(e)) => return Err(fail(d, ApiError::new(ErrorKind::Internal, e))),
+                        Some(Event::Cancelled(e)) => return Err(fail(d, ApiError::new(ErrorKind::Unavailable, e))),
                         None => {
                             return Err(fail(d, ApiError::new(ErrorKind::Internal, "the engine dropped the request")))
                         }

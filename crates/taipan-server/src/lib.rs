@@ -20,6 +20,8 @@ use axum::body::Body;
 use axum::http::{Request, Uri};
 use axum::routing::{get, post};
 use axum::Router;
+use std::future::IntoFuture;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use taipan_api::Dialect;
 
@@ -71,12 +73,13 @@ pub fn normalize_path(mut req: Request<Body>) -> Request<Body> {
 }
 
 /// Binds, loads the model in the background (answering 503 until it is ready), and serves until
-/// `shutdown` resolves; in-flight requests then get `config.shutdown_grace_secs` to finish.
+/// `shutdown` resolves; in-flight requests then get `config.shutdown_grace_secs` to finish, and
+/// those still running after it are cancelled, each with an error its client sees.
 pub async fn serve<F>(
     config: ServerConfig,
     load: impl FnOnce() -> Result<taipan_model::Model, String> + Send + 'static,
     shutdown: F,
-) -> std::io::Result<()>
+) -> std::io::Result<Shutdown>
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -149,19 +152,63 @@ where
             }
         });
     }
-    let app = tower::ServiceBuilder::new().map_request(normalize_path).service(router(state));
-    let grace = config.shutdown_grace_secs;
+    let app = tower::ServiceBuilder::new().map_request(normalize_path).service(router(Arc::clone(&state)));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let signal = async move {
         shutdown.await;
-        eprintln!("taipan: shutting down; in-flight requests have {grace} s to finish");
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_secs(grace)).await;
-            eprintln!("taipan: grace period over, exiting");
-            std::process::exit(0);
-        });
+        let _ = stop_tx.send(true);
     };
-    axum::serve(listener, tower::make::Shared::new(app)).with_graceful_shutdown(signal).await
+    let server = axum::serve(listener, tower::make::Shared::new(app)).with_graceful_shutdown(signal).into_future();
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
+    let cut_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cut = {
+        let (state, cut_count) = (Arc::clone(&state), Arc::clone(&cut_count));
+        async move {
+            if stop_rx.wait_for(|&stop| stop).await.is_err() {
+                return std::future::pending::<()>().await;
+            }
+            eprintln!(
+                "taipan: shutting down; {} requests in flight have {} s to finish",
+                state.in_flight.load(Ordering::SeqCst),
+                grace.as_secs()
+            );
+            tokio::time::sleep(grace).await;
+            let cut = state.in_flight.load(Ordering::SeqCst);
+            cut_count.store(cut, Ordering::SeqCst);
+            if let Some(engine) = state.engine.get() {
+                engine.cancel_everything();
+            }
+            eprintln!("taipan: grace period over; cancelling {cut} requests, each told why");
+            // Moments for the cancellations to reach their clients before connections close.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            while state.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    tokio::select! {
+        served = server => served?,
+        () = cut => {}
+    }
+    // Every connection is closed (or the cancellations had their moments): report what was cut.
+    let cut = cut_count.load(Ordering::SeqCst);
+    if cut == 0 {
+        eprintln!("taipan: every request finished; exiting");
+    } else {
+        eprintln!("taipan: {cut} requests were cut by the shutdown");
+    }
+    Ok(Shutdown { cut })
 }
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shutdown {
+    /// Requests still running when the grace period ran out, cancelled with an error.
+    pub cut: usize,
+}
+
+/// Exit status of a shutdown that cut requests (EX_TEMPFAIL: their clients may retry elsewhere).
+pub const SHUTDOWN_CUT_EXIT: i32 = 75;
 
 /// Exit status when the engine thread died (EX_SOFTWARE), so that a supervisor restarts us.
 pub const ENGINE_DIED_EXIT: i32 = 70;

@@ -99,6 +99,8 @@ pub struct AppState {
     /// engine's queue: as many as the queue holds, so that a flood is refused with 429 before it
     /// costs any work.
     pub preparing: Arc<tokio::sync::Semaphore>,
+    /// Generation requests whose client still waits for the answer: what a shutdown would cut.
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AppState {
@@ -110,6 +112,7 @@ impl AppState {
             created: crate::ids::unix_now(),
             grammar: OnceLock::new(),
             preparing: Arc::new(tokio::sync::Semaphore::new(config.max_queue.max(1))),
+            in_flight: Arc::default(),
             config,
         }
     }

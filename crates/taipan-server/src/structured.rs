@@ -231,7 +231,7 @@ mod tests {
             match rx.recv().expect("answer") {
                 Event::Delta { text: t, .. } => text.push_str(&t),
                 Event::Done { .. } => return text,
-                Event::Error(e) => panic!("{e}"),
+                Event::Error(e) | Event::Cancelled(e) => panic!("{e}"),
                 Event::PromptLogprobs(_) => {}
             }
         }

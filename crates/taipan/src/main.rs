@@ -204,7 +204,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         None => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(taipan_server::serve(
+    let stopped = runtime.block_on(taipan_server::serve(
         config,
         move || {
             let mut model = Model::load(&model_path, LoadOptions { mode, quantize }).map_err(|e| format!("{e}"))?;
@@ -215,6 +215,9 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         },
         taipan_server::shutdown_signal(),
     ))?;
+    if stopped.cut > 0 {
+        std::process::exit(taipan_server::SHUTDOWN_CUT_EXIT);
+    }
     Ok(())
 }
 
