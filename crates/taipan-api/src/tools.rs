@@ -268,6 +268,8 @@ pub struct ToolStream {
     calls: Vec<CallProgress>,
     /// Calls whose object is complete and fully sent.
     finished: usize,
+    /// Blank text before the tag, not sent: it is text after all if no call follows.
+    blank_before_tag: String,
 }
 
 struct CallProgress {
@@ -286,6 +288,7 @@ impl ToolStream {
             sent_text: false,
             calls: vec![],
             finished: 0,
+            blank_before_tag: String::new(),
         }
     }
 
@@ -303,10 +306,17 @@ impl ToolStream {
                 let before = &self.pending[..at];
                 if !before.is_empty() && (self.sent_text || !before.trim().is_empty()) {
                     out.push(StreamPiece::Content(before.to_string()));
+                } else {
+                    self.blank_before_tag = before.to_string();
                 }
                 self.pending.drain(..at + self.syntax.open.len());
                 self.in_calls = true;
             } else {
+                if !self.sent_text && self.pending.trim_start().starts_with(['{', '[']) {
+                    // An answer that opens with JSON may be calls written without the tags: it
+                    // is held to the end and parsed whole, as the non-streamed answer is.
+                    return out;
+                }
                 let keep = partial_suffix(&self.pending, &self.syntax.open);
                 let send = self.pending.len() - keep;
                 // Leading blanks wait: they are no content if a call follows.
@@ -369,13 +379,30 @@ impl ToolStream {
     /// The end of the answer: whatever is still held back. If a call could not be completed the
     /// raw text after the tag goes out as content (the same answer the non-streamed parser gives
     /// when nothing started; started calls keep what they sent).
-    pub fn finish(&mut self) -> Vec<StreamPiece> {
+    pub fn finish(&mut self, new_id: &mut dyn FnMut() -> String) -> Vec<StreamPiece> {
         let rest = std::mem::take(&mut self.pending);
+        let held = rest.trim();
+        if !self.in_calls && !self.sent_text && (held.starts_with('{') || held.starts_with('[')) {
+            if let Some(calls) = calls_from(held, &self.tools, new_id) {
+                let mut out = Vec::new();
+                for (index, call) in calls.into_iter().enumerate() {
+                    out.push(StreamPiece::CallStart { index, id: call.id.clone(), name: call.name });
+                    out.push(StreamPiece::CallArguments { index, arguments: call.arguments.clone() });
+                    self.calls.push(CallProgress { id: call.id, sent: call.arguments.len() });
+                }
+                self.finished = self.calls.len();
+                return out;
+            }
+        }
+        if self.in_calls && self.calls.is_empty() {
+            // The tag was held back, and no call followed it: it is text after all.
+            let blank = std::mem::take(&mut self.blank_before_tag);
+            return vec![StreamPiece::Content(format!("{blank}{}{rest}", self.syntax.open))];
+        }
         if rest.is_empty() || (self.in_calls && self.finished > 0 && self.finished == self.calls.len()) {
             return vec![];
         }
-        let text = if self.in_calls && self.calls.is_empty() { format!("{}{rest}", self.syntax.open) } else { rest };
-        vec![StreamPiece::Content(text)]
+        vec![StreamPiece::Content(rest)]
     }
 }
 
@@ -606,7 +633,7 @@ mod tests {
             for chunk in chars.chunks(step) {
                 pieces.extend(stream.push(&chunk.iter().collect::<String>(), &mut id));
             }
-            pieces.extend(stream.finish());
+            pieces.extend(stream.finish(&mut id));
             let mut content = String::new();
             let mut calls: Vec<(String, String, String)> = Vec::new();
             for p in pieces {
@@ -624,6 +651,34 @@ mod tests {
                 whole.calls.iter().map(|c| (c.id.clone(), c.name.clone(), c.arguments.clone())).collect();
             assert_eq!(calls, expect, "step {step}");
         }
+    }
+
+    #[test]
+    fn calls_written_without_tags_stream_as_calls_as_they_parse_whole() {
+        let s = ToolSyntax::generic(false);
+        for text in [r#" {"name": "add", "arguments": "{\"a\":1}"}"#, r#"[{"name": "add", "arguments": {"a": 2}}]"#] {
+            let whole = parse_answer(text, &s, &tools(), &mut ids());
+            let mut stream = ToolStream::new(s.clone(), tools());
+            let mut id = ids();
+            let mut pieces = stream.push(&text[..9], &mut id);
+            assert!(pieces.is_empty(), "held until it is known whether it is a call: {pieces:?}");
+            pieces.extend(stream.push(&text[9..], &mut id));
+            pieces.extend(stream.finish(&mut id));
+            let call = &whole.calls[0];
+            assert_eq!(
+                pieces,
+                vec![
+                    StreamPiece::CallStart { index: 0, id: call.id.clone(), name: call.name.clone() },
+                    StreamPiece::CallArguments { index: 0, arguments: call.arguments.clone() },
+                ]
+            );
+            assert!(stream.has_calls());
+        }
+        // JSON that is not a call is the answer's text, sent whole at the end.
+        let mut stream = ToolStream::new(s, tools());
+        let mut id = ids();
+        assert!(stream.push(r#"{"a": 1}"#, &mut id).is_empty());
+        assert_eq!(stream.finish(&mut id), vec![StreamPiece::Content(r#"{"a": 1}"#.into())]);
     }
 
     #[test]
@@ -670,7 +725,7 @@ mod tests {
         assert_eq!(pieces, vec![StreamPiece::CallArguments { index: 0, arguments: "2, \"b\"".into() }]);
         pieces = stream.push(": 3}}]</tool_call>", &mut id);
         assert_eq!(pieces, vec![StreamPiece::CallArguments { index: 0, arguments: ": 3}".into() }]);
-        assert!(stream.finish().is_empty() && stream.has_calls());
+        assert!(stream.finish(&mut id).is_empty() && stream.has_calls());
     }
 
     #[test]
@@ -681,7 +736,7 @@ mod tests {
         assert_eq!(out, vec![StreamPiece::Content("a ".into())]);
         out = stream.push("box> b", &mut id);
         assert_eq!(out, vec![StreamPiece::Content("<toolbox> b".into())]);
-        assert!(stream.finish().is_empty());
+        assert!(stream.finish(&mut id).is_empty());
     }
 
     #[test]

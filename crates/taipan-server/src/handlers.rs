@@ -423,7 +423,7 @@ async fn stream_chat(
                 done += 1;
                 let mut finish = finish_str(finish);
                 if let Some(ts) = tool_streams.get_mut(choice).and_then(Option::as_mut) {
-                    for p in ts.finish() {
+                    for p in ts.finish(&mut new_tool_id) {
                         let d = piece_delta(p, dialect);
                         payloads.push(match dialect {
                             Dialect::Ai21 => response::ai21_chat_chunk(&id, d, None, None),
