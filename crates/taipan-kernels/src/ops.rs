@@ -479,4 +479,21 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    #[should_panic(expected = "rows overlap")]
+    fn attention_refuses_sequences_that_share_query_rows() {
+        let pool = ThreadPool::new(2);
+        let (k, v) = (vec![0f32; 4 * 32], vec![0f32; 4 * 32]);
+        let table = [0u32];
+        // Rows 0..2 and 1..3 overlap: both jobs would write row 1 unsynchronised.
+        let seqs = [
+            AttnSeq { first_row: 0, tokens: 2, start: 0, blocks: &table },
+            AttnSeq { first_row: 1, tokens: 2, start: 0, blocks: &table },
+        ];
+        let q = vec![0f32; 4 * 32];
+        let mut out = vec![0f32; q.len()];
+        let shape = AttentionShape { heads: 1, kv_heads: 1, head_dim: 32, scale: 1.0 };
+        attention(&Kernels::scalar(), &mut out, &q, KvLayer { k: &k, v: &v, block_size: 4 }, &seqs, shape, &pool);
+    }
 }

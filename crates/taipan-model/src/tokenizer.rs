@@ -44,6 +44,8 @@ pub struct Tokenizer {
     /// Piece text per id, for display and logprobs.
     pieces: Vec<String>,
     control: Vec<bool>,
+    /// Added tokens (matched whole; their text is their bytes).
+    added: Vec<bool>,
     /// How vocabulary strings spell bytes (needed to know each token's raw bytes).
     spelling: PieceSpelling,
 }
@@ -114,19 +116,23 @@ impl Tokenizer {
         let vocab_size = special.get_vocab_size(true);
         let mut pieces = vec![String::new(); vocab_size];
         let mut control = vec![false; vocab_size];
+        let mut added = vec![false; vocab_size];
         for (piece, id) in special.get_vocab(true) {
             if let Some(slot) = pieces.get_mut(id as usize) {
                 *slot = piece;
             }
         }
-        for (id, added) in special.get_added_tokens_decoder() {
-            if added.special {
+        for (id, token) in special.get_added_tokens_decoder() {
+            if let Some(a) = added.get_mut(id as usize) {
+                *a = true;
+            }
+            if token.special {
                 if let Some(c) = control.get_mut(id as usize) {
                     *c = true;
                 }
             }
         }
-        Ok(Tokenizer { special, plain, specials, vocab_size, pieces, control, spelling: spelling_of(json) })
+        Ok(Tokenizer { special, plain, specials, vocab_size, pieces, control, added, spelling: spelling_of(json) })
     }
 
     /// Loads a Hugging Face `tokenizer.json`.
@@ -279,11 +285,10 @@ impl Tokenizer {
     /// The raw bytes of every token, for byte-level grammar matching. Special tokens are
     /// `0xFF` followed by their text so that no plain text can spell them.
     pub fn token_bytes(&self) -> Vec<Vec<u8>> {
-        let added = self.special.get_added_tokens_decoder();
         (0..self.pieces.len())
             .map(|id| {
                 let mut b = if self.control[id] { vec![0xFF] } else { Vec::new() };
-                b.extend(self.piece_bytes(id, added.contains_key(&(id as u32))));
+                b.extend(self.piece_bytes(id));
                 b
             })
             .collect()
@@ -295,13 +300,12 @@ impl Tokenizer {
         if (id as usize) >= self.pieces.len() {
             return Vec::new();
         }
-        let added = self.special.get_added_tokens_decoder().contains_key(&id);
-        self.piece_bytes(id as usize, added)
+        self.piece_bytes(id as usize)
     }
 
-    fn piece_bytes(&self, id: usize, added: bool) -> Vec<u8> {
+    fn piece_bytes(&self, id: usize) -> Vec<u8> {
         let piece = &self.pieces[id];
-        if self.control[id] || added {
+        if self.control[id] || self.added[id] {
             piece.as_bytes().to_vec()
         } else if self.spelling == PieceSpelling::ByteLevel {
             // A character outside the alphabet cannot come from a byte; keep its UTF-8.
