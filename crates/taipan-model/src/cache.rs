@@ -21,8 +21,7 @@ pub struct KvPool {
 }
 
 impl KvPool {
-    /// A pool of `blocks` blocks. Memory is zero-initialised lazily by the OS, so untouched
-    /// blocks cost no resident memory.
+    /// A pool of `blocks` blocks, resident from the start (see [`resident_zeros`]).
     pub fn new(layers: usize, kv_dim: usize, block_size: usize, blocks: usize) -> Self {
         let n = blocks * block_size * kv_dim;
         KvPool {
@@ -30,8 +29,8 @@ impl KvPool {
             kv_dim,
             block_size,
             blocks,
-            k: (0..layers).map(|_| vec![0f32; n]).collect(),
-            v: (0..layers).map(|_| vec![0f32; n]).collect(),
+            k: (0..layers).map(|_| resident_zeros(n)).collect(),
+            v: (0..layers).map(|_| resident_zeros(n)).collect(),
         }
     }
 
@@ -131,7 +130,7 @@ impl StatePool {
             conv: spec.conv_floats,
             ssm: spec.ssm_floats,
             slots,
-            data: vec![0f32; slots * per],
+            data: resident_zeros(slots * per),
         }
     }
 
@@ -205,6 +204,20 @@ impl SlotMut<'_> {
         let per = self.conv + self.ssm;
         self.data[layer * per..(layer + 1) * per].split_at_mut(self.conv)
     }
+}
+
+/// `n` zeros with every page touched now. The memory budget is taken at start-up for real: a
+/// machine without room for it fails here rather than mid-request, no request pays the page
+/// faults, and the process's resident size stays flat while it serves.
+pub fn resident_zeros(n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    const PAGE_FLOATS: usize = 4096 / std::mem::size_of::<f32>();
+    for i in (0..n).step_by(PAGE_FLOATS) {
+        // A volatile store: writing the zero already there must not be optimised away.
+        // SAFETY: `i < n`, so the pointer is inside the vector's initialised length.
+        unsafe { std::ptr::write_volatile(v.as_mut_ptr().add(i), 0.0) };
+    }
+    v
 }
 
 /// Everything a model keeps between forward calls for the sequences that share it.
