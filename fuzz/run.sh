@@ -10,5 +10,7 @@ seconds=${2:-600}
 mkdir -p "corpus/$target"
 cargo run -q --release --manifest-path ../Cargo.toml -p taipan-fuzz --example write_seeds -- "$target" "corpus/$target"
 cp -n ../crates/taipan-fuzz/corpus/"$target"/* "corpus/$target"/ 2>/dev/null || true
-exec cargo +nightly fuzz run "$target" "corpus/$target" -- \
-    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=1048576 -print_final_stats=1
+# SANITIZER=none runs the safe-Rust targets many times faster; TIMEOUT is per input, in seconds
+# (a template that spends its whole fuel budget takes far longer under AddressSanitizer).
+exec cargo +nightly fuzz run -s "${SANITIZER:-address}" "$target" "corpus/$target" -- \
+    -max_total_time="$seconds" -timeout="${TIMEOUT:-10}" -rss_limit_mb=4096 -max_len=1048576 -print_final_stats=1

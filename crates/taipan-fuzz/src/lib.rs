@@ -175,7 +175,9 @@ pub fn tokenizer(data: &[u8]) {
         assert_eq!(a, b, "GGUF and tokenizer.json tokenizers disagree on {text:?}");
         assert!(a.iter().all(|&id| (id as usize) < gguf.vocab_size()));
         let decoded = gguf.decode(&a, false).expect("ids just encoded decode");
-        if !parse_special {
+        // SentencePiece writes spaces as U+2581, so that character in the text itself comes back
+        // as a space (as in every implementation of this vocabulary).
+        if !parse_special && !text.contains('\u{2581}') {
             assert_eq!(decoded, text, "decode(encode(text)) differs");
             // This SentencePiece vocabulary marks the start with a space that decoding drops.
             let spelled: Vec<u8> = a.iter().flat_map(|&id| gguf.bytes_of(id)).collect();
