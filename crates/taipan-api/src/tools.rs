@@ -406,6 +406,27 @@ impl ToolStream {
     }
 }
 
+/// What a client rebuilds from a stream's pieces: the text, and each call with its arguments
+/// joined. `None` if the pieces are out of order (a call's arguments before its start, or call
+/// indices that skip), which a [`ToolStream`] never sends.
+pub fn reassemble(pieces: impl IntoIterator<Item = StreamPiece>) -> Option<(String, Vec<ToolCall>)> {
+    let mut content = String::new();
+    let mut calls: Vec<ToolCall> = Vec::new();
+    for p in pieces {
+        match p {
+            StreamPiece::Content(c) => content.push_str(&c),
+            StreamPiece::CallStart { index, id, name } => {
+                if index != calls.len() {
+                    return None;
+                }
+                calls.push(ToolCall { id, name, arguments: String::new() });
+            }
+            StreamPiece::CallArguments { index, arguments } => calls.get_mut(index)?.arguments.push_str(&arguments),
+        }
+    }
+    Some((content, calls))
+}
+
 /// One `"key": value` of a JSON object being written; `end` is `None` while the value is
 /// unfinished.
 struct Member {
@@ -634,22 +655,9 @@ mod tests {
                 pieces.extend(stream.push(&chunk.iter().collect::<String>(), &mut id));
             }
             pieces.extend(stream.finish(&mut id));
-            let mut content = String::new();
-            let mut calls: Vec<(String, String, String)> = Vec::new();
-            for p in pieces {
-                match p {
-                    StreamPiece::Content(c) => content.push_str(&c),
-                    StreamPiece::CallStart { index, id, name } => {
-                        assert_eq!(index, calls.len());
-                        calls.push((id, name, String::new()));
-                    }
-                    StreamPiece::CallArguments { index, arguments } => calls[index].2.push_str(&arguments),
-                }
-            }
+            let (content, calls) = reassemble(pieces).expect("pieces in order");
             assert_eq!(Some(content), whole.content, "step {step}");
-            let expect: Vec<(String, String, String)> =
-                whole.calls.iter().map(|c| (c.id.clone(), c.name.clone(), c.arguments.clone())).collect();
-            assert_eq!(calls, expect, "step {step}");
+            assert_eq!(calls, whole.calls, "step {step}");
         }
     }
 

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use taipan_api::tools::{parse_answer, StreamPiece, ToolStream, ToolSyntax};
+use taipan_api::tools::{parse_answer, reassemble, ToolStream, ToolSyntax};
 use taipan_api::{parse_chat, parse_completion, Dialect};
 use taipan_model::chat::{ChatMessage, ChatTemplate, RenderOptions};
 use taipan_model::tokenizer::Tokenizer;
@@ -225,30 +225,14 @@ pub fn tool_stream(data: &[u8]) {
         at += step;
     }
     pieces.extend(stream.finish(&mut new_id));
-    let mut content = String::new();
-    let mut calls: Vec<(String, String, String)> = Vec::new();
-    for p in pieces {
-        match p {
-            StreamPiece::Content(c) => content.push_str(&c),
-            StreamPiece::CallStart { index, id, name } => {
-                assert_eq!(index, calls.len(), "call indices are in order");
-                calls.push((id, name, String::new()));
-            }
-            StreamPiece::CallArguments { index, arguments } => match calls.get_mut(index) {
-                Some(c) => c.2.push_str(&arguments),
-                None => panic!("arguments for call {index} before its start"),
-            },
-        }
-    }
+    let (content, calls) = reassemble(pieces).expect("a stream sends its pieces in order");
     if whole.calls.is_empty() && !calls.is_empty() {
         // A later call turned out malformed after earlier ones were streamed: the whole answer
         // is text, while the stream keeps what it sent (ToolStream's documented contract; with
         // tools, the grammar keeps real answers from getting here).
         return;
     }
-    let want: Vec<(String, String, String)> =
-        whole.calls.iter().map(|c| (c.id.clone(), c.name.clone(), c.arguments.clone())).collect();
-    assert_eq!(calls, want, "streamed calls differ from the whole answer's for {text:?}");
+    assert_eq!(calls, whole.calls, "streamed calls differ from the whole answer's for {text:?}");
     assert_eq!(content, whole.content.unwrap_or_default(), "streamed text differs for {text:?}");
 }
 
