@@ -72,11 +72,17 @@ fn packed_tile_ref(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86_entry {
     use super::*;
-    use crate::x86::{avx2, avx512};
+    use crate::x86::{avx2, avx2_kquant, avx512};
 
     pub fn packed_avx512(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
-        // SAFETY: only installed in a table after detecting avx512f/bw/vnni.
-        unsafe { avx512::dot_group_packed(w, acts, out) }
+        // SAFETY: only installed in a table after detecting avx512f/bw/vnni and avx2/fma/f16c
+        // (K-quant groups run the AVX2 kernel: there is no AVX-512 one yet).
+        unsafe {
+            match &w.k {
+                Some(k) => avx2_kquant::dot_group_kpacked(w, k, acts, out),
+                None => avx512::dot_group_packed(w, acts, out),
+            }
+        }
     }
     pub fn attend_avx512(
         out: &mut [f32],
@@ -98,8 +104,13 @@ mod x86_entry {
         unsafe { avx512::dot_tile_f32(ws, xs, out) }
     }
     pub fn packed_avx2(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
-        // SAFETY: only installed after detecting avx2 and fma.
-        unsafe { avx2::dot_group_packed(w, acts, out) }
+        // SAFETY: only installed after detecting avx2, fma and f16c.
+        unsafe {
+            match &w.k {
+                Some(k) => avx2_kquant::dot_group_kpacked(w, k, acts, out),
+                None => avx2::dot_group_packed(w, acts, out),
+            }
+        }
     }
     pub fn attend_avx2(
         out: &mut [f32],
@@ -139,7 +150,10 @@ impl Kernels {
         match isa {
             Isa::Scalar => Some(Self::scalar()),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(Kernels {
+            Isa::Avx2 => (is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c"))
+            .then_some(Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx2,
                 f32_tile: x86_entry::f32_avx2,
@@ -149,7 +163,10 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni"))
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c"))
             .then_some(Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx512,

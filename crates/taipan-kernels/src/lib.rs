@@ -12,6 +12,7 @@
 
 pub mod dispatch;
 pub mod formats;
+pub mod kpacked;
 pub mod matmul;
 pub mod ops;
 pub mod packed;

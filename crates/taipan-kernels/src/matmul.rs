@@ -114,6 +114,9 @@ impl Compute {
         match w {
             Matrix::Packed(m) => {
                 scratch.acts.quantize(x, tokens, k);
+                if m.needs_half_sums() {
+                    scratch.acts.compute_half_sums();
+                }
                 let acts = &scratch.acts;
                 let tile = self.kernels.packed_tile;
                 self.pool.for_chunks(m.groups(), 1, &|groups| {
@@ -213,6 +216,9 @@ impl Compute {
         spans.sort_unstable();
         assert!(spans.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0), "matmul_rows: output rows overlap");
         scratch.acts.quantize(x, x_rows, k);
+        if packed.iter().any(|m| m.needs_half_sums()) {
+            scratch.acts.compute_half_sums();
+        }
         let acts = &scratch.acts;
         let tile = self.kernels.packed_tile;
         let groups = packed[0].groups();

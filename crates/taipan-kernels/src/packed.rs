@@ -7,9 +7,13 @@
 //!
 //! Rows are interleaved in groups of 16 so that an i32 lane of a 512-bit dot product belongs to
 //! one row: the per-block scale and offset then apply lane-wise, with no horizontal sums. Levels
-//! of 4-bit formats are stored two per byte; wider levels (Q5, Q8, K-quants) take one byte each.
+//! of 4-bit formats are stored two per byte; wider levels (Q5, Q8) take one byte each.
+//!
+//! The K-quant formats use the same row groups and nibble vectors with their own scale layout,
+//! closer to the file's bytes (see `crate::kpacked`); a group says which layout it holds.
 
-use crate::formats::{kquants, legacy, DType, SizeMismatch};
+use crate::formats::{legacy, DType, SizeMismatch};
+use crate::kpacked::{self, KLayout, QK_K};
 use crate::quant::{padded_len, QBLOCK};
 
 /// How levels are stored.
@@ -53,12 +57,14 @@ pub struct PackedMatrix {
     pub data: Vec<u8>,
     /// The format it was packed from.
     pub source: DType,
+    /// The K-quant layout, for K formats.
+    pub k: Option<KLayout>,
 }
 
 impl PackedMatrix {
-    /// Whether `dtype` can be packed (its sub-blocks are 32 elements with one scale and offset).
+    /// Whether `dtype` can be packed: every quantized format can.
     pub fn supports(dtype: DType) -> bool {
-        matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K | DType::Q5K)
+        dtype.block_elems() > 1
     }
 
     /// Packs a row-major matrix stored in `dtype`. Returns `None` for formats that cannot be packed.
@@ -72,12 +78,18 @@ impl PackedMatrix {
             _ => return Some(Err(mismatch)),
         };
         let width = match dtype {
-            DType::Q4_0 | DType::Q4_1 | DType::Q4K => LevelWidth::Nibble,
-            _ => LevelWidth::Byte,
+            DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => LevelWidth::Byte,
+            _ => LevelWidth::Nibble,
         };
         let stride = padded_len(cols);
-        let mut out = PackedMatrix { rows, cols, stride, width, data: Vec::new(), source: dtype };
+        let k = KLayout::of(dtype);
+        let mut out = PackedMatrix { rows, cols, stride, width, data: Vec::new(), source: dtype, k };
         out.data = vec![0; out.groups() * out.group_bytes()];
+        if let Some(layout) = k {
+            debug_assert_eq!(stride, cols, "K rows are whole 256-element super-blocks");
+            kpacked::pack_rows(layout, data, rows, cols, &mut out.data);
+            return Some(Ok(out));
+        }
         let mut levels = Vec::with_capacity(out.blocks());
         for r in 0..rows {
             levels.clear();
@@ -88,9 +100,7 @@ impl PackedMatrix {
                 DType::Q5_0 => levels.extend(src.chunks_exact(22).map(legacy::levels_q5_0)),
                 DType::Q5_1 => levels.extend(src.chunks_exact(24).map(legacy::levels_q5_1)),
                 DType::Q8_0 => levels.extend(src.chunks_exact(34).map(legacy::levels_q8_0)),
-                DType::Q4K => levels.extend(src.chunks_exact(144).flat_map(kquants::levels_q4_k)),
-                DType::Q5K => levels.extend(src.chunks_exact(176).flat_map(kquants::levels_q5_k)),
-                _ => unreachable!("checked by supports()"),
+                _ => unreachable!("every other quantized format has a K layout"),
             }
             out.write_row(r, &levels);
         }
@@ -141,7 +151,10 @@ impl PackedMatrix {
 
     /// Bytes of one group.
     pub fn group_bytes(&self) -> usize {
-        self.blocks() * self.block_stride()
+        match self.k {
+            Some(k) => self.stride / QK_K * k.super_bytes(),
+            None => self.blocks() * self.block_stride(),
+        }
     }
 
     /// Bytes held in memory.
@@ -157,7 +170,13 @@ impl PackedMatrix {
             wide: self.source == DType::Q8_0,
             blocks: self.blocks(),
             data: &self.data[g * gb..(g + 1) * gb],
+            k: self.k,
         }
+    }
+
+    /// Whether products with this matrix need the activations' half sums.
+    pub fn needs_half_sums(&self) -> bool {
+        self.k.is_some()
     }
 }
 
@@ -170,6 +189,8 @@ pub struct PackedGroup<'a> {
     pub wide: bool,
     pub blocks: usize,
     pub data: &'a [u8],
+    /// The K-quant layout, when the group holds one (`width` and `wide` then do not apply).
+    pub k: Option<KLayout>,
 }
 
 impl PackedGroup<'_> {
@@ -216,16 +237,22 @@ pub struct ActRow<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub s: &'a [f32],
+    /// Per block, the sums of the first and last 16 values as an i16 pair (low half first);
+    /// empty unless computed ([`crate::quant::QuantizedActs::compute_half_sums`]).
+    pub hs: &'a [u32],
 }
 
 impl<'a> ActRow<'a> {
     pub fn of(acts: &'a crate::quant::QuantizedActs, r: usize) -> Self {
-        ActRow { qs: acts.row_qs(r), d: acts.row_d(r), s: acts.row_s(r) }
+        ActRow { qs: acts.row_qs(r), d: acts.row_d(r), s: acts.row_s(r), hs: acts.row_half_sums(r) }
     }
 }
 
 /// Scalar reference: row `r` of a group dotted with one activation row.
 pub fn dot_packed_ref(w: &PackedGroup<'_>, r: usize, a: &ActRow<'_>) -> f32 {
+    if let Some(k) = &w.k {
+        return kpacked::dot_kpacked_ref(w, k, r, a);
+    }
     let mut total = 0f32;
     for b in 0..w.blocks {
         let mut isum = 0i32;

@@ -27,6 +27,9 @@ pub struct QuantizedActs {
     pub d: Vec<f32>,
     /// `[rows, stride/32]` block sums `d · Σq`, for formats with an offset term.
     pub s: Vec<f32>,
+    /// `[rows, stride/32]` integer sums of each block's first and last 16 values, as an i16
+    /// pair (low half in the low 16 bits), for the K-quant kernels; empty until computed.
+    pub half_sums: Vec<u32>,
 }
 
 impl QuantizedActs {
@@ -50,6 +53,7 @@ impl QuantizedActs {
         self.qs.resize(rows * stride, 0);
         self.d.resize(rows * nb, 0.0);
         self.s.resize(rows * nb, 0.0);
+        self.half_sums.clear();
         let simd = cols.is_multiple_of(QBLOCK) && has_avx512();
         for r in 0..rows {
             let src = &x[r * cols..(r + 1) * cols];
@@ -90,6 +94,32 @@ impl QuantizedActs {
         let nb = self.blocks();
         &self.s[r * nb..(r + 1) * nb]
     }
+
+    /// Row `r`'s half sums, or an empty slice when they were not computed.
+    pub fn row_half_sums(&self, r: usize) -> &[u32] {
+        let nb = self.blocks();
+        self.half_sums.get(r * nb..(r + 1) * nb).unwrap_or(&[])
+    }
+
+    /// Computes the half sums of every block (once per quantization; a no-op when present).
+    pub fn compute_half_sums(&mut self) {
+        let nb = self.blocks();
+        if self.half_sums.len() == self.rows * nb {
+            return;
+        }
+        self.half_sums.clear();
+        self.half_sums.extend(self.qs[..self.rows * self.stride].chunks_exact(QBLOCK).map(|block| {
+            let lo: i32 = block[..16].iter().map(|&q| q as i32).sum();
+            let hi: i32 = block[16..].iter().map(|&q| q as i32).sum();
+            // |Σ| ≤ 16·127, well inside an i16.
+            (lo as i16 as u16 as u32) | ((hi as i16 as u16 as u32) << 16)
+        }));
+    }
+}
+
+/// The two sums packed by [`QuantizedActs::compute_half_sums`].
+pub fn split_half_sums(pair: u32) -> (i32, i32) {
+    (pair as u16 as i16 as i32, (pair >> 16) as u16 as i16 as i32)
 }
 
 fn has_avx512() -> bool {

@@ -7,7 +7,7 @@ use taipan_kernels::packed::{dot_packed_ref, ActRow, PackedMatrix, GROUP};
 use taipan_kernels::quant::QuantizedActs;
 use taipan_kernels::{Compute, Isa, Kernels, MatmulMode, MatmulScratch, Matrix};
 
-const ALL: [DType; 11] = [
+const ALL: [DType; 13] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -16,10 +16,14 @@ const ALL: [DType; 11] = [
     DType::Q5_0,
     DType::Q5_1,
     DType::Q8_0,
+    DType::Q2K,
+    DType::Q3K,
     DType::Q4K,
     DType::Q5K,
     DType::Q6K,
 ];
+
+const K_QUANTS: [DType; 5] = [DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K];
 
 /// A small deterministic generator so that failures reproduce from the proptest seed.
 struct Lcg(u64);
@@ -60,6 +64,11 @@ fn random_stored(dtype: DType, n: usize, rng: &mut Lcg) -> Vec<u8> {
                 put_f16(&mut block[2..], rng.unit() * 0.01);
             }
             DType::Q6K => put_f16(&mut block[208..], rng.unit() * 0.01),
+            DType::Q2K => {
+                put_f16(&mut block[80..], rng.unit() * 0.01);
+                put_f16(&mut block[82..], rng.unit() * 0.01);
+            }
+            DType::Q3K => put_f16(&mut block[108..], rng.unit() * 0.01),
         }
     }
     data
@@ -126,8 +135,88 @@ fn q4k_element(b: &[u8], i: usize) -> f32 {
     d * sc as f32 * q as f32 - dmin * m as f32
 }
 
+/// Q3_K read the way ggml's reference decoder does it: the twelve scale bytes as three
+/// little-endian words, rearranged into sixteen 6-bit values; then per 128 elements, four
+/// shifts of the 2-bit plane, each 32 elements long, with one mask bit per shift.
+fn q3k_element(b: &[u8], i: usize) -> f32 {
+    let word = |j: usize| u32::from_le_bytes([b[96 + 4 * j], b[97 + 4 * j], b[98 + 4 * j], b[99 + 4 * j]]);
+    let (a0, a1, tmp) = (word(0), word(1), word(2));
+    let (m2, m1) = (0x0f0f_0f0fu32, 0x0303_0303u32);
+    let words = [
+        (a0 & m2) | ((tmp & m1) << 4),
+        (a1 & m2) | (((tmp >> 2) & m1) << 4),
+        ((a0 >> 4) & m2) | (((tmp >> 4) & m1) << 4),
+        ((a1 >> 4) & m2) | (((tmp >> 6) & m1) << 4),
+    ];
+    let scale = |j: usize| words[j / 4].to_le_bytes()[j % 4] as i32 - 32;
+    let d = f16::from_le_bytes([b[108], b[109]]).to_f32();
+    let (n, within) = (i / 128, i % 128);
+    let (shift, l) = (within / 32, within % 32);
+    let q = ((b[32 + 32 * n + l] >> (2 * shift)) & 3) as i32;
+    let mask_bit = 4 * n + shift;
+    let high = if b[l] & (1 << mask_bit) != 0 { 0 } else { 4 };
+    d * scale(i / 16) as f32 * (q - high) as f32
+}
+
+#[test]
+fn q2_k_and_q3_k_known_values() {
+    // Q2_K: scale byte 0x35 → scale 5, min 3; element 0 has crumb 2 (bits 0-1 of qs[0]),
+    // element 32 crumb 1 (bits 2-3 of qs[0]); d = 0.5, dmin = 0.25.
+    let mut b = vec![0u8; 84];
+    b[0] = 0x35;
+    b[2] = 0x07; // sub-block 2 (elements 32..48): scale 7, min 0
+    b[16] = 0b0110;
+    put_f16(&mut b[80..], 0.5);
+    put_f16(&mut b[82..], 0.25);
+    let mut out = vec![0f32; 256];
+    dequantize(DType::Q2K, &b, &mut out).unwrap();
+    assert_eq!((out[0], out[1], out[32]), (0.5 * 5.0 * 2.0 - 0.25 * 3.0, -0.75, 0.5 * 7.0));
+
+    // Q3_K: scale 0 = (low nibble 0xA | high bits 0b01 << 4) − 32 = 26 − 32 = −6; element 0 has
+    // crumb 3 and its hmask bit set (no −4); element 1 crumb 3, bit clear → 3 − 4 = −1.
+    let mut b = vec![0u8; 110];
+    b[0] = 0x01; // hmask bit 0 of element 0
+    b[32] = 0x03;
+    b[33] = 0x03;
+    b[96] = 0x0A;
+    b[104] = 0x01;
+    put_f16(&mut b[108..], 2.0);
+    dequantize(DType::Q3K, &b, &mut out).unwrap();
+    assert_eq!((out[0], out[1]), (-36.0, 12.0));
+    for (i, &v) in out.iter().enumerate() {
+        assert_eq!(v, q3k_element(&b, i), "element {i}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn q3_k_dequantizer_matches_the_reference_reading(seed in any::<u64>()) {
+        let mut rng = Lcg(seed);
+        let b = random_stored(DType::Q3K, 256, &mut rng);
+        let mut out = vec![0f32; 256];
+        dequantize(DType::Q3K, &b, &mut out).unwrap();
+        for (i, &v) in out.iter().enumerate() {
+            prop_assert_eq!(v, q3k_element(&b, i), "element {}", i);
+        }
+    }
+
+    /// The integer form the K kernels compute with describes exactly the dequantized values.
+    #[test]
+    fn k_super_blocks_equal_dequantization(seed in any::<u64>()) {
+        let mut rng = Lcg(seed);
+        for dtype in K_QUANTS {
+            let b = random_stored(dtype, 256, &mut rng);
+            let mut want = vec![0f32; 256];
+            dequantize(dtype, &b, &mut want).unwrap();
+            let k = taipan_kernels::kpacked::KLayout::of(dtype).unwrap().decode(&b);
+            for (e, &w) in want.iter().enumerate() {
+                let got = k.value(e);
+                prop_assert!((got - w).abs() <= 1e-6 * (w.abs() + 1.0), "{} {}: {} vs {}", dtype, e, got, w);
+            }
+        }
+    }
 
     #[test]
     fn k_quant_dequantizers_match_elementwise_readings(seed in any::<u64>()) {
@@ -175,13 +264,14 @@ proptest! {
     #[test]
     fn simd_packed_tiles_equal_scalar(seed in any::<u64>(), rows in 1usize..7, tokens in 1usize..6, kblocks in 1usize..12) {
         let mut rng = Lcg(seed);
-        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K] {
+        for dtype in ALL.into_iter().filter(|d| d.block_elems() > 1) {
             let cols = if dtype.block_elems() == 256 { 256 * kblocks.div_ceil(4) } else { 32 * kblocks };
             let data = random_stored(dtype, rows * cols, &mut rng);
             let m = PackedMatrix::from_blocks(dtype, &data, rows, cols).unwrap().unwrap();
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit() * 3.0).collect();
             let mut acts = QuantizedActs::new();
             acts.quantize(&x, tokens, cols);
+            acts.compute_half_sums();
             let mut want = vec![0f32; rows * tokens];
             for r in 0..rows {
                 for t in 0..tokens {
@@ -261,7 +351,9 @@ fn wrong_sizes_are_errors_not_panics() {
     assert!(dequantize(DType::Q4_0, &[0u8; 17], &mut out).is_err());
     assert!(dequantize(DType::Q4K, &[0u8; 144], &mut out).is_err());
     assert!(PackedMatrix::from_blocks(DType::Q4_1, &[0u8; 20], 2, 32).unwrap().is_err());
-    assert!(PackedMatrix::from_blocks(DType::Q6K, &[0u8; 210], 1, 256).is_none());
+    assert!(PackedMatrix::from_blocks(DType::Q6K, &[0u8; 209], 1, 256).unwrap().is_err());
+    assert!(PackedMatrix::from_blocks(DType::Q6K, &[0u8; 210], 1, 256).unwrap().is_ok());
+    assert!(PackedMatrix::from_blocks(DType::F16, &[0u8; 64], 1, 32).is_none());
     assert_eq!(DType::from_ggml_id(99), None);
     for d in ALL {
         assert_eq!(DType::from_ggml_id(d.ggml_id()), Some(d));

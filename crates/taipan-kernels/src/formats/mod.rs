@@ -19,6 +19,8 @@ pub enum DType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -35,6 +37,8 @@ impl DType {
             6 => DType::Q5_0,
             7 => DType::Q5_1,
             8 => DType::Q8_0,
+            10 => DType::Q2K,
+            11 => DType::Q3K,
             12 => DType::Q4K,
             13 => DType::Q5K,
             14 => DType::Q6K,
@@ -53,6 +57,8 @@ impl DType {
             DType::Q5_0 => 6,
             DType::Q5_1 => 7,
             DType::Q8_0 => 8,
+            DType::Q2K => 10,
+            DType::Q3K => 11,
             DType::Q4K => 12,
             DType::Q5K => 13,
             DType::Q6K => 14,
@@ -65,7 +71,7 @@ impl DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
-            DType::Q4K | DType::Q5K | DType::Q6K => 256,
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => 256,
         }
     }
 
@@ -79,6 +85,8 @@ impl DType {
             DType::Q5_0 => std::mem::size_of::<legacy::BlockQ5_0>(),
             DType::Q5_1 => std::mem::size_of::<legacy::BlockQ5_1>(),
             DType::Q8_0 => std::mem::size_of::<legacy::BlockQ8_0>(),
+            DType::Q2K => std::mem::size_of::<kquants::BlockQ2K>(),
+            DType::Q3K => std::mem::size_of::<kquants::BlockQ3K>(),
             DType::Q4K => std::mem::size_of::<kquants::BlockQ4K>(),
             DType::Q5K => std::mem::size_of::<kquants::BlockQ5K>(),
             DType::Q6K => std::mem::size_of::<kquants::BlockQ6K>(),
@@ -93,6 +101,11 @@ impl DType {
         (n / self.block_elems()).checked_mul(self.block_bytes())
     }
 
+    /// Whether the format is one of the 256-element K super-block formats.
+    pub fn is_k_quant(self) -> bool {
+        matches!(self, DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
+    }
+
     /// Name as llama.cpp prints it.
     pub fn name(self) -> &'static str {
         match self {
@@ -104,6 +117,8 @@ impl DType {
             DType::Q5_0 => "Q5_0",
             DType::Q5_1 => "Q5_1",
             DType::Q8_0 => "Q8_0",
+            DType::Q2K => "Q2_K",
+            DType::Q3K => "Q3_K",
             DType::Q4K => "Q4_K",
             DType::Q5K => "Q5_K",
             DType::Q6K => "Q6_K",
@@ -154,6 +169,8 @@ pub fn dequantize(dtype: DType, src: &[u8], out: &mut [f32]) -> Result<(), SizeM
         DType::Q5_0 => legacy::dequantize_q5_0(src, out),
         DType::Q5_1 => legacy::dequantize_q5_1(src, out),
         DType::Q8_0 => legacy::dequantize_q8_0(src, out),
+        DType::Q2K => kquants::dequantize_q2_k(src, out),
+        DType::Q3K => kquants::dequantize_q3_k(src, out),
         DType::Q4K => kquants::dequantize_q4_k(src, out),
         DType::Q5K => kquants::dequantize_q5_k(src, out),
         DType::Q6K => kquants::dequantize_q6_k(src, out),

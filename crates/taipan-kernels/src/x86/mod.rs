@@ -2,4 +2,5 @@
 //! tests compare it against; callers reach them only through `crate::dispatch`.
 
 pub mod avx2;
+pub mod avx2_kquant;
 pub mod avx512;
