@@ -3,7 +3,7 @@
 //! A portable binary picks the widest instruction set this CPU has; tests build every table the
 //! CPU supports and compare each against the scalar one.
 
-use crate::packed::{dot_group_ref, ActRow, PackedGroup};
+use crate::packed::{dot_group_ref, ActRow, Layout, PackedGroup};
 use std::sync::OnceLock;
 
 /// `out[r * acts.len() + t] = row r · acts[t]` for a group's 4 rows and 1 to 4 activation rows.
@@ -14,6 +14,10 @@ pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
 /// One attention head: `out = softmax(scale · K q) · V` over positions `0..n` of a paged KV view;
 /// `scores` is the caller's scratch.
 pub type AttendHeadFn = fn(&mut [f32], &[f32], &crate::ops::KvView<'_>, usize, f32, &mut Vec<f32>);
+
+/// Several query rows against one KV head, row `i` over positions `0..limits[i]`:
+/// `(out, q, limits, kv, scale, scratch)` with `out` and `q` `[rows, head_dim]`.
+pub type AttendRowsFn = fn(&mut [f32], &[f32], &[usize], &crate::ops::KvView<'_>, f32, &mut Vec<f32>);
 
 /// The gated selective scan; see [`crate::ssm::selective_scan_ref`].
 pub type ScanFn = fn(&mut [f32], &crate::ssm::ScanInputs<'_>, &mut [f32], crate::ssm::ScanShape);
@@ -47,6 +51,7 @@ pub struct Kernels {
     pub packed_tile: PackedTileFn,
     pub f32_tile: F32TileFn,
     pub attend_head: AttendHeadFn,
+    pub attend_rows: AttendRowsFn,
     pub selective_scan: ScanFn,
 }
 
@@ -76,11 +81,13 @@ mod x86_entry {
 
     pub fn packed_avx512(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
         // SAFETY: only installed in a table after detecting avx512f/bw/vnni and avx2/fma/f16c
-        // (K-quant groups run the AVX2 kernel: there is no AVX-512 one yet).
+        // (K-quant and compact groups run the AVX2 kernels: there are no AVX-512 ones yet).
+        // Compact groups run the AVX2 kernel too.
         unsafe {
-            match &w.k {
-                Some(k) => avx2_kquant::dot_group_kpacked(w, k, acts, out),
-                None => avx512::dot_group_packed(w, acts, out),
+            match &w.layout {
+                Layout::K(k) => avx2_kquant::dot_group_kpacked(w, k, acts, out),
+                Layout::Compact(_) => avx2::dot_group_packed(w, acts, out),
+                Layout::Wide => avx512::dot_group_packed(w, acts, out),
             }
         }
     }
@@ -106,9 +113,9 @@ mod x86_entry {
     pub fn packed_avx2(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx2, fma and f16c.
         unsafe {
-            match &w.k {
-                Some(k) => avx2_kquant::dot_group_kpacked(w, k, acts, out),
-                None => avx2::dot_group_packed(w, acts, out),
+            match &w.layout {
+                Layout::K(k) => avx2_kquant::dot_group_kpacked(w, k, acts, out),
+                _ => avx2::dot_group_packed(w, acts, out),
             }
         }
     }
@@ -122,6 +129,17 @@ mod x86_entry {
     ) {
         // SAFETY: only installed after detecting avx2 and fma.
         unsafe { avx2::attend_head(out, q, kv, n, scale, scores) }
+    }
+    pub fn attend_rows_avx2(
+        out: &mut [f32],
+        q: &[f32],
+        limits: &[usize],
+        kv: &crate::ops::KvView<'_>,
+        scale: f32,
+        scratch: &mut Vec<f32>,
+    ) {
+        // SAFETY: only installed after detecting avx2 and fma (the AVX-512 table too).
+        unsafe { crate::x86::avx2_attention::attend_rows(out, q, limits, kv, scale, scratch) }
     }
     pub fn scan_avx2(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
         // SAFETY: only installed after detecting avx2 and fma.
@@ -141,6 +159,7 @@ impl Kernels {
             packed_tile: packed_tile_ref,
             f32_tile: f32_tile_ref,
             attend_head: crate::ops::attend_head_ref,
+            attend_rows: crate::ops::attend_rows_ref,
             selective_scan: crate::ssm::selective_scan_ref,
         }
     }
@@ -158,6 +177,7 @@ impl Kernels {
                 packed_tile: x86_entry::packed_avx2,
                 f32_tile: x86_entry::f32_avx2,
                 attend_head: x86_entry::attend_avx2,
+                attend_rows: x86_entry::attend_rows_avx2,
                 selective_scan: x86_entry::scan_avx2,
             }),
             #[cfg(target_arch = "x86_64")]
@@ -172,6 +192,7 @@ impl Kernels {
                 packed_tile: x86_entry::packed_avx512,
                 f32_tile: x86_entry::f32_avx512,
                 attend_head: x86_entry::attend_avx512,
+                attend_rows: x86_entry::attend_rows_avx2,
                 selective_scan: x86_entry::scan_avx512,
             }),
             #[cfg(not(target_arch = "x86_64"))]

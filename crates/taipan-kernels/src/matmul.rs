@@ -34,6 +34,17 @@ pub struct DenseMatrix {
 pub enum Matrix {
     Packed(PackedMatrix),
     Dense(DenseMatrix),
+    /// Matrices of one input size but different formats stacked by rows (a fused projection
+    /// whose parts a file stores in different formats), each kept in its own form.
+    Stacked(StackedMatrix),
+}
+
+/// Parts stacked by rows; see [`Matrix::Stacked`].
+#[derive(Debug, Clone)]
+pub struct StackedMatrix {
+    pub parts: Vec<Matrix>,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 impl Matrix {
@@ -55,6 +66,28 @@ impl Matrix {
         Ok(Matrix::Dense(DenseMatrix { rows, cols, data: out }))
     }
 
+    /// Stacks matrices of one input size by rows. Dense parts are joined into one dense matrix;
+    /// anything else keeps each part in its own form.
+    pub fn stack(mut parts: Vec<Matrix>) -> Matrix {
+        assert!(!parts.is_empty(), "stacking no matrices");
+        let cols = parts[0].cols();
+        assert!(parts.iter().all(|p| p.cols() == cols), "stacked matrices differ in input size");
+        if parts.len() == 1 {
+            return parts.remove(0);
+        }
+        let rows = parts.iter().map(Matrix::rows).sum();
+        if parts.iter().all(|p| matches!(p, Matrix::Dense(_))) {
+            let mut data = Vec::with_capacity(rows * cols);
+            for p in parts {
+                if let Matrix::Dense(d) = p {
+                    data.extend(d.data);
+                }
+            }
+            return Matrix::from_f32(data, rows, cols);
+        }
+        Matrix::Stacked(StackedMatrix { parts, rows, cols })
+    }
+
     /// A dense matrix from f32 values.
     pub fn from_f32(data: Vec<f32>, rows: usize, cols: usize) -> Matrix {
         assert_eq!(data.len(), rows * cols);
@@ -65,6 +98,7 @@ impl Matrix {
         match self {
             Matrix::Packed(m) => m.rows,
             Matrix::Dense(m) => m.rows,
+            Matrix::Stacked(m) => m.rows,
         }
     }
 
@@ -72,6 +106,7 @@ impl Matrix {
         match self {
             Matrix::Packed(m) => m.cols,
             Matrix::Dense(m) => m.cols,
+            Matrix::Stacked(m) => m.cols,
         }
     }
 
@@ -80,6 +115,7 @@ impl Matrix {
         match self {
             Matrix::Packed(m) => m.memory_bytes(),
             Matrix::Dense(m) => m.data.len() * 4,
+            Matrix::Stacked(m) => m.parts.iter().map(Matrix::memory_bytes).sum(),
         }
     }
 }
@@ -88,6 +124,8 @@ impl Matrix {
 #[derive(Default, Debug)]
 pub struct MatmulScratch {
     acts: QuantizedActs,
+    /// One part's output, for stacked matrices whose parts are not all packed.
+    part_out: Vec<f32>,
 }
 
 /// Shared context of the compute kernels: which table, which pool.
@@ -112,35 +150,38 @@ impl Compute {
         assert_eq!(out.len(), tokens * n, "matmul output shape");
         let sink = OutPtr(out.as_mut_ptr());
         match w {
-            Matrix::Packed(m) => {
-                scratch.acts.quantize(x, tokens, k);
-                if m.needs_half_sums() {
-                    scratch.acts.compute_half_sums();
-                }
-                let acts = &scratch.acts;
-                let tile = self.kernels.packed_tile;
-                self.pool.for_chunks(m.groups(), 1, &|groups| {
-                    let mut buf = [0f32; GROUP * 4];
-                    for tb in (0..tokens).step_by(TOKEN_BLOCK) {
-                        let tb_end = (tb + TOKEN_BLOCK).min(tokens);
-                        for g in groups.clone() {
-                            let group = m.group(g);
-                            let rows = (n - g * GROUP).min(GROUP);
-                            for t0 in (tb..tb_end).step_by(4) {
-                                let nt = (tb_end - t0).min(4);
-                                let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, t0 + i.min(nt - 1)));
-                                tile(&group, &xs[..nt], &mut buf[..GROUP * nt]);
-                                for r in 0..rows {
-                                    for j in 0..nt {
-                                        // SAFETY: row g·4+r belongs to this task's groups and
-                                        // t0+j < tokens, so the cell is in bounds and ours alone.
-                                        unsafe { *sink.at((t0 + j) * n + g * GROUP + r) = buf[r * nt + j] };
-                                    }
-                                }
+            Matrix::Packed(m) => self.matmul_packed(&sink, n, x, tokens, &[(0, m)], scratch),
+            Matrix::Stacked(st) => {
+                let packed: Option<Vec<(usize, &PackedMatrix)>> = st
+                    .parts
+                    .iter()
+                    .scan(0, |first, p| {
+                        let at = *first;
+                        *first += p.rows();
+                        Some(match p {
+                            Matrix::Packed(m) => Some((at, m)),
+                            _ => None,
+                        })
+                    })
+                    .collect();
+                match packed {
+                    Some(parts) => self.matmul_packed(&sink, n, x, tokens, &parts, scratch),
+                    None => {
+                        // Some part is dense: each part on its own, scattered into its columns.
+                        let mut first = 0;
+                        let mut part_out = std::mem::take(&mut scratch.part_out);
+                        for p in &st.parts {
+                            let pn = p.rows();
+                            part_out.resize(tokens * pn, 0.0);
+                            self.matmul(&mut part_out, x, tokens, p, scratch);
+                            for t in 0..tokens {
+                                out[t * n + first..t * n + first + pn].copy_from_slice(&part_out[t * pn..(t + 1) * pn]);
                             }
+                            first += pn;
                         }
+                        scratch.part_out = part_out;
                     }
-                });
+                }
             }
             Matrix::Dense(m) => {
                 let tile = self.kernels.f32_tile;
@@ -159,6 +200,60 @@ impl Compute {
                 });
             }
         }
+    }
+}
+
+impl Compute {
+    /// Packed matrices stacked by rows (`(first output row, matrix)`), all of input size `k`, in
+    /// one parallel region over every row group of every part.
+    fn matmul_packed(
+        &self,
+        sink: &OutPtr,
+        n: usize,
+        x: &[f32],
+        tokens: usize,
+        parts: &[(usize, &PackedMatrix)],
+        scratch: &mut MatmulScratch,
+    ) {
+        let k = parts[0].1.cols;
+        scratch.acts.quantize(x, tokens, k);
+        if parts.iter().any(|(_, m)| m.needs_half_sums()) {
+            scratch.acts.compute_half_sums();
+        }
+        let acts = &scratch.acts;
+        let tile = self.kernels.packed_tile;
+        // Group g of the whole stack: part `p` where `starts[p] <= g < starts[p + 1]`.
+        let mut starts = Vec::with_capacity(parts.len() + 1);
+        starts.push(0);
+        for (_, m) in parts {
+            starts.push(starts.last().copied().unwrap_or(0) + m.groups());
+        }
+        let total = starts[parts.len()];
+        self.pool.for_chunks(total, 1, &|groups| {
+            let mut buf = [0f32; GROUP * 4];
+            for tb in (0..tokens).step_by(TOKEN_BLOCK) {
+                let tb_end = (tb + TOKEN_BLOCK).min(tokens);
+                for gg in groups.clone() {
+                    let p = starts.partition_point(|&s| s <= gg) - 1;
+                    let (first, m) = parts[p];
+                    let g = gg - starts[p];
+                    let group = m.group(g);
+                    let rows = (m.rows - g * GROUP).min(GROUP);
+                    for t0 in (tb..tb_end).step_by(4) {
+                        let nt = (tb_end - t0).min(4);
+                        let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, t0 + i.min(nt - 1)));
+                        tile(&group, &xs[..nt], &mut buf[..GROUP * nt]);
+                        for r in 0..rows {
+                            for j in 0..nt {
+                                // SAFETY: output column first+g·GROUP+r belongs to this group
+                                // alone and t0+j < tokens, so the cell is in bounds and ours.
+                                unsafe { *sink.at((t0 + j) * n + first + g * GROUP + r) = buf[r * nt + j] };
+                            }
+                        }
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -195,11 +290,11 @@ impl Compute {
             .iter()
             .map(|p| match p.w {
                 Matrix::Packed(m) => Some(m),
-                Matrix::Dense(_) => None,
+                _ => None,
             })
             .collect();
         let Some(packed) = packed else {
-            // Exact mode: dense products one after another.
+            // Exact mode or stacked parts: products one after another.
             let mut rows_in = Vec::new();
             for p in products {
                 rows_in.clear();

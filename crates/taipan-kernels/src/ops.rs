@@ -244,6 +244,27 @@ pub fn attend_head_ref(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize, sc
     }
 }
 
+/// Scalar reference of several query rows against one KV head: row `i` of `out` is
+/// [`attend_head_ref`] of row `i` of `q` over positions `0..limits[i]`.
+pub fn attend_rows_ref(
+    out: &mut [f32],
+    q: &[f32],
+    limits: &[usize],
+    kv: &KvView<'_>,
+    scale: f32,
+    scratch: &mut Vec<f32>,
+) {
+    assert!(!limits.is_empty() && q.len().is_multiple_of(limits.len()) && out.len() == q.len());
+    let hd = q.len() / limits.len();
+    for (i, &n) in limits.iter().enumerate() {
+        attend_head_ref(&mut out[i * hd..(i + 1) * hd], &q[i * hd..(i + 1) * hd], kv, n, scale, scratch);
+    }
+}
+
+/// Query tokens of one sequence that share a tiled attention job (with all the query heads of
+/// one KV head): enough rows to amortise each key and value load, few enough for many jobs.
+const TILE_TOKENS: usize = 8;
+
 /// Shapes shared by every sequence of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
@@ -276,6 +297,8 @@ pub struct KvLayer<'a> {
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A tiled job's gathered query rows, its output rows and their limits.
+    static TILE: RefCell<(Vec<f32>, Vec<f32>, Vec<usize>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Causal attention for a batch of sequences over a paged KV pool.
@@ -306,32 +329,64 @@ pub fn attention(
     let group = s.heads / s.kv_heads;
     let sink = SharedOut(out.as_mut_ptr());
     let attend = kernels.attend_head;
-    // Jobs are (sequence, token, head) triples numbered in sequence order.
+    let attend_rows = kernels.attend_rows;
+    // A sequence with one query token (decode) has a job per head; one with several (a prefill
+    // chunk) has a job per KV head and block of up to TILE_TOKENS tokens, covering all the query
+    // heads that share the KV head. Jobs are numbered in sequence order.
+    let jobs_of = |x: &AttnSeq<'_>| {
+        if x.tokens == 1 {
+            s.heads
+        } else {
+            s.kv_heads * x.tokens.div_ceil(TILE_TOKENS)
+        }
+    };
     let mut starts = Vec::with_capacity(seqs.len() + 1);
     let mut total = 0;
     for x in seqs {
         starts.push(total);
-        total += x.tokens * s.heads;
+        total += jobs_of(x);
     }
+    let hd = s.head_dim;
     pool.run(total, &|job| {
         let si = starts.partition_point(|&st| st <= job) - 1;
         let x = &seqs[si];
         let local = job - starts[si];
-        let (t, h) = (local / s.heads, local % s.heads);
-        let row = x.first_row + t;
-        let kvh = h / group;
-        let view = KvView {
+        let view = |kvh: usize| KvView {
             k: kv.k,
             v: kv.v,
             blocks: x.blocks,
             block_size: kv.block_size,
             stride: kvdim,
-            offset: kvh * s.head_dim,
+            offset: kvh * hd,
         };
-        let qh = &q[row * qdim + h * s.head_dim..row * qdim + (h + 1) * s.head_dim];
-        // SAFETY: each job owns the disjoint output slice of (row, h).
-        let o = unsafe { std::slice::from_raw_parts_mut(sink.at(row * qdim + h * s.head_dim), s.head_dim) };
-        SCORES.with(|cell| attend(o, qh, &view, x.start + t + 1, s.scale, &mut cell.borrow_mut()));
+        if x.tokens == 1 {
+            let (row, h) = (x.first_row, local);
+            let qh = &q[row * qdim + h * hd..row * qdim + (h + 1) * hd];
+            // SAFETY: each job owns the disjoint output slice of (row, h).
+            let o = unsafe { std::slice::from_raw_parts_mut(sink.at(row * qdim + h * hd), hd) };
+            SCORES.with(|cell| attend(o, qh, &view(h / group), x.start + 1, s.scale, &mut cell.borrow_mut()));
+            return;
+        }
+        let (kvh, block) = (local % s.kv_heads, local / s.kv_heads);
+        let tokens = block * TILE_TOKENS..((block + 1) * TILE_TOKENS).min(x.tokens);
+        TILE.with(|tile| {
+            let (q_rows, out_rows, limits) = &mut *tile.borrow_mut();
+            q_rows.clear();
+            limits.clear();
+            for t in tokens.clone() {
+                let at = (x.first_row + t) * qdim + kvh * group * hd;
+                q_rows.extend_from_slice(&q[at..at + group * hd]);
+                limits.extend(std::iter::repeat_n(x.start + t + 1, group));
+            }
+            out_rows.resize(q_rows.len(), 0.0);
+            SCORES.with(|cell| attend_rows(out_rows, q_rows, limits, &view(kvh), s.scale, &mut cell.borrow_mut()));
+            for (i, t) in tokens.enumerate() {
+                let at = (x.first_row + t) * qdim + kvh * group * hd;
+                // SAFETY: the query heads of KV head kvh for token t belong to this job alone.
+                let o = unsafe { std::slice::from_raw_parts_mut(sink.at(at), group * hd) };
+                o.copy_from_slice(&out_rows[i * group * hd..(i + 1) * group * hd]);
+            }
+        });
     });
 }
 
@@ -437,6 +492,74 @@ mod tests {
         let mut c = vec![0.3, -0.7, 1.1, 2.0];
         t.apply(&mut c, 4, &cos[..2], &sin[..2], RopeStyle::Half);
         assert_eq!(c, vec![0.3, -0.7, 1.1, 2.0]);
+    }
+
+    /// Prefill chunks take the tiled path (many query rows per job): long chunks, query heads
+    /// sharing a KV head, head sizes with and without whole 32-float strips, chunks that start
+    /// mid-sequence, beside a decode row.
+    #[test]
+    fn tiled_prefill_attention_matches_naive_for_every_kernel_table() {
+        let pool = ThreadPool::new(2);
+        let mut seed = 17u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) % 2001) as f32 / 1000.0 - 1.0
+        };
+        for (heads, kv_heads, hd, bs) in [(9, 3, 64, 16), (4, 4, 24, 4), (6, 2, 40, 8), (8, 1, 128, 16)] {
+            let kvdim = kv_heads * hd;
+            let n_blocks = 12;
+            let k: Vec<f32> = (0..n_blocks * bs * kvdim).map(|_| next() * 2.0).collect();
+            let v: Vec<f32> = (0..n_blocks * bs * kvdim).map(|_| next()).collect();
+            let tables: [Vec<u32>; 3] = [(0..6).rev().collect(), vec![11, 6, 7, 8], vec![9, 10]];
+            let cap = |t: &Vec<u32>| t.len() * bs;
+            let seqs = [
+                AttnSeq { first_row: 0, tokens: cap(&tables[0]).min(37), start: 0, blocks: &tables[0] },
+                AttnSeq {
+                    first_row: 37.min(cap(&tables[0])),
+                    tokens: 1,
+                    start: cap(&tables[1]) - 1,
+                    blocks: &tables[1],
+                },
+                AttnSeq {
+                    first_row: 38.min(cap(&tables[0]) + 1),
+                    tokens: 5,
+                    start: cap(&tables[2]) - 5,
+                    blocks: &tables[2],
+                },
+            ];
+            let rows: usize = seqs.iter().map(|x| x.tokens).sum();
+            let q: Vec<f32> = (0..rows * heads * hd).map(|_| next()).collect();
+            let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+            for kern in Kernels::available() {
+                let mut out = vec![0f32; q.len()];
+                attention(&kern, &mut out, &q, KvLayer { k: &k, v: &v, block_size: bs }, &seqs, shape, &pool);
+                for x in &seqs {
+                    for t in 0..x.tokens {
+                        let row = x.first_row + t;
+                        for h in 0..heads {
+                            let kvh = h / (heads / kv_heads);
+                            let at = |p: usize| (x.blocks[p / bs] as usize * bs + p % bs) * kvdim + kvh * hd;
+                            let qh = &q[(row * heads + h) * hd..][..hd];
+                            let mut w: Vec<f32> = (0..=x.start + t)
+                                .map(|p| {
+                                    qh.iter().zip(&k[at(p)..at(p) + hd]).map(|(a, b)| a * b).sum::<f32>() * shape.scale
+                                })
+                                .collect();
+                            softmax(&mut w);
+                            for d in 0..hd {
+                                let want: f32 = w.iter().enumerate().map(|(p, wp)| wp * v[at(p) + d]).sum();
+                                let got = out[(row * heads + h) * hd + d];
+                                assert!(
+                                    (got - want).abs() < 1e-5,
+                                    "{:?} hd {hd} row {row} head {h}: {got} vs {want}",
+                                    kern.isa
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -15,18 +15,20 @@
 use crate::formats::{legacy, DType, SizeMismatch};
 use crate::kpacked::{self, KLayout, QK_K};
 use crate::quant::{padded_len, QBLOCK};
+use half::f16;
 
 /// How levels are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LevelWidth {
-    /// 4-bit levels, two per byte.
+    /// 4-bit levels, two per byte (and, in the compact form of 5-bit formats, a plane of fifth
+    /// bits after them).
     Nibble,
     /// Levels up to 255, one byte each.
     Byte,
 }
 
 impl LevelWidth {
-    /// Bytes of a group's levels for one block (32 elements of [`GROUP`] rows).
+    /// Bytes of a group's levels for one block (32 elements of [`GROUP`] rows), planes aside.
     pub fn block_level_bytes(self) -> usize {
         match self {
             LevelWidth::Nibble => GROUP * 16,
@@ -39,6 +41,66 @@ impl LevelWidth {
 /// 16 rows, so each i32 lane accumulates one row and no horizontal sums are needed.
 pub const GROUP: usize = 16;
 
+/// The compact form of a 32-element format: what the file carries, rearranged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compact {
+    /// 5-bit levels: a plane of fifth bits follows the nibbles.
+    pub plane: bool,
+    /// The offset is stored (Q4_1, Q5_1); otherwise it is `−bias·d`.
+    pub stored_m: bool,
+    /// For formats without a stored offset, the level that means zero.
+    pub bias: u8,
+}
+
+impl Compact {
+    /// Offset of the scales inside a block: after the levels and the plane.
+    pub fn scales_at(&self, width: LevelWidth) -> usize {
+        width.block_level_bytes() + if self.plane { 64 } else { 0 }
+    }
+
+    /// Bytes of one block of a group.
+    pub fn block_bytes(&self, width: LevelWidth) -> usize {
+        self.scales_at(width) + if self.stored_m { 4 * GROUP } else { 2 * GROUP }
+    }
+}
+
+/// How a packed matrix lays out its blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// 32-element formats with levels widened to nibbles or bytes and an f32 scale and offset
+    /// per block: the form the AVX-512 kernels take (about 20–80% more bytes than the file).
+    Wide,
+    /// 32-element formats in their file's bytes: nibbles (plus a plane of fifth bits) or bytes,
+    /// the f16 scale, and the f16 offset where the format has one.
+    Compact(Compact),
+    /// The K super-block formats (see `crate::kpacked`).
+    K(KLayout),
+}
+
+/// Which form 32-element formats take when packed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LegacyForm {
+    Wide,
+    Compact,
+}
+
+impl LegacyForm {
+    /// The form the fastest kernels on this CPU take: wide for AVX-512 (its kernels are written
+    /// for it), compact elsewhere. `TAIPAN_PACKED_FORM=wide|compact` overrides, to compare them.
+    pub fn for_this_cpu() -> LegacyForm {
+        match std::env::var("TAIPAN_PACKED_FORM").as_deref() {
+            Ok("wide") => return LegacyForm::Wide,
+            Ok("compact") => return LegacyForm::Compact,
+            _ => {}
+        }
+        if crate::dispatch::Kernels::best().isa == crate::dispatch::Isa::Avx512Vnni {
+            LegacyForm::Wide
+        } else {
+            LegacyForm::Compact
+        }
+    }
+}
+
 /// A weight matrix `[rows, cols]` in packed integer form.
 ///
 /// Rows are stored in groups of [`GROUP`] (the last group padded with zero rows). For each
@@ -46,7 +108,12 @@ pub const GROUP: usize = 16;
 /// - levels as 64-byte vectors whose 4-byte lane `i` holds 4 consecutive elements of row `i`:
 ///   eight vectors (elements `4k..4k+4`, k = 0..8) for byte levels; for nibble levels four
 ///   vectors whose low nibbles hold elements `4k..4k+4` and high nibbles `16+4k..16+4k+4`;
-/// - the 16 rows' scales `d` (f32), then their offsets `m` (f32).
+/// - compact 5-bit formats: one 64-byte plane, lane-aligned with the nibble vectors, whose bit
+///   `k` is the fifth bit of vector `k`'s low-nibble element and bit `4+k` that of its high one;
+/// - wide: the 16 rows' scales `d` (f32), then their offsets `m` (f32); compact: the scales
+///   (f16), then the offsets (f16) where the format stores them.
+///
+/// K formats have their own layout ([`Layout::K`]).
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     pub rows: usize,
@@ -57,8 +124,7 @@ pub struct PackedMatrix {
     pub data: Vec<u8>,
     /// The format it was packed from.
     pub source: DType,
-    /// The K-quant layout, for K formats.
-    pub k: Option<KLayout>,
+    pub layout: Layout,
 }
 
 impl PackedMatrix {
@@ -67,8 +133,20 @@ impl PackedMatrix {
         dtype.block_elems() > 1
     }
 
-    /// Packs a row-major matrix stored in `dtype`. Returns `None` for formats that cannot be packed.
+    /// Packs a row-major matrix stored in `dtype`, in the form this CPU's kernels want.
+    /// Returns `None` for formats that cannot be packed.
     pub fn from_blocks(dtype: DType, data: &[u8], rows: usize, cols: usize) -> Option<Result<Self, SizeMismatch>> {
+        Self::from_blocks_as(dtype, data, rows, cols, LegacyForm::for_this_cpu())
+    }
+
+    /// [`PackedMatrix::from_blocks`] with the form of 32-element formats chosen by the caller.
+    pub fn from_blocks_as(
+        dtype: DType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        form: LegacyForm,
+    ) -> Option<Result<Self, SizeMismatch>> {
         if !Self::supports(dtype) {
             return None;
         }
@@ -77,17 +155,29 @@ impl PackedMatrix {
             Some(n) if n * rows == data.len() => n,
             _ => return Some(Err(mismatch)),
         };
-        let width = match dtype {
-            DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => LevelWidth::Byte,
+        let layout = match (KLayout::of(dtype), form) {
+            (Some(k), _) => Layout::K(k),
+            (None, LegacyForm::Wide) => Layout::Wide,
+            (None, LegacyForm::Compact) => Layout::Compact(Compact {
+                plane: matches!(dtype, DType::Q5_0 | DType::Q5_1),
+                stored_m: matches!(dtype, DType::Q4_1 | DType::Q5_1),
+                bias: match dtype {
+                    DType::Q4_0 => 8,
+                    DType::Q5_0 => 16,
+                    _ => 128,
+                },
+            }),
+        };
+        let width = match (dtype, layout) {
+            (DType::Q8_0, _) | (DType::Q5_0 | DType::Q5_1, Layout::Wide) => LevelWidth::Byte,
             _ => LevelWidth::Nibble,
         };
         let stride = padded_len(cols);
-        let k = KLayout::of(dtype);
-        let mut out = PackedMatrix { rows, cols, stride, width, data: Vec::new(), source: dtype, k };
+        let mut out = PackedMatrix { rows, cols, stride, width, data: Vec::new(), source: dtype, layout };
         out.data = vec![0; out.groups() * out.group_bytes()];
-        if let Some(layout) = k {
+        if let Layout::K(k) = layout {
             debug_assert_eq!(stride, cols, "K rows are whole 256-element super-blocks");
-            kpacked::pack_rows(layout, data, rows, cols, &mut out.data);
+            kpacked::pack_rows(k, data, rows, cols, &mut out.data);
             return Some(Ok(out));
         }
         let mut levels = Vec::with_capacity(out.blocks());
@@ -110,27 +200,42 @@ impl PackedMatrix {
     fn write_row(&mut self, r: usize, levels: &[legacy::Levels32]) {
         let (g, ri) = (r / GROUP, r % GROUP);
         let lvl = self.width.block_level_bytes();
+        let (group_bytes, block_stride) = (self.group_bytes(), self.block_stride());
         for (b, l) in levels.iter().enumerate() {
-            let base = g * self.group_bytes() + b * self.block_stride();
+            let blk = &mut self.data[g * group_bytes + b * block_stride..][..block_stride];
             match self.width {
                 LevelWidth::Byte => {
                     for k in 0..8 {
-                        let at = base + k * 64 + ri * 4;
-                        self.data[at..at + 4].copy_from_slice(&l.level[4 * k..4 * k + 4]);
+                        blk[k * 64 + ri * 4..k * 64 + ri * 4 + 4].copy_from_slice(&l.level[4 * k..4 * k + 4]);
                     }
                 }
                 LevelWidth::Nibble => {
                     for k in 0..4 {
                         for j in 0..4 {
-                            self.data[base + k * 64 + ri * 4 + j] = l.level[4 * k + j] | (l.level[16 + 4 * k + j] << 4);
+                            let (lo, hi) = (l.level[4 * k + j], l.level[16 + 4 * k + j]);
+                            blk[k * 64 + ri * 4 + j] = (lo & 0x0F) | ((hi & 0x0F) << 4);
+                            if matches!(self.layout, Layout::Compact(Compact { plane: true, .. })) {
+                                blk[lvl + ri * 4 + j] |= ((lo >> 4) & 1) << k | ((hi >> 4) & 1) << (4 + k);
+                            }
                         }
                     }
                 }
             }
-            let d_at = base + lvl + ri * 4;
-            self.data[d_at..d_at + 4].copy_from_slice(&l.d.to_le_bytes());
-            let m_at = base + lvl + 64 + ri * 4;
-            self.data[m_at..m_at + 4].copy_from_slice(&l.m.to_le_bytes());
+            match self.layout {
+                Layout::Compact(c) => {
+                    // The file's scale and offset are f16 values, so these conversions are exact.
+                    let at = c.scales_at(self.width) + 2 * ri;
+                    blk[at..at + 2].copy_from_slice(&f16::from_f32(l.d).to_le_bytes());
+                    if c.stored_m {
+                        let at = at + 2 * GROUP;
+                        blk[at..at + 2].copy_from_slice(&f16::from_f32(l.m).to_le_bytes());
+                    }
+                }
+                _ => {
+                    blk[lvl + ri * 4..lvl + ri * 4 + 4].copy_from_slice(&l.d.to_le_bytes());
+                    blk[lvl + 64 + ri * 4..lvl + 64 + ri * 4 + 4].copy_from_slice(&l.m.to_le_bytes());
+                }
+            }
         }
     }
 
@@ -144,16 +249,16 @@ impl PackedMatrix {
         self.rows.div_ceil(GROUP)
     }
 
-    /// Bytes of one block of one group: levels, scales, offsets.
+    /// Bytes of one block of one group (32-element formats).
     pub fn block_stride(&self) -> usize {
-        self.width.block_level_bytes() + 2 * GROUP * 4
+        block_stride(self.layout, self.width)
     }
 
     /// Bytes of one group.
     pub fn group_bytes(&self) -> usize {
-        match self.k {
-            Some(k) => self.stride / QK_K * k.super_bytes(),
-            None => self.blocks() * self.block_stride(),
+        match self.layout {
+            Layout::K(k) => self.stride / QK_K * k.super_bytes(),
+            _ => self.blocks() * self.block_stride(),
         }
     }
 
@@ -170,13 +275,48 @@ impl PackedMatrix {
             wide: self.source == DType::Q8_0,
             blocks: self.blocks(),
             data: &self.data[g * gb..(g + 1) * gb],
-            k: self.k,
+            layout: self.layout,
         }
     }
 
     /// Whether products with this matrix need the activations' half sums.
     pub fn needs_half_sums(&self) -> bool {
-        self.k.is_some()
+        matches!(self.layout, Layout::K(_))
+    }
+
+    /// Row `r`, dequantized into `out` (`cols` values): embedding lookups read the packed
+    /// output matrix of models that tie the two, rather than keep a second copy.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows && out.len() == self.cols, "dequantize_row shape");
+        let group = self.group(r / GROUP);
+        let ri = r % GROUP;
+        for (b, chunk) in out.chunks_mut(QBLOCK).enumerate() {
+            match &group.layout {
+                Layout::K(k) => {
+                    for h in 0..2 {
+                        let (d, dmin) = (group.k_d(k, ri, b), group.k_dmin(k, ri, b));
+                        let (sc, mn) = (group.k_scale(k, ri, b, h), group.k_min(k, ri, b, h));
+                        for (e, o) in chunk.iter_mut().enumerate().skip(16 * h).take(16) {
+                            let level = group.k_level(k, ri, b * QBLOCK + e) as i32;
+                            *o = d * (sc * level) as f32 - dmin * mn as f32;
+                        }
+                    }
+                }
+                _ => {
+                    let (d, m) = (group.d(ri, b), group.m(ri, b));
+                    for (e, o) in chunk.iter_mut().enumerate() {
+                        *o = d * group.level(ri, b * QBLOCK + e) as f32 + m;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn block_stride(layout: Layout, width: LevelWidth) -> usize {
+    match layout {
+        Layout::Compact(c) => c.block_bytes(width),
+        _ => width.block_level_bytes() + 2 * GROUP * 4,
     }
 }
 
@@ -189,28 +329,31 @@ pub struct PackedGroup<'a> {
     pub wide: bool,
     pub blocks: usize,
     pub data: &'a [u8],
-    /// The K-quant layout, when the group holds one (`width` and `wide` then do not apply).
-    pub k: Option<KLayout>,
+    pub layout: Layout,
 }
 
 impl PackedGroup<'_> {
-    /// Bytes of one block: levels, scales, offsets.
+    /// Bytes of one block: levels, plane, scales, offsets (32-element formats).
     pub fn block_stride(&self) -> usize {
-        self.width.block_level_bytes() + 2 * GROUP * 4
+        block_stride(self.layout, self.width)
     }
 
-    /// Level of element `i` of row `r` of the group.
+    /// Level of element `i` of row `r` of the group (32-element formats).
     pub fn level(&self, r: usize, i: usize) -> u8 {
         let (b, e) = (i / QBLOCK, i % QBLOCK);
         let base = b * self.block_stride();
         match self.width {
             LevelWidth::Byte => self.data[base + (e / 4) * 64 + r * 4 + e % 4],
             LevelWidth::Nibble => {
-                let byte = self.data[base + ((e % 16) / 4) * 64 + r * 4 + e % 4];
-                if e < 16 {
-                    byte & 0x0F
-                } else {
-                    byte >> 4
+                let (k, j) = ((e % 16) / 4, e % 4);
+                let byte = self.data[base + k * 64 + r * 4 + j];
+                let low = if e < 16 { byte & 0x0F } else { byte >> 4 };
+                match self.layout {
+                    Layout::Compact(Compact { plane: true, .. }) => {
+                        let bits = self.data[base + LevelWidth::Nibble.block_level_bytes() + r * 4 + j];
+                        low | (((bits >> (k + if e < 16 { 0 } else { 4 })) & 1) << 4)
+                    }
+                    _ => low,
                 }
             }
         }
@@ -220,14 +363,27 @@ impl PackedGroup<'_> {
         f32::from_le_bytes([self.data[at], self.data[at + 1], self.data[at + 2], self.data[at + 3]])
     }
 
-    /// Scale of block `b` of row `r`.
-    pub fn d(&self, r: usize, b: usize) -> f32 {
-        self.f32_at(b * self.block_stride() + self.width.block_level_bytes() + r * 4)
+    fn f16_at(&self, at: usize) -> f32 {
+        f16::from_le_bytes([self.data[at], self.data[at + 1]]).to_f32()
     }
 
-    /// Offset of block `b` of row `r`.
+    /// Scale of block `b` of row `r` (32-element formats).
+    pub fn d(&self, r: usize, b: usize) -> f32 {
+        let base = b * self.block_stride();
+        match self.layout {
+            Layout::Compact(c) => self.f16_at(base + c.scales_at(self.width) + 2 * r),
+            _ => self.f32_at(base + self.width.block_level_bytes() + r * 4),
+        }
+    }
+
+    /// Offset of block `b` of row `r` (32-element formats).
     pub fn m(&self, r: usize, b: usize) -> f32 {
-        self.f32_at(b * self.block_stride() + self.width.block_level_bytes() + 64 + r * 4)
+        let base = b * self.block_stride();
+        match self.layout {
+            Layout::Compact(c) if c.stored_m => self.f16_at(base + c.scales_at(self.width) + 2 * GROUP + 2 * r),
+            Layout::Compact(c) => -(c.bias as f32) * self.d(r, b),
+            _ => self.f32_at(base + self.width.block_level_bytes() + 64 + r * 4),
+        }
     }
 }
 
@@ -250,7 +406,7 @@ impl<'a> ActRow<'a> {
 
 /// Scalar reference: row `r` of a group dotted with one activation row.
 pub fn dot_packed_ref(w: &PackedGroup<'_>, r: usize, a: &ActRow<'_>) -> f32 {
-    if let Some(k) = &w.k {
+    if let Layout::K(k) = &w.layout {
         return kpacked::dot_kpacked_ref(w, k, r, a);
     }
     let mut total = 0f32;

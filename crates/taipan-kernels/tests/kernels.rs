@@ -3,7 +3,7 @@
 use half::f16;
 use proptest::prelude::*;
 use taipan_kernels::formats::{dequantize, dot_ref, kquants, legacy, DType};
-use taipan_kernels::packed::{dot_packed_ref, ActRow, PackedMatrix, GROUP};
+use taipan_kernels::packed::{dot_packed_ref, ActRow, LegacyForm, PackedMatrix, GROUP};
 use taipan_kernels::quant::QuantizedActs;
 use taipan_kernels::{Compute, Isa, Kernels, MatmulMode, MatmulScratch, Matrix};
 
@@ -22,6 +22,8 @@ const ALL: [DType; 13] = [
     DType::Q5K,
     DType::Q6K,
 ];
+
+const FORMS: [LegacyForm; 2] = [LegacyForm::Wide, LegacyForm::Compact];
 
 const K_QUANTS: [DType; 5] = [DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K];
 
@@ -264,10 +266,10 @@ proptest! {
     #[test]
     fn simd_packed_tiles_equal_scalar(seed in any::<u64>(), rows in 1usize..7, tokens in 1usize..6, kblocks in 1usize..12) {
         let mut rng = Lcg(seed);
-        for dtype in ALL.into_iter().filter(|d| d.block_elems() > 1) {
+        for (dtype, form) in ALL.into_iter().filter(|d| d.block_elems() > 1).flat_map(|d| FORMS.map(|f| (d, f))) {
             let cols = if dtype.block_elems() == 256 { 256 * kblocks.div_ceil(4) } else { 32 * kblocks };
             let data = random_stored(dtype, rows * cols, &mut rng);
-            let m = PackedMatrix::from_blocks(dtype, &data, rows, cols).unwrap().unwrap();
+            let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, form).unwrap().unwrap();
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit() * 3.0).collect();
             let mut acts = QuantizedActs::new();
             acts.quantize(&x, tokens, cols);
@@ -342,6 +344,91 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+/// A fused projection whose parts are stored in different formats keeps each part packed in
+/// its own form, and the product equals the parts' products side by side.
+#[test]
+fn stacked_parts_of_different_formats_multiply_like_their_parts() {
+    let mut rng = Lcg(5);
+    let cols = 512;
+    let spec = [(DType::Q5_0, 40), (DType::Q8_0, 16), (DType::Q6K, 23), (DType::F16, 8), (DType::Q4K, 17)];
+    for with_dense in [false, true] {
+        let chosen: Vec<_> = spec.iter().filter(|(d, _)| with_dense || *d != DType::F16).collect();
+        let stored: Vec<(DType, usize, Vec<u8>)> =
+            chosen.iter().map(|&&(d, r)| (d, r, random_stored(d, r * cols, &mut rng))).collect();
+        let parts: Vec<Matrix> = stored
+            .iter()
+            .map(|(d, r, data)| Matrix::from_stored(*d, data, *r, cols, MatmulMode::Fast).unwrap())
+            .collect();
+        let stacked = Matrix::stack(parts.clone());
+        assert!(matches!(stacked, Matrix::Stacked(_)));
+        let n: usize = stored.iter().map(|(_, r, _)| r).sum();
+        let tokens = 5;
+        let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit()).collect();
+        for kern in Kernels::available() {
+            let c = Compute::with_kernels(2, kern);
+            let mut out = vec![0f32; tokens * n];
+            c.matmul(&mut out, &x, tokens, &stacked, &mut MatmulScratch::default());
+            let mut first = 0;
+            for p in &parts {
+                let pn = p.rows();
+                let mut want = vec![0f32; tokens * pn];
+                c.matmul(&mut want, &x, tokens, p, &mut MatmulScratch::default());
+                for t in 0..tokens {
+                    assert_eq!(&out[t * n + first..t * n + first + pn], &want[t * pn..(t + 1) * pn], "{:?}", kern.isa);
+                }
+                first += pn;
+            }
+        }
+    }
+}
+
+/// Packed rows read back as the stored values (embedding lookups use this), in every form.
+#[test]
+fn packed_rows_dequantize_to_the_stored_values() {
+    let mut rng = Lcg(11);
+    for dtype in ALL.into_iter().filter(|d| d.block_elems() > 1) {
+        let (rows, cols) = (19, 512);
+        let data = random_stored(dtype, rows * cols, &mut rng);
+        let mut want = vec![0f32; rows * cols];
+        dequantize(dtype, &data, &mut want).unwrap();
+        for form in FORMS {
+            let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, form).unwrap().unwrap();
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut row);
+                for (j, (&got, &w)) in row.iter().zip(&want[r * cols..(r + 1) * cols]).enumerate() {
+                    assert!(
+                        (got - w).abs() <= 1e-6 * (w.abs() + 1.0),
+                        "{dtype} {form:?} row {r} col {j}: {got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The compact forms carry the file's bytes: exactly for the 32-element formats, within the
+/// stated overheads for the K formats (scales kept per 16 elements, d and dmin as f16).
+#[test]
+fn compact_forms_hold_about_the_files_bytes() {
+    let (rows, cols) = (64, 1024);
+    for dtype in ALL.into_iter().filter(|d| d.block_elems() > 1) {
+        let file = dtype.row_bytes(cols).unwrap() * rows;
+        let data = vec![0u8; file];
+        let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, LegacyForm::Compact).unwrap().unwrap();
+        let ratio = m.memory_bytes() as f64 / file as f64;
+        let bound = match dtype {
+            DType::Q2K => 1.96,
+            DType::Q3K => 1.35,
+            DType::Q4K => 1.14,
+            DType::Q5K => 1.12,
+            DType::Q6K => 1.01,
+            _ => 1.0,
+        };
+        assert!(ratio <= bound, "{dtype}: {ratio:.3} of the file's bytes, expected at most {bound}");
     }
 }
 

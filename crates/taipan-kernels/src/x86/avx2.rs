@@ -1,46 +1,91 @@
 //! AVX2 + FMA kernels, for x86 CPUs without AVX-512.
 
-use crate::packed::{ActRow, LevelWidth, PackedGroup, GROUP};
+use crate::packed::{ActRow, Compact, Layout, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
-/// Packed-group × activation tile, `out[r * acts.len() + t] = row r · acts[t]`.
+/// Packed-group × activation tile, `out[r * acts.len() + t] = row r · acts[t]`, for the wide
+/// and compact forms of 32-element formats.
 ///
 /// Each weight vector is loaded and unpacked once for all (up to 4) activation rows of the tile.
 /// Levels below 128 go straight into `maddubs` (two products of a level and an i8 fit an i16;
-/// for nibbles, eight such pairs do). Wide byte levels (Q8_0's 0..=255) use the sign trick: with
-/// `w = level − 128` (an i8), `maddubs(|w|, sign(a, w))` is `Σ w·a` without saturation
-/// (|w| ≤ 128, |a| ≤ 127), and the 128·Σa it leaves out is folded into the block offset
-/// (`m + 128·d`, exactly 0 for Q8_0, so nothing cancels).
+/// for nibbles, eight such pairs do, and for 5-bit levels four). Wide byte levels (Q8_0's
+/// 0..=255) use the sign trick: with `w = level − 128` (an i8), `maddubs(|w|, sign(a, w))` is
+/// `Σ w·a` without saturation (|w| ≤ 128, |a| ≤ 127), and the 128·Σa it leaves out is folded
+/// into the block offset (`m + 128·d`, exactly 0 for Q8_0, so nothing cancels).
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA. Shapes are asserted.
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must support AVX2, FMA and F16C. Shapes are asserted.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
     let nb = w.blocks;
-    let stride = w.width.block_level_bytes() + 2 * GROUP * 4;
-    assert!(w.data.len() >= nb * stride, "packed group too short");
+    let compact = match w.layout {
+        Layout::Wide => None,
+        Layout::Compact(c) => Some(c),
+        Layout::K(_) => panic!("K-quant groups have their own kernel"),
+    };
+    assert!(w.data.len() >= nb * w.block_stride(), "packed group too short");
     assert!(out.len() >= GROUP * acts.len());
     for a in acts {
         assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb && a.s.len() >= nb);
     }
+    let form = compact.unwrap_or(Compact { plane: false, stored_m: true, bias: 0 });
     let mut t0 = 0;
     while t0 < acts.len() {
         let nt = (acts.len() - t0).min(4);
         let part = &acts[t0..t0 + nt];
-        // SAFETY: the caller guarantees AVX2 and FMA; lengths were asserted above.
+        macro_rules! tile {
+            ($nt:literal) => {
+                match (w.width, compact.is_some(), form.plane) {
+                    (LevelWidth::Nibble, false, _) => {
+                        nibble_tile::<$nt, false, false>(w, form, part, out, t0, acts.len())
+                    }
+                    (LevelWidth::Nibble, true, false) => {
+                        nibble_tile::<$nt, true, false>(w, form, part, out, t0, acts.len())
+                    }
+                    (LevelWidth::Nibble, true, true) => {
+                        nibble_tile::<$nt, true, true>(w, form, part, out, t0, acts.len())
+                    }
+                    (LevelWidth::Byte, false, _) => byte_tile::<$nt, false>(w, form, part, out, t0, acts.len()),
+                    (LevelWidth::Byte, true, _) => byte_tile::<$nt, true>(w, form, part, out, t0, acts.len()),
+                }
+            };
+        }
+        // SAFETY: the caller guarantees AVX2, FMA and F16C; lengths were asserted above.
         unsafe {
-            match (w.width, nt) {
-                (LevelWidth::Nibble, 1) => nibble_tile::<1>(w, part, out, t0, acts.len()),
-                (LevelWidth::Nibble, 2) => nibble_tile::<2>(w, part, out, t0, acts.len()),
-                (LevelWidth::Nibble, 3) => nibble_tile::<3>(w, part, out, t0, acts.len()),
-                (LevelWidth::Nibble, _) => nibble_tile::<4>(w, part, out, t0, acts.len()),
-                (LevelWidth::Byte, 1) => byte_tile::<1>(w, part, out, t0, acts.len()),
-                (LevelWidth::Byte, 2) => byte_tile::<2>(w, part, out, t0, acts.len()),
-                (LevelWidth::Byte, 3) => byte_tile::<3>(w, part, out, t0, acts.len()),
-                (LevelWidth::Byte, _) => byte_tile::<4>(w, part, out, t0, acts.len()),
+            match nt {
+                1 => tile!(1),
+                2 => tile!(2),
+                3 => tile!(3),
+                _ => tile!(4),
             }
         }
         t0 += nt;
+    }
+}
+
+/// The scales and offsets of rows `8·half..8·half+8` of the block whose scales start at `at`:
+/// f32 pairs in the wide form, f16 (offsets stored or `−bias·d`) in the compact one.
+///
+/// # Safety
+/// `at` must point at the block's scales, inside the group.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn block_scales<const COMPACT: bool>(at: *const u8, half: usize, form: Compact) -> (__m256, __m256) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        if !COMPACT {
+            return (
+                _mm256_loadu_ps(at.add(32 * half) as *const f32),
+                _mm256_loadu_ps(at.add(64 + 32 * half) as *const f32),
+            );
+        }
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(at.add(16 * half) as *const __m128i));
+        let m = if form.stored_m {
+            _mm256_cvtph_ps(_mm_loadu_si128(at.add(2 * GROUP + 16 * half) as *const __m128i))
+        } else {
+            _mm256_mul_ps(d, _mm256_set1_ps(-(form.bias as f32)))
+        };
+        (d, m)
     }
 }
 
@@ -78,10 +123,11 @@ fn store_half<const NT: usize>(acc: &[__m256; NT], out: &mut [f32], half: usize,
 }
 
 /// # Safety
-/// AVX2 and FMA; `dot_group_packed` asserted the lengths.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn nibble_tile<const NT: usize>(
+/// AVX2, FMA and F16C; `dot_group_packed` asserted the lengths.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibble_tile<const NT: usize, const COMPACT: bool, const PLANE: bool>(
     w: &PackedGroup<'_>,
+    form: Compact,
     acts: &[ActRow<'_>],
     out: &mut [f32],
     t_first: usize,
@@ -89,8 +135,10 @@ unsafe fn nibble_tile<const NT: usize>(
 ) {
     let nb = w.blocks;
     let lvl = w.width.block_level_bytes();
-    let stride = lvl + 2 * GROUP * 4;
+    let stride = w.block_stride();
+    let scales_at = if COMPACT { form.scales_at(w.width) } else { lvl };
     let low4 = _mm256_set1_epi8(0x0F);
+    let bit4 = _mm256_set1_epi8(0x10);
     let ones = _mm256_set1_epi16(1);
     let base = w.data.as_ptr();
     // Rows 0-7 and 8-15 in two 8-lane halves.
@@ -100,23 +148,48 @@ unsafe fn nibble_tile<const NT: usize>(
             // SAFETY: reads stay within the asserted lengths.
             unsafe {
                 let blk = base.add(b * stride);
-                let mut sum16 = [_mm256_setzero_si256(); NT];
+                let plane = if PLANE {
+                    _mm256_loadu_si256(blk.add(lvl + 32 * half) as *const __m256i)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let mut sum_lo = [_mm256_setzero_si256(); NT];
+                let mut sum_hi = [_mm256_setzero_si256(); NT];
                 for k in 0..4 {
                     let raw = _mm256_loadu_si256(blk.add(64 * k + 32 * half) as *const __m256i);
-                    let lo = _mm256_and_si256(raw, low4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
+                    let mut lo = _mm256_and_si256(raw, low4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
+                    if PLANE {
+                        // Bit k → bit 4 for the low nibbles, bit 4 + k → bit 4 for the high ones.
+                        let up = _mm256_sll_epi16(plane, _mm_cvtsi32_si128(4 - k as i32));
+                        let down = _mm256_srl_epi16(plane, _mm_cvtsi32_si128(k as i32));
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(up, bit4));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(down, bit4));
+                    }
                     for t in 0..NT {
                         let av = acts[t].qs.as_ptr().add(32 * b) as *const i32;
                         let a_lo = _mm256_set1_epi32(av.add(k).read_unaligned());
                         let a_hi = _mm256_set1_epi32(av.add(4 + k).read_unaligned());
-                        // Each maddubs lane is at most 2·15·127; eight of them fit an i16.
-                        let both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi));
-                        sum16[t] = _mm256_add_epi16(sum16[t], both);
+                        // Each maddubs lane is at most 2·15·127 for nibbles (eight fit an i16)
+                        // and 2·31·127 for 5-bit levels (four fit, so halves stay apart).
+                        if PLANE {
+                            sum_lo[t] = _mm256_add_epi16(sum_lo[t], _mm256_maddubs_epi16(lo, a_lo));
+                            sum_hi[t] = _mm256_add_epi16(sum_hi[t], _mm256_maddubs_epi16(hi, a_hi));
+                        } else {
+                            let both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi));
+                            sum_lo[t] = _mm256_add_epi16(sum_lo[t], both);
+                        }
                     }
                 }
-                let isum: [__m256i; NT] = std::array::from_fn(|t| _mm256_madd_epi16(sum16[t], ones));
-                let d = _mm256_loadu_ps(blk.add(lvl + 32 * half) as *const f32);
-                let m = _mm256_loadu_ps(blk.add(lvl + 64 + 32 * half) as *const f32);
+                let isum: [__m256i; NT] = std::array::from_fn(|t| {
+                    let lo = _mm256_madd_epi16(sum_lo[t], ones);
+                    if PLANE {
+                        _mm256_add_epi32(lo, _mm256_madd_epi16(sum_hi[t], ones))
+                    } else {
+                        lo
+                    }
+                });
+                let (d, m) = block_scales::<COMPACT>(blk.add(scales_at), half, form);
                 scale_block::<NT>(&mut acc, &isum, d, m, acts, b);
             }
         }
@@ -125,10 +198,11 @@ unsafe fn nibble_tile<const NT: usize>(
 }
 
 /// # Safety
-/// AVX2 and FMA; `dot_group_packed` asserted the lengths.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn byte_tile<const NT: usize>(
+/// AVX2, FMA and F16C; `dot_group_packed` asserted the lengths.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn byte_tile<const NT: usize, const COMPACT: bool>(
     w: &PackedGroup<'_>,
+    form: Compact,
     acts: &[ActRow<'_>],
     out: &mut [f32],
     t_first: usize,
@@ -136,7 +210,8 @@ unsafe fn byte_tile<const NT: usize>(
 ) {
     let nb = w.blocks;
     let lvl = w.width.block_level_bytes();
-    let stride = lvl + 2 * GROUP * 4;
+    let stride = w.block_stride();
+    let scales_at = if COMPACT { form.scales_at(w.width) } else { lvl };
     let bias = _mm256_set1_epi8(if w.wide { -128 } else { 0 });
     let shift = if w.wide { 128.0 } else { 0.0 };
     let ones = _mm256_set1_epi16(1);
@@ -162,8 +237,7 @@ unsafe fn byte_tile<const NT: usize>(
                         isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(prod, ones));
                     }
                 }
-                let d = _mm256_loadu_ps(blk.add(lvl + 32 * half) as *const f32);
-                let m = _mm256_loadu_ps(blk.add(lvl + 64 + 32 * half) as *const f32);
+                let (d, m) = block_scales::<COMPACT>(blk.add(scales_at), half, form);
                 // level·a = (level − 128)·a + 128·Σa, and d·da·Σa = d·sa.
                 let m = _mm256_fmadd_ps(d, _mm256_set1_ps(shift), m);
                 scale_block::<NT>(&mut acc, &isum, d, m, acts, b);
@@ -215,7 +289,7 @@ pub unsafe fn dot_tile_f32(ws: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
 
 /// `e^x` for 8 lanes (Cephes-style range reduction and polynomial, as `avx512::exp16`).
 #[target_feature(enable = "avx2,fma")]
-fn exp8(x: __m256) -> __m256 {
+pub(crate) fn exp8(x: __m256) -> __m256 {
     let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,

@@ -2,5 +2,6 @@
 //! tests compare it against; callers reach them only through `crate::dispatch`.
 
 pub mod avx2;
+pub mod avx2_attention;
 pub mod avx2_kquant;
 pub mod avx512;

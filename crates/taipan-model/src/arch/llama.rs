@@ -196,15 +196,14 @@ fn load_stacked(f: &GgufFile, names: &[(&str, usize)], cols: usize, mode: Matmul
         }
         Matrix::from_stored(infos[0].dtype, &bytes, rows, cols, mode)
     } else {
-        // Mixed formats cannot share packed rows: stack their f32 forms instead.
-        let mut data = Vec::with_capacity(rows * cols);
-        for (t, (_, r)) in infos.iter().zip(names) {
-            let mut part = vec![0f32; r * cols];
-            formats::dequantize(t.dtype, f.tensor_data(t), &mut part)
-                .map_err(|e| ModelError::tensor(f, &t.name, e.to_string()))?;
-            data.extend(part);
+        // Parts in different formats stay apart, each in its own packed form.
+        let mut parts = Vec::with_capacity(infos.len());
+        for (t, (name, r)) in infos.iter().zip(names) {
+            let part = Matrix::from_stored(t.dtype, f.tensor_data(t), *r, cols, mode)
+                .map_err(|e| ModelError::tensor(f, name, e.to_string()))?;
+            parts.push(part);
         }
-        Ok(Matrix::from_f32(data, rows, cols))
+        Ok(Matrix::stack(parts))
     };
     result.map_err(|e| ModelError::tensor(f, names[0].0, e.to_string()))
 }

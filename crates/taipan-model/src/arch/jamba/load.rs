@@ -86,11 +86,12 @@ fn stacked(src: &dyn WeightSource, parts: &[(&str, usize)], cols: usize, mode: B
             .matrix(tensors[0].dtype, &bytes, rows, cols)
             .map_err(|e| tensor_err(src, parts[0].0, e.to_string()));
     }
-    let mut data = Vec::with_capacity(rows * cols);
-    for t in &tensors {
-        data.extend(f32s(src, t)?);
+    // Parts in different formats stay apart, each in its own packed form.
+    let mut stack = Vec::with_capacity(tensors.len());
+    for (t, (n, r)) in tensors.iter().zip(parts) {
+        stack.push(mode.matrix(t.dtype, &t.data, *r, cols).map_err(|e| tensor_err(src, n, e.to_string()))?);
     }
-    Ok(Matrix::from_f32(data, rows, cols))
+    Ok(Matrix::stack(stack))
 }
 
 /// Expert `e`'s `[rows, cols]` matrix from a GGUF stack `{cols, rows, E}` or a per-expert tensor.
@@ -216,10 +217,10 @@ impl Jamba {
                     let gate_up = if gt == ut {
                         mode.matrix(gt, &[gb, ub].concat(), 2 * f, h).map_err(err)?
                     } else {
-                        let mut both = vec![0f32; 2 * f * h];
-                        formats::dequantize(gt, &gb, &mut both[..f * h]).map_err(err)?;
-                        formats::dequantize(ut, &ub, &mut both[f * h..]).map_err(err)?;
-                        Matrix::from_f32(both, 2 * f, h)
+                        Matrix::stack(vec![
+                            mode.matrix(gt, &gb, f, h).map_err(err)?,
+                            mode.matrix(ut, &ub, f, h).map_err(err)?,
+                        ])
                     };
                     experts.push(Mlp { gate_up, down: mode.matrix(dt, &db, h, f).map_err(err)? });
                 }

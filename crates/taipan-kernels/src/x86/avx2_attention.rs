@@ -1,0 +1,228 @@
+//! AVX2 attention for many query rows against one KV head (prefill chunks; the query heads that
+//! share a KV head), tiled so that each key and value is read once for every row of the tile.
+//! AVX-512 machines use it too until they have their own.
+
+use super::avx2::exp8;
+use crate::ops::KvView;
+use std::arch::x86_64::*;
+
+/// Positions per key tile: the keys are transposed so that 16 scores of a row are two vectors.
+const KEYS: usize = 16;
+/// Query rows per score micro-tile (8 accumulators, two key vectors, one broadcast).
+const SCORE_ROWS: usize = 4;
+/// Query rows per value micro-tile (three rows × four vectors of 8 output dimensions).
+const VALUE_ROWS: usize = 3;
+
+/// `out[i] = softmax(scale · K q[i]) · V` over positions `0..limits[i]`, for every row `i` of
+/// `q` and `out` (`[rows, head_dim]`, contiguous). See `crate::ops::attend_rows_ref`.
+///
+/// Scores go to `scratch` for all rows first (`[rows, positions]`), then each row's softmax, then
+/// the weighted values: key tiles are transposed once and serve every row in register tiles, so
+/// no score needs a horizontal sum.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. Shapes are asserted.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn attend_rows(
+    out: &mut [f32],
+    q: &[f32],
+    limits: &[usize],
+    kv: &KvView<'_>,
+    scale: f32,
+    scratch: &mut Vec<f32>,
+) {
+    let rows = limits.len();
+    assert!(rows > 0 && q.len().is_multiple_of(rows) && out.len() == q.len());
+    let hd = q.len() / rows;
+    if !hd.is_multiple_of(8) {
+        crate::ops::attend_rows_ref(out, q, limits, kv, scale, scratch);
+        return;
+    }
+    let n = limits.iter().copied().max().unwrap_or(0);
+    assert!(limits.iter().all(|&l| l > 0), "every row attends to at least one position");
+    kv.check(n, hd);
+    let stride = n.next_multiple_of(KEYS);
+    scratch.clear();
+    scratch.resize(rows * stride + KEYS * hd, 0.0);
+    let (scores, kt) = scratch.split_at_mut(rows * stride);
+    // SAFETY: `check` proved positions 0..n lie inside the pool; every offset below is inside
+    // `q`, `out`, `scores` or `kt` by construction.
+    unsafe {
+        for p0 in (0..n).step_by(KEYS) {
+            transpose_keys(kt, kv, p0, (n - p0).min(KEYS), hd);
+            let mut r0 = 0;
+            while r0 < rows {
+                let at = scores.as_mut_ptr().add(r0 * stride + p0);
+                match rows - r0 {
+                    1 => score_tile::<1>(at, stride, q.as_ptr().add(r0 * hd), hd, kt, scale),
+                    2 => score_tile::<2>(at, stride, q.as_ptr().add(r0 * hd), hd, kt, scale),
+                    3 => score_tile::<3>(at, stride, q.as_ptr().add(r0 * hd), hd, kt, scale),
+                    _ => score_tile::<SCORE_ROWS>(at, stride, q.as_ptr().add(r0 * hd), hd, kt, scale),
+                }
+                r0 += SCORE_ROWS;
+            }
+        }
+        for (r, &limit) in limits.iter().enumerate() {
+            softmax_prefix(&mut scores[r * stride..(r + 1) * stride], limit);
+        }
+        let mut r0 = 0;
+        while r0 < rows {
+            let o = out.as_mut_ptr().add(r0 * hd);
+            let w = scores.as_ptr().add(r0 * stride);
+            let reach = limits[r0..(r0 + VALUE_ROWS).min(rows)].iter().copied().max().unwrap_or(0);
+            match rows - r0 {
+                1 => value_tile::<1>(o, w, stride, kv, reach, hd),
+                2 => value_tile::<2>(o, w, stride, kv, reach, hd),
+                _ => value_tile::<VALUE_ROWS>(o, w, stride, kv, reach, hd),
+            }
+            r0 += VALUE_ROWS;
+        }
+    }
+}
+
+/// `kt[d·16 + i]` = element `d` of position `p0 + i`'s key, zero past `count`.
+///
+/// # Safety
+/// Positions `p0..p0 + count` must be inside the checked view; `kt` holds `16·hd` floats.
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_keys(kt: &mut [f32], kv: &KvView<'_>, p0: usize, count: usize, hd: usize) {
+    for i in 0..KEYS {
+        if i < count {
+            let at = kv.at(p0 + i);
+            for (d, &x) in kv.k[at..at + hd].iter().enumerate() {
+                kt[d * KEYS + i] = x;
+            }
+        } else {
+            for d in 0..hd {
+                kt[d * KEYS + i] = 0.0;
+            }
+        }
+    }
+}
+
+/// Scores of `R` consecutive query rows against one transposed key tile.
+///
+/// # Safety
+/// `scores` has `R` rows of `stride` floats from the tile's first position on; `q` has `R` rows
+/// of `hd`; `kt` holds the transposed tile.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_tile<const R: usize>(
+    scores: *mut f32,
+    stride: usize,
+    q: *const f32,
+    hd: usize,
+    kt: &[f32],
+    scale: f32,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let kp = kt.as_ptr();
+        for d in 0..hd {
+            let k0 = _mm256_loadu_ps(kp.add(d * KEYS));
+            let k1 = _mm256_loadu_ps(kp.add(d * KEYS + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let qv = _mm256_broadcast_ss(&*q.add(r * hd + d));
+                a[0] = _mm256_fmadd_ps(qv, k0, a[0]);
+                a[1] = _mm256_fmadd_ps(qv, k1, a[1]);
+            }
+        }
+        let sv = _mm256_set1_ps(scale);
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(scores.add(r * stride), _mm256_mul_ps(a[0], sv));
+            _mm256_storeu_ps(scores.add(r * stride + 8), _mm256_mul_ps(a[1], sv));
+        }
+    }
+}
+
+/// Turns `row[..limit]` into softmax weights and zeroes the rest of the row.
+#[target_feature(enable = "avx2,fma")]
+fn softmax_prefix(row: &mut [f32], limit: usize) {
+    let max = row[..limit].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mx = _mm256_set1_ps(max);
+    let mut sum = 0f32;
+    let whole = limit / 8 * 8;
+    // SAFETY: chunks are inside `row[..whole]`.
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        for c in row[..whole].chunks_exact_mut(8) {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mx));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        sum += lanes.iter().sum::<f32>();
+    }
+    for x in &mut row[whole..limit] {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in &mut row[..limit] {
+        *x *= inv;
+    }
+    row[limit..].fill(0.0);
+}
+
+/// `out[r] = Σ_p w[r][p] · V[p]` for `R` rows over positions `0..reach` (weights past a row's
+/// own limit are zero).
+///
+/// # Safety
+/// `out` has `R` rows of `hd`; `w` has `R` rows of `stride` weights; positions `0..reach` are
+/// inside the checked view.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn value_tile<const R: usize>(
+    out: *mut f32,
+    w: *const f32,
+    stride: usize,
+    kv: &KvView<'_>,
+    reach: usize,
+    hd: usize,
+) {
+    let bs = kv.block_size;
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        let mut c0 = 0;
+        while c0 < hd {
+            // Four vectors of output at a time where the head allows, else one.
+            let wide = hd - c0 >= 32;
+            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            for (bi, &b) in kv.blocks[..reach.div_ceil(bs)].iter().enumerate() {
+                let first = bi * bs;
+                for i in 0..bs.min(reach - first) {
+                    let p = first + i;
+                    let vp = kv.v.as_ptr().add((b as usize * bs + i) * kv.stride + kv.offset + c0);
+                    if wide {
+                        let v = [
+                            _mm256_loadu_ps(vp),
+                            _mm256_loadu_ps(vp.add(8)),
+                            _mm256_loadu_ps(vp.add(16)),
+                            _mm256_loadu_ps(vp.add(24)),
+                        ];
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm256_broadcast_ss(&*w.add(r * stride + p));
+                            for (x, &vv) in a.iter_mut().zip(&v) {
+                                *x = _mm256_fmadd_ps(wv, vv, *x);
+                            }
+                        }
+                    } else {
+                        let v = _mm256_loadu_ps(vp);
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm256_broadcast_ss(&*w.add(r * stride + p));
+                            a[0] = _mm256_fmadd_ps(wv, v, a[0]);
+                        }
+                    }
+                }
+            }
+            let width = if wide { 4 } else { 1 };
+            for (r, a) in acc.iter().enumerate() {
+                for (j, x) in a.iter().enumerate().take(width) {
+                    _mm256_storeu_ps(out.add(r * hd + c0 + 8 * j), *x);
+                }
+            }
+            c0 += 8 * width;
+        }
+    }
+}
