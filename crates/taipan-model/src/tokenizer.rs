@@ -19,6 +19,73 @@ pub enum TokenizerError {
     Invalid { path: String, message: String },
     #[error("token id {0} is outside the vocabulary")]
     UnknownId(u32),
+    #[error("{path}: pre-tokenizer '{pre}' (tokenizer.ggml.pre) is not supported; supported: {supported}")]
+    UnsupportedPre { path: String, pre: String, supported: String },
+}
+
+/// How llama.cpp splits text before byte-level BPE for one `tokenizer.ggml.pre` family: its
+/// regular expressions, applied one after another (each splits the pieces the previous left,
+/// matches and the text between them becoming pieces of their own), and its BPE options.
+struct PreTokenizer {
+    names: &'static [&'static str],
+    regexes: &'static [&'static str],
+    /// A piece that is itself in the vocabulary is taken whole, without merges.
+    ignore_merges: bool,
+    /// The family's default for adding BOS (a file's `add_bos_token` overrides it).
+    add_bos: bool,
+}
+
+const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The `tokenizer.ggml.pre` families we split exactly as llama.cpp does; any other name is
+/// refused rather than approximated.
+const PRE_TOKENIZERS: &[PreTokenizer] = &[
+    PreTokenizer {
+        names: &["default"],
+        regexes: &[r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"],
+        ignore_merges: false,
+        add_bos: false,
+    },
+    PreTokenizer {
+        names: &[
+            "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+            "modern-bert", "exaone4", "mpt", "olmo", "jais", "trillion", "granite-docling",
+        ],
+        regexes: &[GPT2_REGEX],
+        ignore_merges: false,
+        add_bos: false,
+    },
+    PreTokenizer {
+        names: &["starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"],
+        regexes: &[r"\p{N}", GPT2_REGEX],
+        ignore_merges: false,
+        add_bos: false,
+    },
+    PreTokenizer {
+        names: &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"],
+        regexes: &[LLAMA3_REGEX],
+        ignore_merges: true,
+        add_bos: true,
+    },
+    PreTokenizer { names: &["dbrx", "smaug-bpe"], regexes: &[LLAMA3_REGEX], ignore_merges: false, add_bos: false },
+    PreTokenizer {
+        names: &["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"],
+        regexes: &[QWEN2_REGEX],
+        ignore_merges: false,
+        add_bos: false,
+    },
+    PreTokenizer {
+        names: &["falcon"],
+        regexes: &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_REGEX, "[0-9][0-9][0-9]"],
+        ignore_merges: false,
+        add_bos: false,
+    },
+];
+
+fn find_pre_tokenizer(name: &str) -> Option<&'static PreTokenizer> {
+    PRE_TOKENIZERS.iter().find(|p| p.names.contains(&name))
 }
 
 /// Special-token ids a generator needs.
@@ -161,7 +228,19 @@ impl Tokenizer {
         let eom = id("tokenizer.ggml.eom_token_id");
         let mut stop_ids: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
         stop_ids.dedup();
-        let default_add_bos = model == "llama";
+        // A byte-level vocabulary without a pre-tokenizer name gets llama.cpp's "default" split.
+        let pre = match model {
+            "gpt2" => {
+                let name = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+                Some(find_pre_tokenizer(name).ok_or_else(|| TokenizerError::UnsupportedPre {
+                    path: path.display().to_string(),
+                    pre: name.into(),
+                    supported: PRE_TOKENIZERS.iter().flat_map(|p| p.names.iter().copied()).collect::<Vec<_>>().join(", "),
+                })?)
+            }
+            _ => None,
+        };
+        let default_add_bos = model == "llama" || pre.is_some_and(|p| p.add_bos);
         let specials = SpecialTokens {
             bos,
             eos,
@@ -191,15 +270,15 @@ impl Tokenizer {
         let json = match model {
             "gpt2" => {
                 let merges = file.get_strings("tokenizer.ggml.merges")?;
-                let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-                let byte_level =
-                    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
-                let pre_tokenizer = match pre {
-                    // SmolLM splits every digit on its own before the GPT-2 regex.
-                    "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
-                        {"type": "Digits", "individual_digits": true}, byte_level]}),
-                    _ => byte_level,
-                };
+                let pre = pre.ok_or_else(|| invalid(path, "no pre-tokenizer for a gpt2 vocabulary"))?;
+                let mut steps: Vec<Json> = pre
+                    .regexes
+                    .iter()
+                    .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+                    .collect();
+                steps.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
+                let pre_tokenizer = json!({"type": "Sequence", "pretokenizers": steps});
+                let ignore_merges = pre.ignore_merges;
                 json!({
                     "version": "1.0", "truncation": null, "padding": null,
                     "added_tokens": added, "normalizer": null, "pre_tokenizer": pre_tokenizer,
@@ -207,7 +286,7 @@ impl Tokenizer {
                     "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
                     "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                               "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                              "ignore_merges": false, "vocab": vocab, "merges": merges}
+                              "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}
                 })
             }
             "llama" => {
