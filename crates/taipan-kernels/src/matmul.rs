@@ -110,6 +110,25 @@ impl Matrix {
         }
     }
 
+    /// Row `r` as f32 values (`cols` of them): what an embedding lookup needs from a model
+    /// that ties its output matrix to the embedding.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows() && out.len() == self.cols(), "row_f32 shape");
+        match self {
+            Matrix::Packed(m) => m.dequantize_row(r, out),
+            Matrix::Dense(m) => out.copy_from_slice(&m.data[r * m.cols..(r + 1) * m.cols]),
+            Matrix::Stacked(st) => {
+                let mut first = 0;
+                for p in &st.parts {
+                    if r < first + p.rows() {
+                        return p.row_f32(r - first, out);
+                    }
+                    first += p.rows();
+                }
+            }
+        }
+    }
+
     /// Bytes held in memory.
     pub fn memory_bytes(&self) -> usize {
         match self {

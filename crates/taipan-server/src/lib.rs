@@ -72,6 +72,21 @@ pub fn normalize_path(mut req: Request<Body>) -> Request<Body> {
     req
 }
 
+/// Hands memory freed while loading (the tokenizer's intermediate JSON, repacking buffers) back
+/// to the operating system, so the resident size after start-up is what the server keeps.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim only releases free heap pages; it is thread-safe.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 /// Binds, loads the model in the background (answering 503 until it is ready), and serves until
 /// `shutdown` resolves; in-flight requests then get `config.shutdown_grace_secs` to finish, and
 /// those still running after it are cancelled, each with an error its client sees.
@@ -135,6 +150,7 @@ where
                 if let Err(e) = state.grammar_compiler() {
                     eprintln!("taipan: constrained decoding unavailable: {e}");
                 }
+                release_freed_heap();
                 let names = state.names.get().cloned().unwrap_or_default();
                 eprintln!("taipan: model ready; serving it as: {}", names.join(", "));
                 if state.config.aliases.is_none() {

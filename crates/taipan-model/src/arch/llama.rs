@@ -126,13 +126,14 @@ struct Layer {
     w_down: Matrix,
 }
 
-/// Token embeddings kept in their stored format; rows are dequantized on lookup.
+/// Where token embeddings come from.
 #[derive(Debug)]
-struct Embedding {
-    dtype: DType,
-    /// `[vocab, d_model]` as stored.
-    data: Vec<u8>,
-    row_bytes: usize,
+enum Embedding {
+    /// Kept in their stored format (`[vocab, d_model]`); rows are dequantized on lookup.
+    Stored { dtype: DType, data: Vec<u8>, row_bytes: usize },
+    /// The model ties its output matrix to the embedding: rows are read from the output
+    /// matrix rather than kept twice.
+    Tied,
 }
 
 /// A Llama model's weights.
@@ -217,7 +218,12 @@ impl Llama {
             .dtype
             .row_bytes(d)
             .ok_or_else(|| ModelError::tensor(f, "token_embd.weight", "row is not whole blocks".into()))?;
-        let embedding = Embedding { dtype: emb.dtype, data: f.tensor_data(emb).to_vec(), row_bytes };
+        let tied = !f.has_tensor("output.weight");
+        let embedding = if tied {
+            Embedding::Tied
+        } else {
+            Embedding::Stored { dtype: emb.dtype, data: f.tensor_data(emb).to_vec(), row_bytes }
+        };
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
@@ -230,7 +236,7 @@ impl Llama {
                 w_down: load_stacked(f, &[(&n("ffn_down"), d)], c.d_ff, mode)?,
             });
         }
-        let out_name = if f.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
+        let out_name = if tied { "token_embd.weight" } else { "output.weight" };
         let output = load_stacked(f, &[(out_name, c.vocab)], d, mode)?;
         let rope = Rope::new(c.rope_dims, c.rope_base);
         Ok(Llama { out_norm: load_f32(f, "output_norm.weight", d)?, config: c, embedding, layers, output, rope, mode })
@@ -243,7 +249,11 @@ impl Llama {
             .iter()
             .map(|l| l.wqkv.memory_bytes() + l.wo.memory_bytes() + l.w_gate_up.memory_bytes() + l.w_down.memory_bytes())
             .sum();
-        l + self.output.memory_bytes() + self.embedding.data.len()
+        let embedding = match &self.embedding {
+            Embedding::Stored { data, .. } => data.len(),
+            Embedding::Tied => 0,
+        };
+        l + self.output.memory_bytes() + embedding
     }
 
     /// One forward pass over several sequences at once: every weight matrix is read once for all
@@ -286,9 +296,14 @@ impl Llama {
         grow(&mut s.act, t_n * ff);
         let x = &mut s.x[..t_n * d];
         for (t, &tok) in items.iter().flat_map(|it| it.tokens).enumerate() {
-            let row = &self.embedding.data[tok as usize * self.embedding.row_bytes..][..self.embedding.row_bytes];
-            formats::dequantize(self.embedding.dtype, row, &mut x[t * d..(t + 1) * d])
-                .map_err(|e| ModelError::Input(e.to_string()))?;
+            let out = &mut x[t * d..(t + 1) * d];
+            match &self.embedding {
+                Embedding::Stored { dtype, data, row_bytes } => {
+                    let row = &data[tok as usize * row_bytes..][..*row_bytes];
+                    formats::dequantize(*dtype, row, out).map_err(|e| ModelError::Input(e.to_string()))?;
+                }
+                Embedding::Tied => self.output.row_f32(tok as usize, out),
+            }
         }
         let mut attn_seqs = Vec::with_capacity(items.len());
         let mut row = 0;
