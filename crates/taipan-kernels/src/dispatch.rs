@@ -6,7 +6,8 @@
 use crate::packed::{dot_group_ref, ActRow, Layout, PackedGroup};
 use std::sync::OnceLock;
 
-/// `out[r * acts.len() + t] = row r · acts[t]` for a group's 4 rows and 1 to 4 activation rows.
+/// `out[r * acts.len() + t] = row r · acts[t]` for a group's 16 rows and any number of
+/// activation rows.
 pub type PackedTileFn = fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]);
 /// `out[r * xs.len() + t] = ws[r] · xs[t]`, at most 4 × 4, all slices of one length.
 pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
@@ -74,6 +75,27 @@ fn packed_tile_ref(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
     dot_group_ref(w, acts, out);
 }
 
+/// Runs `tile`, which takes at most four activation rows, over any number of them.
+pub(crate) fn tile_in_fours(
+    tile: impl Fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]),
+    w: &PackedGroup<'_>,
+    acts: &[ActRow<'_>],
+    out: &mut [f32],
+) {
+    let n = acts.len();
+    if n <= 4 {
+        return tile(w, acts, out);
+    }
+    let mut part = [0f32; crate::packed::GROUP * 4];
+    for t0 in (0..n).step_by(4) {
+        let nt = (n - t0).min(4);
+        tile(w, &acts[t0..t0 + nt], &mut part[..crate::packed::GROUP * nt]);
+        for r in 0..crate::packed::GROUP {
+            out[r * n + t0..r * n + t0 + nt].copy_from_slice(&part[r * nt..(r + 1) * nt]);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86_entry {
     use super::*;
@@ -87,7 +109,7 @@ mod x86_entry {
             match &w.layout {
                 Layout::K(k) => avx2_kquant::dot_group_kpacked(w, k, acts, out),
                 Layout::Compact(_) => avx2::dot_group_packed(w, acts, out),
-                Layout::Wide => avx512::dot_group_packed(w, acts, out),
+                Layout::Wide => tile_in_fours(|w, a, o| avx512::dot_group_packed(w, a, o), w, acts, out),
             }
         }
     }
@@ -238,5 +260,38 @@ impl Kernels {
             }
             Self::available().pop().unwrap_or_else(Self::scalar)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::DType;
+    use crate::packed::{PackedMatrix, GROUP};
+    use crate::quant::QuantizedActs;
+
+    /// A kernel limited to four activation rows, run in fours, equals one call over all rows.
+    #[test]
+    fn tiles_in_fours_equal_one_call_over_all_rows() {
+        let (rows, cols, tokens) = (GROUP, 64, 11);
+        let data: Vec<u8> = (0..rows * cols / 32 * 34).map(|i| (i * 37 % 251) as u8).collect();
+        let mut data = data;
+        for b in data.chunks_exact_mut(34) {
+            b[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+        }
+        let m = PackedMatrix::from_blocks(DType::Q8_0, &data, rows, cols).unwrap().unwrap();
+        let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+        let mut acts = QuantizedActs::new();
+        acts.quantize(&x, tokens, cols);
+        let xs: Vec<ActRow<'_>> = (0..tokens).map(|t| ActRow::of(&acts, t)).collect();
+        let mut want = vec![0f32; GROUP * tokens];
+        dot_group_ref(&m.group(0), &xs, &mut want);
+        let mut got = vec![0f32; GROUP * tokens];
+        let limited = |w: &PackedGroup<'_>, a: &[ActRow<'_>], o: &mut [f32]| {
+            assert!(a.len() <= 4);
+            dot_group_ref(w, a, o)
+        };
+        tile_in_fours(limited, &m.group(0), &xs, &mut got);
+        assert_eq!(got, want);
     }
 }

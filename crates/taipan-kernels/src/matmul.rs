@@ -249,25 +249,27 @@ impl Compute {
         }
         let total = starts[parts.len()];
         self.pool.for_chunks(total, 1, &|groups| {
-            let mut buf = [0f32; GROUP * 4];
+            // One kernel call per group and block of activation rows: the kernel walks the
+            // rows four at a time itself, so the call costs little beside the products.
+            let mut buf = [0f32; GROUP * TOKEN_BLOCK];
+            let mut xs: Vec<ActRow<'_>> = Vec::with_capacity(TOKEN_BLOCK);
             for tb in (0..tokens).step_by(TOKEN_BLOCK) {
                 let tb_end = (tb + TOKEN_BLOCK).min(tokens);
+                let nt = tb_end - tb;
+                xs.clear();
+                xs.extend((tb..tb_end).map(|t| ActRow::of(acts, t)));
                 for gg in groups.clone() {
                     let p = starts.partition_point(|&s| s <= gg) - 1;
                     let (first, m) = parts[p];
                     let g = gg - starts[p];
                     let group = m.group(g);
                     let rows = (m.rows - g * GROUP).min(GROUP);
-                    for t0 in (tb..tb_end).step_by(4) {
-                        let nt = (tb_end - t0).min(4);
-                        let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, t0 + i.min(nt - 1)));
-                        tile(&group, &xs[..nt], &mut buf[..GROUP * nt]);
-                        for r in 0..rows {
-                            for j in 0..nt {
-                                // SAFETY: output column first+g·GROUP+r belongs to this group
-                                // alone and t0+j < tokens, so the cell is in bounds and ours.
-                                unsafe { *sink.at((t0 + j) * n + first + g * GROUP + r) = buf[r * nt + j] };
-                            }
+                    tile(&group, &xs, &mut buf[..GROUP * nt]);
+                    for r in 0..rows {
+                        for j in 0..nt {
+                            // SAFETY: output column first+g·GROUP+r belongs to this group alone
+                            // and tb+j < tokens, so the cell is in bounds and ours.
+                            unsafe { *sink.at((tb + j) * n + first + g * GROUP + r) = buf[r * nt + j] };
                         }
                     }
                 }

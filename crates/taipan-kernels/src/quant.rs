@@ -54,24 +54,23 @@ impl QuantizedActs {
         self.d.resize(rows * nb, 0.0);
         self.s.resize(rows * nb, 0.0);
         self.half_sums.clear();
-        let simd = cols.is_multiple_of(QBLOCK) && has_avx512();
+        let simd = if cols.is_multiple_of(QBLOCK) { simd_level() } else { SimdLevel::None };
         for r in 0..rows {
             let src = &x[r * cols..(r + 1) * cols];
             let qs = &mut self.qs[r * stride..(r + 1) * stride];
             let d = &mut self.d[r * nb..(r + 1) * nb];
             let s = &mut self.s[r * nb..(r + 1) * nb];
-            let full = if simd { cols / QBLOCK } else { 0 };
+            let full = if simd == SimdLevel::None { 0 } else { cols / QBLOCK };
+            #[cfg(target_arch = "x86_64")]
             if full > 0 {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512 F/BW were detected; the slices hold `full` whole blocks.
-                unsafe {
-                    quantize_blocks_avx512(
-                        &src[..full * QBLOCK],
-                        &mut qs[..full * QBLOCK],
-                        &mut d[..full],
-                        &mut s[..full],
-                    )
-                };
+                let (x, q, d, s) = (&src[..full * QBLOCK], &mut qs[..full * QBLOCK], &mut d[..full], &mut s[..full]);
+                match simd {
+                    // SAFETY: AVX-512 F/BW were detected; the slices hold `full` whole blocks.
+                    SimdLevel::Avx512 => unsafe { quantize_blocks_avx512(x, q, d, s) },
+                    // SAFETY: AVX2 was detected; the slices hold `full` whole blocks.
+                    SimdLevel::Avx2 => unsafe { quantize_blocks_avx2(x, q, d, s) },
+                    SimdLevel::None => {}
+                }
             }
             for b in full..nb {
                 let lo = (b * QBLOCK).min(cols);
@@ -122,19 +121,83 @@ pub fn split_half_sums(pair: u32) -> (i32, i32) {
     (pair as u16 as i16 as i32, (pair >> 16) as u16 as i16 as i32)
 }
 
-fn has_avx512() -> bool {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SimdLevel {
+    None,
+    Avx2,
+    Avx512,
+}
+
+/// The quantizer matching the kernel level in use (all give bit-identical results).
+fn simd_level() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| {
-            crate::dispatch::Kernels::best().isa == crate::dispatch::Isa::Avx512Vnni
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
+        use crate::dispatch::{Isa, Kernels};
+        static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| match Kernels::best().isa {
+            Isa::Avx512Vnni if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") => {
+                SimdLevel::Avx512
+            }
+            Isa::Avx512Vnni | Isa::Avx2 if is_x86_feature_detected!("avx2") => SimdLevel::Avx2,
+            _ => SimdLevel::None,
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        SimdLevel::None
+    }
+}
+
+/// [`quantize_block`] for whole blocks, 8 values per step; results are bit-identical.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub unsafe fn quantize_blocks_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = d.len();
+    assert!(x.len() == n * QBLOCK && qs.len() == n * QBLOCK && s.len() == n);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+    let half = _mm256_set1_ps(0.5);
+    let lim = _mm256_set1_ps(127.0);
+    let neg_lim = _mm256_set1_ps(-127.0);
+    for b in 0..n {
+        // SAFETY: block `b` lies inside the asserted slices.
+        unsafe {
+            let p = x.as_ptr().add(b * QBLOCK);
+            let v =
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+            );
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+            let scale = amax / 127.0;
+            let id = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+            let mut sum = _mm256_setzero_si256();
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (qi, &vi) in q.iter_mut().zip(&v) {
+                let c = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(vi, id), neg_lim), lim);
+                let h = _mm256_or_ps(half, _mm256_and_ps(c, sign_mask));
+                *qi = _mm256_cvttps_epi32(_mm256_add_ps(c, h));
+                sum = _mm256_add_epi32(sum, *qi);
+            }
+            // Narrow the 32 i32 lanes to i8 in element order (packs work within 128-bit lanes).
+            let w01 = _mm256_packs_epi32(q[0], q[1]);
+            let w23 = _mm256_packs_epi32(q[2], q[3]);
+            let bytes = _mm256_packs_epi16(w01, w23);
+            let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(qs.as_mut_ptr().add(b * QBLOCK) as *mut __m256i, ordered);
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let total = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
+            d[b] = scale;
+            s[b] = scale * total as f32;
+        }
     }
 }
 

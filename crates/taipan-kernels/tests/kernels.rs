@@ -498,6 +498,31 @@ fn simd_activation_quantization_is_bit_identical() {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_activation_quantization_is_bit_identical() {
+    if !Kernels::testable(Isa::Avx2) {
+        return;
+    }
+    let mut rng = Lcg(98);
+    let mut x: Vec<f32> = (0..32 * 60).map(|_| rng.unit() * 7.0).collect();
+    // Ties and extremes: exact halves of the scale, zeros, one all-zero block, a negative max.
+    x[5] = 7.0;
+    x[6] = 7.0 * 0.5 / 127.0;
+    x[32..64].fill(0.0);
+    x[70] = -9.0;
+    let n = x.len() / 32;
+    let (mut qs, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; n], vec![0f32; n]);
+    // SAFETY: the feature was detected above.
+    unsafe { taipan_kernels::quant::quantize_blocks_avx2(&x, &mut qs, &mut d, &mut s) };
+    for b in 0..n {
+        let mut want = [0i8; 32];
+        let (scale, sum) = taipan_kernels::quant::quantize_block(&x[32 * b..32 * b + 32], &mut want);
+        assert_eq!(&qs[32 * b..32 * b + 32], &want, "block {b}");
+        assert_eq!((d[b], s[b]), (scale, scale * sum as f32));
+    }
+}
+
 #[test]
 fn q8_0_quantizer_round_trips_within_half_a_step() {
     let mut rng = Lcg(3);

@@ -50,8 +50,22 @@ const PRE_TOKENIZERS: &[PreTokenizer] = &[
     },
     PreTokenizer {
         names: &[
-            "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
-            "modern-bert", "exaone4", "mpt", "olmo", "jais", "trillion", "granite-docling",
+            "gpt-2",
+            "phi-2",
+            "jina-es",
+            "jina-de",
+            "gigachat",
+            "jina-v2-es",
+            "jina-v2-de",
+            "a.x-4.0",
+            "mellum",
+            "modern-bert",
+            "exaone4",
+            "mpt",
+            "olmo",
+            "jais",
+            "trillion",
+            "granite-docling",
         ],
         regexes: &[GPT2_REGEX],
         ignore_merges: false,
@@ -64,7 +78,17 @@ const PRE_TOKENIZERS: &[PreTokenizer] = &[
         add_bos: false,
     },
     PreTokenizer {
-        names: &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"],
+        names: &[
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+        ],
         regexes: &[LLAMA3_REGEX],
         ignore_merges: true,
         add_bos: true,
@@ -235,7 +259,8 @@ impl Tokenizer {
                 Some(find_pre_tokenizer(name).ok_or_else(|| TokenizerError::UnsupportedPre {
                     path: path.display().to_string(),
                     pre: name.into(),
-                    supported: PRE_TOKENIZERS.iter().flat_map(|p| p.names.iter().copied()).collect::<Vec<_>>().join(", "),
+                    supported:
+                        PRE_TOKENIZERS.iter().flat_map(|p| p.names.iter().copied()).collect::<Vec<_>>().join(", "),
                 })?)
             }
             _ => None,
@@ -276,7 +301,9 @@ impl Tokenizer {
                     .iter()
                     .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
                     .collect();
-                steps.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
+                steps.push(
+                    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}),
+                );
                 let pre_tokenizer = json!({"type": "Sequence", "pretokenizers": steps});
                 let ignore_merges = pre.ignore_merges;
                 json!({

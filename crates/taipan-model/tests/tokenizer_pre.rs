@@ -33,7 +33,12 @@ fn vocab_file(dir: &std::path::Path, pre: Option<&str>, whole: &[&str]) -> std::
     vocab_file_with_merges(dir, pre, whole, &[])
 }
 
-fn vocab_file_with_merges(dir: &std::path::Path, pre: Option<&str>, whole: &[&str], merges: &[&str]) -> std::path::PathBuf {
+fn vocab_file_with_merges(
+    dir: &std::path::Path,
+    pre: Option<&str>,
+    whole: &[&str],
+    merges: &[&str],
+) -> std::path::PathBuf {
     let mut tokens: Vec<String> = (0u8..=255).map(|b| byte_char(b).to_string()).collect();
     tokens.extend(whole.iter().map(|w| byte_level(w)));
     let s = |v: &str| Value::String(v.into());

@@ -5,7 +5,7 @@ use crate::packed::{ActRow, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
 /// Packed-group × activation tile: `out[r * acts.len() + t] = row r · acts[t]` for the group's
-/// 16 rows and 1 to 4 activation rows.
+/// 16 rows and 1 to 4 activation rows (`crate::dispatch` feeds it more in fours).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI. Shapes are asserted.
