@@ -328,18 +328,12 @@ pub fn attention(
     assert!(spans.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0), "attention: sequences' rows overlap");
     let group = s.heads / s.kv_heads;
     let sink = SharedOut(out.as_mut_ptr());
-    let attend = kernels.attend_head;
     let attend_rows = kernels.attend_rows;
-    // A sequence with one query token (decode) has a job per head; one with several (a prefill
-    // chunk) has a job per KV head and block of up to TILE_TOKENS tokens, covering all the query
-    // heads that share the KV head. Jobs are numbered in sequence order.
-    let jobs_of = |x: &AttnSeq<'_>| {
-        if x.tokens == 1 {
-            s.heads
-        } else {
-            s.kv_heads * x.tokens.div_ceil(TILE_TOKENS)
-        }
-    };
+    // A job is one KV head of one sequence and a block of up to TILE_TOKENS of its query tokens,
+    // with all the query heads that share the KV head. Decode rows take the same path as prefill
+    // rows: a row's arithmetic never depends on which rows share its job, so a token's output is
+    // the same whether it was computed in a prefill chunk, as a decode step or after a prefix hit.
+    let jobs_of = |x: &AttnSeq<'_>| s.kv_heads * x.tokens.div_ceil(TILE_TOKENS);
     let mut starts = Vec::with_capacity(seqs.len() + 1);
     let mut total = 0;
     for x in seqs {
@@ -359,14 +353,6 @@ pub fn attention(
             stride: kvdim,
             offset: kvh * hd,
         };
-        if x.tokens == 1 {
-            let (row, h) = (x.first_row, local);
-            let qh = &q[row * qdim + h * hd..row * qdim + (h + 1) * hd];
-            // SAFETY: each job owns the disjoint output slice of (row, h).
-            let o = unsafe { std::slice::from_raw_parts_mut(sink.at(row * qdim + h * hd), hd) };
-            SCORES.with(|cell| attend(o, qh, &view(h / group), x.start + 1, s.scale, &mut cell.borrow_mut()));
-            return;
-        }
         let (kvh, block) = (local % s.kv_heads, local / s.kv_heads);
         let tokens = block * TILE_TOKENS..((block + 1) * TILE_TOKENS).min(x.tokens);
         TILE.with(|tile| {
@@ -558,6 +544,46 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// A row's output does not depend on the rows computed beside it: a sequence's tokens give
+    /// bit-identical outputs as one prefill chunk, as chunks of other sizes, and one at a time.
+    #[test]
+    fn attention_rows_are_batch_invariant() {
+        let pool = ThreadPool::new(2);
+        let (heads, kv_heads, hd, bs) = (6, 2, 64, 16);
+        let kvdim = kv_heads * hd;
+        let blocks: Vec<u32> = vec![3, 0, 2, 1];
+        let n = 50;
+        let k: Vec<f32> = (0..4 * bs * kvdim).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
+        let v: Vec<f32> = (0..4 * bs * kvdim).map(|i| (i * 104_729 % 997) as f32 / 997.0 - 0.5).collect();
+        let q: Vec<f32> = (0..n * heads * hd).map(|i| (i * 31 % 127) as f32 / 127.0 - 0.5).collect();
+        let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 0.125 };
+        let kvl = KvLayer { k: &k, v: &v, block_size: bs };
+        for kern in Kernels::available() {
+            let mut whole = vec![0f32; q.len()];
+            attention(
+                &kern,
+                &mut whole,
+                &q,
+                kvl,
+                &[AttnSeq { first_row: 0, tokens: n, start: 0, blocks: &blocks }],
+                shape,
+                &pool,
+            );
+            for chunk in [1, 3, 7, 13] {
+                let mut parts = vec![0f32; q.len()];
+                let mut t = 0;
+                while t < n {
+                    let len = chunk.min(n - t);
+                    let rows = t * heads * hd..(t + len) * heads * hd;
+                    let seq = [AttnSeq { first_row: 0, tokens: len, start: t, blocks: &blocks }];
+                    attention(&kern, &mut parts[rows.clone()], &q[rows], kvl, &seq, shape, &pool);
+                    t += len;
+                }
+                assert!(whole == parts, "{:?}: chunks of {chunk} differ from one chunk", kern.isa);
             }
         }
     }

@@ -80,24 +80,65 @@ pub unsafe fn attend_rows(
     }
 }
 
-/// `kt[d·16 + i]` = element `d` of position `p0 + i`'s key, zero past `count`.
+/// `kt[d·16 + i]` = element `d` of position `p0 + i`'s key, zero past `count`; eight keys by
+/// eight dimensions at a time through registers.
 ///
 /// # Safety
-/// Positions `p0..p0 + count` must be inside the checked view; `kt` holds `16·hd` floats.
+/// Positions `p0..p0 + count` must be inside the checked view; `kt` holds `16·hd` floats and
+/// `hd` is a multiple of 8.
 #[target_feature(enable = "avx2")]
 unsafe fn transpose_keys(kt: &mut [f32], kv: &KvView<'_>, p0: usize, count: usize, hd: usize) {
-    for i in 0..KEYS {
-        if i < count {
-            let at = kv.at(p0 + i);
-            for (d, &x) in kv.k[at..at + hd].iter().enumerate() {
-                kt[d * KEYS + i] = x;
-            }
-        } else {
-            for d in 0..hd {
-                kt[d * KEYS + i] = 0.0;
+    assert!(kt.len() >= KEYS * hd && hd.is_multiple_of(8));
+    // SAFETY: rows of present keys are inside the view (checked by the caller); every store is
+    // inside `kt` (asserted).
+    unsafe {
+        for i0 in (0..KEYS).step_by(8) {
+            let rows: [Option<*const f32>; 8] =
+                std::array::from_fn(|j| (i0 + j < count).then(|| kv.k.as_ptr().add(kv.at(p0 + i0 + j))));
+            for d0 in (0..hd).step_by(8) {
+                let r: [__m256; 8] = std::array::from_fn(|j| match rows[j] {
+                    Some(p) => _mm256_loadu_ps(p.add(d0)),
+                    None => _mm256_setzero_ps(),
+                });
+                let t = transpose8(r);
+                for (j, v) in t.iter().enumerate() {
+                    _mm256_storeu_ps(kt.as_mut_ptr().add((d0 + j) * KEYS + i0), *v);
+                }
             }
         }
     }
+}
+
+/// The 8×8 transpose of eight row vectors.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
 }
 
 /// Scores of `R` consecutive query rows against one transposed key tile.
