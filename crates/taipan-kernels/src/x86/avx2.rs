@@ -111,7 +111,13 @@ fn scale_block<const NT: usize>(
 /// Writes the accumulators of rows `8·half..8·half+8` to `out[r * t_all + t_first + t]`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn store_half<const NT: usize>(acc: &[__m256; NT], out: &mut [f32], half: usize, t_first: usize, t_all: usize) {
+pub(crate) fn store_half<const NT: usize>(
+    acc: &[__m256; NT],
+    out: &mut [f32],
+    half: usize,
+    t_first: usize,
+    t_all: usize,
+) {
     for (t, v) in acc.iter().enumerate() {
         let mut lanes = [0f32; 8];
         // SAFETY: `lanes` holds 8 floats.

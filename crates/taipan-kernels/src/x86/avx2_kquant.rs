@@ -1,6 +1,7 @@
 //! AVX2 kernel for K-quant groups (`crate::kpacked`); AVX-512 machines use it too until they
 //! have their own.
 
+use super::avx2::store_half;
 use crate::kpacked::{KLayout, BLOCKS_PER_SUPER};
 use crate::packed::{ActRow, PackedGroup, GROUP};
 use crate::quant::QBLOCK;
@@ -169,13 +170,6 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool, const S
                 }
             }
         }
-        for (t, v) in acc.iter().enumerate() {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *v) };
-            for (i, &x) in lanes.iter().enumerate() {
-                out[(8 * half + i) * t_all + t_first + t] = x;
-            }
-        }
+        store_half::<NT>(&acc, out, half, t_first, t_all);
     }
 }
