@@ -555,10 +555,23 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
 
 fn cmd_inspect(path: &Path, list_tensors: bool) -> Result<()> {
     let f = GgufFile::open(path)?;
-    println!("file: {} ({} bytes, GGUF v{}, alignment {})", path.display(), f.file_len(), f.version, f.alignment);
-    println!("metadata ({} keys):", f.metadata.len());
+    // A reader that stops early (`taipan inspect … | head`) ends the listing, not the program.
+    match write_inspection(&mut std::io::stdout().lock(), path, &f, list_tensors) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn write_inspection(
+    out: &mut impl std::io::Write,
+    path: &Path,
+    f: &GgufFile,
+    list_tensors: bool,
+) -> std::io::Result<()> {
+    writeln!(out, "file: {} ({} bytes, GGUF v{}, alignment {})", path.display(), f.file_len(), f.version, f.alignment)?;
+    writeln!(out, "metadata ({} keys):", f.metadata.len())?;
     for (k, v) in &f.metadata {
-        println!("  {k} = {}", v.display_short());
+        writeln!(out, "  {k} = {}", v.display_short())?;
     }
     let mut by_type: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
     for t in &f.tensors {
@@ -568,16 +581,16 @@ fn cmd_inspect(path: &Path, list_tensors: bool) -> Result<()> {
     }
     let total: u64 = f.tensors.iter().map(|t| t.bytes).sum();
     let params: u64 = f.tensors.iter().map(|t| t.elements()).sum();
-    println!("tensors: {} ({} parameters, {} bytes)", f.tensors.len(), params, total);
+    writeln!(out, "tensors: {} ({} parameters, {} bytes)", f.tensors.len(), params, total)?;
     for (ty, (n, bytes)) in by_type {
-        println!("  {ty:>5}: {n:>4} tensors, {bytes} bytes");
+        writeln!(out, "  {ty:>5}: {n:>4} tensors, {bytes} bytes")?;
     }
     if list_tensors {
         for t in &f.tensors {
-            println!("  {:<40} {:>5} {:?} {} bytes", t.name, t.dtype.name(), t.dims, t.bytes);
+            writeln!(out, "  {:<40} {:>5} {:?} {} bytes", t.name, t.dtype.name(), t.dims, t.bytes)?;
         }
     }
-    Ok(())
+    out.flush()
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {

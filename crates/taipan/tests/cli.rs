@@ -100,6 +100,24 @@ fn inspect_lists_metadata_and_tensor_types() {
     assert!(out.contains("blk.0.attn_q.weight"));
 }
 
+/// A reader that stops early (`taipan inspect … | head -1`) ends the listing quietly: no panic
+/// about a broken pipe, exit status 0. The read end is closed before taipan has written anything,
+/// so its first write meets a pipe without readers.
+#[test]
+fn inspect_into_a_pipe_closed_early_is_not_a_panic() {
+    let model = default_model();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taipan"))
+        .args(["inspect", model.to_str().unwrap(), "--tensors"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run taipan");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn bench_and_perplexity_report_numbers() {
     let model = default_model();
