@@ -12,10 +12,6 @@ pub type PackedTileFn = fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]);
 /// `out[r * xs.len() + t] = ws[r] · xs[t]`, at most 4 × 4, all slices of one length.
 pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
 
-/// One attention head: `out = softmax(scale · K q) · V` over positions `0..n` of a paged KV view;
-/// `scores` is the caller's scratch.
-pub type AttendHeadFn = fn(&mut [f32], &[f32], &crate::ops::KvView<'_>, usize, f32, &mut Vec<f32>);
-
 /// Several query rows against one KV head, row `i` over positions `0..limits[i]`:
 /// `(out, q, limits, kv, scale, scratch)` with `out` and `q` `[rows, head_dim]`.
 pub type AttendRowsFn = fn(&mut [f32], &[f32], &[usize], &crate::ops::KvView<'_>, f32, &mut Vec<f32>);
@@ -51,7 +47,6 @@ pub struct Kernels {
     pub isa: Isa,
     pub packed_tile: PackedTileFn,
     pub f32_tile: F32TileFn,
-    pub attend_head: AttendHeadFn,
     pub attend_rows: AttendRowsFn,
     pub selective_scan: ScanFn,
 }
@@ -113,17 +108,6 @@ mod x86_entry {
             }
         }
     }
-    pub fn attend_avx512(
-        out: &mut [f32],
-        q: &[f32],
-        kv: &crate::ops::KvView<'_>,
-        n: usize,
-        scale: f32,
-        scores: &mut Vec<f32>,
-    ) {
-        // SAFETY: only installed after detecting avx512f.
-        unsafe { avx512::attend_head(out, q, kv, n, scale, scores) }
-    }
     pub fn scan_avx512(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
         // SAFETY: only installed after detecting avx512f.
         unsafe { avx512::selective_scan(y, i, h, s) }
@@ -140,17 +124,6 @@ mod x86_entry {
                 _ => avx2::dot_group_packed(w, acts, out),
             }
         }
-    }
-    pub fn attend_avx2(
-        out: &mut [f32],
-        q: &[f32],
-        kv: &crate::ops::KvView<'_>,
-        n: usize,
-        scale: f32,
-        scores: &mut Vec<f32>,
-    ) {
-        // SAFETY: only installed after detecting avx2 and fma.
-        unsafe { avx2::attend_head(out, q, kv, n, scale, scores) }
     }
     pub fn attend_rows_avx2(
         out: &mut [f32],
@@ -180,7 +153,6 @@ impl Kernels {
             isa: Isa::Scalar,
             packed_tile: packed_tile_ref,
             f32_tile: f32_tile_ref,
-            attend_head: crate::ops::attend_head_ref,
             attend_rows: crate::ops::attend_rows_ref,
             selective_scan: crate::ssm::selective_scan_ref,
         }
@@ -198,7 +170,6 @@ impl Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx2,
                 f32_tile: x86_entry::f32_avx2,
-                attend_head: x86_entry::attend_avx2,
                 attend_rows: x86_entry::attend_rows_avx2,
                 selective_scan: x86_entry::scan_avx2,
             }),
@@ -213,7 +184,6 @@ impl Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx512,
                 f32_tile: x86_entry::f32_avx512,
-                attend_head: x86_entry::attend_avx512,
                 attend_rows: x86_entry::attend_rows_avx2,
                 selective_scan: x86_entry::scan_avx512,
             }),

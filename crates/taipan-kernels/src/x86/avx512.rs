@@ -1,6 +1,5 @@
 //! AVX-512 kernels (F, BW, and VNNI for the integer dot products).
 
-use crate::ops::KvView;
 use crate::packed::{ActRow, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
@@ -156,21 +155,6 @@ unsafe fn tile_f32<const R: usize, const T: usize>(ws: &[&[f32]], xs: &[&[f32]],
     }
 }
 
-/// Sums of four vectors' lanes: `[Σa0, Σa1, Σa2, Σa3]`.
-#[target_feature(enable = "avx512f")]
-fn reduce4(a0: __m512, a1: __m512, a2: __m512, a3: __m512) -> __m128 {
-    // Pairwise interleave-and-add until each 128-bit lane holds one partial sum per input.
-    let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    let u = _mm512_add_ps(
-        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
-        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
-    );
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u)));
-    let h = _mm256_add_ps(_mm512_castps512_ps256(u), hi);
-    _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
-}
-
 /// `e^x` for 16 lanes (Cephes-style range reduction and polynomial; ~1 ulp for x in [-87, 88]).
 #[target_feature(enable = "avx512f")]
 fn exp16(x: __m512) -> __m512 {
@@ -189,115 +173,6 @@ fn exp16(x: __m512) -> __m512 {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
     _mm512_scalef_ps(p, n)
-}
-
-/// One attention head over positions `0..n` of a paged KV view; see `crate::ops::attend_head_ref`.
-///
-/// Walks the block table block by block (no per-position division), scores four positions per
-/// reduction, and exponentiates sixteen scores at a time. Head sizes of 32, 64, 128 and 256 get
-/// a version whose accumulators stay in registers.
-///
-/// # Safety
-/// The CPU must support AVX-512 F. Shapes are checked.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn attend_head(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize, scale: f32, scores: &mut Vec<f32>) {
-    // SAFETY: forwarded contract.
-    unsafe {
-        match q.len() {
-            32 => attend_head_c::<2>(out, q, kv, n, scale, scores),
-            64 => attend_head_c::<4>(out, q, kv, n, scale, scores),
-            128 => attend_head_c::<8>(out, q, kv, n, scale, scores),
-            256 => attend_head_c::<16>(out, q, kv, n, scale, scores),
-            _ => crate::ops::attend_head_ref(out, q, kv, n, scale, scores),
-        }
-    }
-}
-
-#[target_feature(enable = "avx512f")]
-unsafe fn attend_head_c<const C: usize>(
-    out: &mut [f32],
-    q: &[f32],
-    kv: &KvView<'_>,
-    n: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-) {
-    let hd = 16 * C;
-    assert!(q.len() == hd && out.len() == hd && n > 0);
-    kv.check(n, hd);
-    let bs = kv.block_size;
-    scores.clear();
-    scores.resize(n.div_ceil(16) * 16, f32::NEG_INFINITY);
-    // SAFETY: `check` proved every position's row lies inside `kv.k` and `kv.v`; `scores` is
-    // padded to whole vectors.
-    unsafe {
-        let qv: [__m512; C] =
-            std::array::from_fn(|c| _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(16 * c)), _mm512_set1_ps(scale)));
-        #[inline(always)]
-        unsafe fn dot<const C: usize>(qv: &[__m512; C], kp: *const f32) -> __m512 {
-            // SAFETY: the caller passes a row start with `16 * C` readable floats.
-            unsafe {
-                let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-                for (c, qc) in qv.iter().enumerate().skip(1) {
-                    acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(kp.add(16 * c)), acc);
-                }
-                acc
-            }
-        }
-        let mut p = 0;
-        for &blk in &kv.blocks[..n.div_ceil(bs)] {
-            let base = kv.k.as_ptr().add(blk as usize * bs * kv.stride + kv.offset);
-            let count = bs.min(n - p);
-            let mut j = 0;
-            while j + 4 <= count {
-                let s4 = reduce4(
-                    dot(&qv, base.add(j * kv.stride)),
-                    dot(&qv, base.add((j + 1) * kv.stride)),
-                    dot(&qv, base.add((j + 2) * kv.stride)),
-                    dot(&qv, base.add((j + 3) * kv.stride)),
-                );
-                _mm_storeu_ps(scores.as_mut_ptr().add(p + j), s4);
-                j += 4;
-            }
-            while j < count {
-                *scores.get_unchecked_mut(p + j) = _mm512_reduce_add_ps(dot(&qv, base.add(j * kv.stride)));
-                j += 1;
-            }
-            p += count;
-        }
-        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
-        for c in scores.chunks_exact(16) {
-            maxv = _mm512_max_ps(maxv, _mm512_loadu_ps(c.as_ptr()));
-        }
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
-        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut sumv = _mm512_setzero_ps();
-        for c in scores.chunks_exact_mut(16) {
-            let x = _mm512_loadu_ps(c.as_ptr());
-            // Padding lanes hold -inf and become 0.
-            let e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(x, neg_inf), exp16(_mm512_sub_ps(x, max)));
-            _mm512_storeu_ps(c.as_mut_ptr(), e);
-            sumv = _mm512_add_ps(sumv, e);
-        }
-        let inv = 1.0 / _mm512_reduce_add_ps(sumv);
-        let mut acc = [_mm512_setzero_ps(); C];
-        let mut p = 0;
-        for &blk in &kv.blocks[..n.div_ceil(bs)] {
-            let base = kv.v.as_ptr().add(blk as usize * bs * kv.stride + kv.offset);
-            let count = bs.min(n - p);
-            for j in 0..count {
-                let w = _mm512_set1_ps(*scores.get_unchecked(p + j) * inv);
-                let vp = base.add(j * kv.stride);
-                for (c, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), *a);
-                }
-            }
-            p += count;
-        }
-        for (c, a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *a);
-        }
-    }
 }
 
 /// The selective scan for state sizes that are multiples of 16; see `crate::ssm::selective_scan_ref`.
