@@ -12,9 +12,9 @@ pub type PackedTileFn = fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]);
 /// `out[r * xs.len() + t] = ws[r] · xs[t]`, at most 4 × 4, all slices of one length.
 pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
 
-/// Several query rows against one KV head, row `i` over positions `0..limits[i]`:
-/// `(out, q, limits, kv, scale, scratch)` with `out` and `q` `[rows, head_dim]`.
-pub type AttendRowsFn = fn(&mut [f32], &[f32], &[usize], &crate::ops::KvView<'_>, f32, &mut Vec<f32>);
+/// Several query rows against one KV head, row `i` over positions `spans[i].0..spans[i].1`:
+/// `(out, q, spans, kv, scale, scratch)` with `out` and `q` `[rows, head_dim]`.
+pub type AttendRowsFn = fn(&mut [f32], &[f32], &[(usize, usize)], &crate::ops::KvView<'_>, f32, &mut Vec<f32>);
 
 /// The gated selective scan; see [`crate::ssm::selective_scan_ref`].
 pub type ScanFn = fn(&mut [f32], &crate::ssm::ScanInputs<'_>, &mut [f32], crate::ssm::ScanShape);
@@ -128,13 +128,13 @@ mod x86_entry {
     pub fn attend_rows_avx2(
         out: &mut [f32],
         q: &[f32],
-        limits: &[usize],
+        spans: &[(usize, usize)],
         kv: &crate::ops::KvView<'_>,
         scale: f32,
         scratch: &mut Vec<f32>,
     ) {
         // SAFETY: only installed after detecting avx2 and fma (the AVX-512 table too).
-        unsafe { crate::x86::avx2_attention::attend_rows(out, q, limits, kv, scale, scratch) }
+        unsafe { crate::x86::avx2_attention::attend_rows(out, q, spans, kv, scale, scratch) }
     }
     pub fn scan_avx2(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
         // SAFETY: only installed after detecting avx2 and fma.

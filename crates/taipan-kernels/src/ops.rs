@@ -124,6 +124,13 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// GELU in its tanh form, `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`: what ggml's `gelu`
+/// and Gemma's `gelu_pytorch_tanh` compute.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
 /// `x += y`.
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len());
@@ -141,7 +148,29 @@ pub enum RopeStyle {
     Half,
 }
 
-/// Rotary position embedding: pairs of each head turn by `pos · base^(−2i/d)`.
+/// How a model stretches RoPE beyond the context it was trained on (GGUF `rope.scaling.*`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (position interpolation).
+    Linear {
+        factor: f32,
+    },
+    /// YaRN (Peng et al. 2023): low-frequency pairs interpolated by `factor`, high-frequency ones
+    /// kept, a linear ramp between the pairs whose wavelengths make `beta_fast` and `beta_slow`
+    /// turns over `original_context`; cosines and sines scaled by `(1 + 0.1·ln factor)·attn_factor`.
+    /// The same arithmetic as ggml's `rope_yarn`.
+    Yarn {
+        factor: f32,
+        original_context: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attn_factor: f32,
+    },
+}
+
+/// Rotary position embedding: pairs of each head turn by `pos · base^(−2i/d)` (divided by the
+/// model's per-pair frequency factors where it has them, and scaled as [`RopeScaling`] says).
 ///
 /// Nothing is tabulated per position (a model may declare millions of them): a forward pass
 /// computes the angles of its own positions once ([`Rope::angles`]) and every layer reuses them.
@@ -149,14 +178,46 @@ pub enum RopeStyle {
 pub struct Rope {
     pub dims: usize,
     pub base: f32,
-    /// `base^(−2i/d)` for `i < d/2`.
+    /// Angle per position of pair `i`, scaling included.
     freqs: Vec<f64>,
+    /// Magnitude of the rotation (1 except under YaRN).
+    magnitude: f64,
 }
 
 impl Rope {
     pub fn new(dims: usize, base: f32) -> Self {
-        let freqs = (0..dims / 2).map(|i| (base as f64).powf(-2.0 * i as f64 / dims as f64)).collect();
-        Rope { dims, base, freqs }
+        Rope::scaled(dims, base, RopeScaling::None, None)
+    }
+
+    /// RoPE with scaling and optional per-pair frequency factors (`rope_freqs`, as Llama 3's
+    /// long-context scaling is written to GGUF; `d/2` values, each dividing its pair's frequency).
+    pub fn scaled(dims: usize, base: f32, scaling: RopeScaling, factors: Option<&[f32]>) -> Self {
+        let half = dims / 2;
+        let raw = |i: usize| {
+            let f = (base as f64).powf(-2.0 * i as f64 / dims as f64);
+            f / factors.map_or(1.0, |v| v[i] as f64)
+        };
+        let (freqs, magnitude) = match scaling {
+            RopeScaling::None => ((0..half).map(raw).collect(), 1.0),
+            RopeScaling::Linear { factor } => ((0..half).map(|i| raw(i) / factor as f64).collect(), 1.0),
+            RopeScaling::Yarn { factor, original_context, beta_fast, beta_slow, attn_factor } => {
+                let corr = |turns: f32| {
+                    dims as f32 * (original_context as f32 / (turns * 2.0 * std::f32::consts::PI)).ln()
+                        / (2.0 * base.ln())
+                };
+                let low = corr(beta_fast).floor().max(0.0);
+                let high = corr(beta_slow).ceil().min(dims as f32 - 1.0);
+                let freqs = (0..half)
+                    .map(|i| {
+                        let y = (i as f32 - low) / (high - low).max(0.001);
+                        let keep = 1.0 - y.clamp(0.0, 1.0);
+                        raw(i) * ((1.0 - keep as f64) / factor as f64 + keep as f64)
+                    })
+                    .collect();
+                (freqs, (1.0 + 0.1 * (factor as f64).ln()) * attn_factor as f64)
+            }
+        };
+        Rope { dims, base, freqs, magnitude }
     }
 
     /// Cosines and sines for `positions`: `[positions.len(), d/2]` each.
@@ -166,8 +227,8 @@ impl Rope {
         for &p in positions {
             for &f in &self.freqs {
                 let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push((angle.cos() * self.magnitude) as f32);
+                sin.push((angle.sin() * self.magnitude) as f32);
             }
         }
     }
@@ -224,19 +285,28 @@ impl KvView<'_> {
     }
 }
 
-/// Scalar reference of one attention head: `out = softmax(scale · K q) · V` over positions `0..n`.
-pub fn attend_head_ref(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize, scale: f32, scores: &mut Vec<f32>) {
+/// Scalar reference of one attention head: `out = softmax(scale · K q) · V` over the positions
+/// `span` (a causal row sees `0..=pos`; a sliding-window row only the last `window` of those).
+pub fn attend_head_ref(
+    out: &mut [f32],
+    q: &[f32],
+    kv: &KvView<'_>,
+    span: (usize, usize),
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
     let hd = q.len();
-    assert!(out.len() == hd && n > 0);
-    kv.check(n, hd);
+    let (first, end) = span;
+    assert!(out.len() == hd && first < end);
+    kv.check(end, hd);
     scores.clear();
-    scores.extend((0..n).map(|p| {
+    scores.extend((first..end).map(|p| {
         let at = kv.at(p);
         dot(q, &kv.k[at..at + hd]) * scale
     }));
     softmax(scores);
     out.fill(0.0);
-    for (p, &w) in scores.iter().enumerate() {
+    for (p, &w) in (first..end).zip(scores.iter()) {
         let at = kv.at(p);
         for (o, &x) in out.iter_mut().zip(&kv.v[at..at + hd]) {
             *o += w * x;
@@ -245,19 +315,19 @@ pub fn attend_head_ref(out: &mut [f32], q: &[f32], kv: &KvView<'_>, n: usize, sc
 }
 
 /// Scalar reference of several query rows against one KV head: row `i` of `out` is
-/// [`attend_head_ref`] of row `i` of `q` over positions `0..limits[i]`.
+/// [`attend_head_ref`] of row `i` of `q` over positions `spans[i].0..spans[i].1`.
 pub fn attend_rows_ref(
     out: &mut [f32],
     q: &[f32],
-    limits: &[usize],
+    spans: &[(usize, usize)],
     kv: &KvView<'_>,
     scale: f32,
     scratch: &mut Vec<f32>,
 ) {
-    assert!(!limits.is_empty() && q.len().is_multiple_of(limits.len()) && out.len() == q.len());
-    let hd = q.len() / limits.len();
-    for (i, &n) in limits.iter().enumerate() {
-        attend_head_ref(&mut out[i * hd..(i + 1) * hd], &q[i * hd..(i + 1) * hd], kv, n, scale, scratch);
+    assert!(!spans.is_empty() && q.len().is_multiple_of(spans.len()) && out.len() == q.len());
+    let hd = q.len() / spans.len();
+    for (i, &span) in spans.iter().enumerate() {
+        attend_head_ref(&mut out[i * hd..(i + 1) * hd], &q[i * hd..(i + 1) * hd], kv, span, scale, scratch);
     }
 }
 
@@ -272,6 +342,21 @@ pub struct AttentionShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Sliding-window attention: a query at position `p` sees only positions `p + 1 − w ..= p`
+    /// (llama.cpp's standard SWA mask; Gemma's local layers). `None`: every earlier position.
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// Positions a query at `pos` attends to, as `(first, end)`.
+    #[inline]
+    pub fn span(&self, pos: usize) -> (usize, usize) {
+        let first = match self.window {
+            Some(w) => (pos + 1).saturating_sub(w.max(1)),
+            None => 0,
+        };
+        (first, pos + 1)
+    }
 }
 
 /// One sequence's part of a batched attention call.
@@ -295,10 +380,13 @@ pub struct KvLayer<'a> {
     pub block_size: usize,
 }
 
+/// Query rows, output rows and `(first, end)` position spans of one tiled attention job.
+type TileRows = (Vec<f32>, Vec<f32>, Vec<(usize, usize)>);
+
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// A tiled job's gathered query rows, its output rows and their limits.
-    static TILE: RefCell<(Vec<f32>, Vec<f32>, Vec<usize>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// A tiled job's gathered query rows, its output rows and the positions each row sees.
+    static TILE: RefCell<TileRows> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Causal attention for a batch of sequences over a paged KV pool.
@@ -356,16 +444,16 @@ pub fn attention(
         let (kvh, block) = (local % s.kv_heads, local / s.kv_heads);
         let tokens = block * TILE_TOKENS..((block + 1) * TILE_TOKENS).min(x.tokens);
         TILE.with(|tile| {
-            let (q_rows, out_rows, limits) = &mut *tile.borrow_mut();
+            let (q_rows, out_rows, spans) = &mut *tile.borrow_mut();
             q_rows.clear();
-            limits.clear();
+            spans.clear();
             for t in tokens.clone() {
                 let at = (x.first_row + t) * qdim + kvh * group * hd;
                 q_rows.extend_from_slice(&q[at..at + group * hd]);
-                limits.extend(std::iter::repeat_n(x.start + t + 1, group));
+                spans.extend(std::iter::repeat_n(s.span(x.start + t), group));
             }
             out_rows.resize(q_rows.len(), 0.0);
-            SCORES.with(|cell| attend_rows(out_rows, q_rows, limits, &view(kvh), s.scale, &mut cell.borrow_mut()));
+            SCORES.with(|cell| attend_rows(out_rows, q_rows, spans, &view(kvh), s.scale, &mut cell.borrow_mut()));
             for (i, t) in tokens.enumerate() {
                 let at = (x.first_row + t) * qdim + kvh * group * hd;
                 // SAFETY: the query heads of KV head kvh for token t belong to this job alone.
@@ -480,9 +568,50 @@ mod tests {
         assert_eq!(c, vec![0.3, -0.7, 1.1, 2.0]);
     }
 
+    /// Linear scaling divides positions; frequency factors divide their pair's frequency; YaRN
+    /// keeps the fastest pairs, interpolates the slowest by its factor and scales magnitudes.
+    #[test]
+    fn rope_scalings_turn_pairs_as_their_definitions_say() {
+        let (dims, base) = (64, 10000f32);
+        let freq = |i: usize| (base as f64).powf(-2.0 * i as f64 / dims as f64);
+        let angles = |r: &Rope, p: usize| {
+            let (mut c, mut s) = (Vec::new(), Vec::new());
+            r.angles(&[p], &mut c, &mut s);
+            (c, s)
+        };
+        let linear = Rope::scaled(dims, base, RopeScaling::Linear { factor: 4.0 }, None);
+        let (c, _) = angles(&linear, 400);
+        let (c1, _) = angles(&Rope::new(dims, base), 100);
+        for (a, b) in c.iter().zip(&c1) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        let factors: Vec<f32> = (0..dims / 2).map(|i| 1.0 + i as f32).collect();
+        let (c, s) = angles(&Rope::scaled(dims, base, RopeScaling::None, Some(&factors)), 7);
+        for i in 0..dims / 2 {
+            let want = 7.0 * freq(i) / factors[i] as f64;
+            assert!((c[i] as f64 - want.cos()).abs() < 1e-6 && (s[i] as f64 - want.sin()).abs() < 1e-6);
+        }
+        let yarn = RopeScaling::Yarn {
+            factor: 8.0,
+            original_context: 4096,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attn_factor: 1.0,
+        };
+        let (c, s) = angles(&Rope::scaled(dims, base, yarn, None), 3);
+        let m = 1.0 + 0.1 * 8f64.ln();
+        let last = dims / 2 - 1;
+        for (i, scale) in [(0, 1.0), (last, 1.0 / 8.0)] {
+            let want = 3.0 * freq(i) * scale;
+            assert!((c[i] as f64 - m * want.cos()).abs() < 1e-5, "pair {i}");
+            assert!((s[i] as f64 - m * want.sin()).abs() < 1e-5, "pair {i}");
+        }
+    }
+
     /// Prefill chunks take the tiled path (many query rows per job): long chunks, query heads
     /// sharing a KV head, head sizes with and without whole 32-float strips, chunks that start
-    /// mid-sequence, beside a decode row.
+    /// mid-sequence, beside a decode row; with full causal attention and with sliding windows
+    /// narrower and wider than a key tile.
     #[test]
     fn tiled_prefill_attention_matches_naive_for_every_kernel_table() {
         let pool = ThreadPool::new(2);
@@ -515,31 +644,35 @@ mod tests {
             ];
             let rows: usize = seqs.iter().map(|x| x.tokens).sum();
             let q: Vec<f32> = (0..rows * heads * hd).map(|_| next()).collect();
-            let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
-            for kern in Kernels::available() {
-                let mut out = vec![0f32; q.len()];
-                attention(&kern, &mut out, &q, KvLayer { k: &k, v: &v, block_size: bs }, &seqs, shape, &pool);
-                for x in &seqs {
-                    for t in 0..x.tokens {
-                        let row = x.first_row + t;
-                        for h in 0..heads {
-                            let kvh = h / (heads / kv_heads);
-                            let at = |p: usize| (x.blocks[p / bs] as usize * bs + p % bs) * kvdim + kvh * hd;
-                            let qh = &q[(row * heads + h) * hd..][..hd];
-                            let mut w: Vec<f32> = (0..=x.start + t)
-                                .map(|p| {
-                                    qh.iter().zip(&k[at(p)..at(p) + hd]).map(|(a, b)| a * b).sum::<f32>() * shape.scale
-                                })
-                                .collect();
-                            softmax(&mut w);
-                            for d in 0..hd {
-                                let want: f32 = w.iter().enumerate().map(|(p, wp)| wp * v[at(p) + d]).sum();
-                                let got = out[(row * heads + h) * hd + d];
-                                assert!(
-                                    (got - want).abs() < 1e-5,
-                                    "{:?} hd {hd} row {row} head {h}: {got} vs {want}",
-                                    kern.isa
-                                );
+            for window in [None, Some(1), Some(5), Some(20), Some(1000)] {
+                let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt(), window };
+                for kern in Kernels::available() {
+                    let mut out = vec![0f32; q.len()];
+                    attention(&kern, &mut out, &q, KvLayer { k: &k, v: &v, block_size: bs }, &seqs, shape, &pool);
+                    for x in &seqs {
+                        for t in 0..x.tokens {
+                            let row = x.first_row + t;
+                            for h in 0..heads {
+                                let kvh = h / (heads / kv_heads);
+                                let at = |p: usize| (x.blocks[p / bs] as usize * bs + p % bs) * kvdim + kvh * hd;
+                                let qh = &q[(row * heads + h) * hd..][..hd];
+                                let (first, end) = shape.span(x.start + t);
+                                let mut w: Vec<f32> = (first..end)
+                                    .map(|p| {
+                                        qh.iter().zip(&k[at(p)..at(p) + hd]).map(|(a, b)| a * b).sum::<f32>()
+                                            * shape.scale
+                                    })
+                                    .collect();
+                                softmax(&mut w);
+                                for d in 0..hd {
+                                    let want: f32 = (first..end).zip(&w).map(|(p, wp)| wp * v[at(p) + d]).sum();
+                                    let got = out[(row * heads + h) * hd + d];
+                                    assert!(
+                                        (got - want).abs() < 1e-5,
+                                        "{:?} hd {hd} window {window:?} row {row} head {h}: {got} vs {want}",
+                                        kern.isa
+                                    );
+                                }
                             }
                         }
                     }
@@ -560,7 +693,7 @@ mod tests {
         let k: Vec<f32> = (0..4 * bs * kvdim).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
         let v: Vec<f32> = (0..4 * bs * kvdim).map(|i| (i * 104_729 % 997) as f32 / 997.0 - 0.5).collect();
         let q: Vec<f32> = (0..n * heads * hd).map(|i| (i * 31 % 127) as f32 / 127.0 - 0.5).collect();
-        let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 0.125 };
+        let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 0.125, window: None };
         let kvl = KvLayer { k: &k, v: &v, block_size: bs };
         for kern in Kernels::available() {
             let mut whole = vec![0f32; q.len()];
@@ -603,7 +736,7 @@ mod tests {
             AttnSeq { first_row: 2, tokens: 1, start: 9, blocks: &tables[1] },
         ];
         let q: Vec<f32> = (0..3 * heads * hd).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-        let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 0.35 };
+        let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 0.35, window: None };
         for kern in Kernels::available() {
             let mut out = vec![0f32; q.len()];
             attention(&kern, &mut out, &q, KvLayer { k: &k, v: &v, block_size: bs }, &seqs, shape, &pool);
@@ -642,7 +775,7 @@ mod tests {
         ];
         let q = vec![0f32; 4 * 32];
         let mut out = vec![0f32; q.len()];
-        let shape = AttentionShape { heads: 1, kv_heads: 1, head_dim: 32, scale: 1.0 };
+        let shape = AttentionShape { heads: 1, kv_heads: 1, head_dim: 32, scale: 1.0, window: None };
         attention(&Kernels::scalar(), &mut out, &q, KvLayer { k: &k, v: &v, block_size: 4 }, &seqs, shape, &pool);
     }
 }

@@ -13,12 +13,13 @@ const SCORE_ROWS: usize = 4;
 /// Query rows per value micro-tile (three rows × four vectors of 8 output dimensions).
 const VALUE_ROWS: usize = 3;
 
-/// `out[i] = softmax(scale · K q[i]) · V` over positions `0..limits[i]`, for every row `i` of
-/// `q` and `out` (`[rows, head_dim]`, contiguous). See `crate::ops::attend_rows_ref`.
+/// `out[i] = softmax(scale · K q[i]) · V` over positions `spans[i].0..spans[i].1`, for every row
+/// `i` of `q` and `out` (`[rows, head_dim]`, contiguous). See `crate::ops::attend_rows_ref`.
 ///
-/// Scores go to `scratch` for all rows first (`[rows, positions]`), then each row's softmax, then
-/// the weighted values: key tiles are transposed once and serve every row in register tiles, so
-/// no score needs a horizontal sum.
+/// Scores go to `scratch` for all rows first (`[rows, positions]`, from the earliest position any
+/// row sees, rounded down to a key tile), then each row's softmax, then the weighted values: key
+/// tiles are transposed once and serve every row in register tiles, so no score needs a
+/// horizontal sum.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. Shapes are asserted.
@@ -26,33 +27,34 @@ const VALUE_ROWS: usize = 3;
 pub unsafe fn attend_rows(
     out: &mut [f32],
     q: &[f32],
-    limits: &[usize],
+    spans: &[(usize, usize)],
     kv: &KvView<'_>,
     scale: f32,
     scratch: &mut Vec<f32>,
 ) {
-    let rows = limits.len();
+    let rows = spans.len();
     assert!(rows > 0 && q.len().is_multiple_of(rows) && out.len() == q.len());
     let hd = q.len() / rows;
     if !hd.is_multiple_of(8) {
-        crate::ops::attend_rows_ref(out, q, limits, kv, scale, scratch);
+        crate::ops::attend_rows_ref(out, q, spans, kv, scale, scratch);
         return;
     }
-    let n = limits.iter().copied().max().unwrap_or(0);
-    assert!(limits.iter().all(|&l| l > 0), "every row attends to at least one position");
+    assert!(spans.iter().all(|&(first, end)| first < end), "every row attends to at least one position");
+    let n = spans.iter().map(|s| s.1).max().unwrap_or(0);
+    let base = spans.iter().map(|s| s.0).min().unwrap_or(0) / KEYS * KEYS;
     kv.check(n, hd);
-    let stride = n.next_multiple_of(KEYS);
+    let stride = (n - base).next_multiple_of(KEYS);
     scratch.clear();
     scratch.resize(rows * stride + KEYS * hd, 0.0);
     let (scores, kt) = scratch.split_at_mut(rows * stride);
     // SAFETY: `check` proved positions 0..n lie inside the pool; every offset below is inside
     // `q`, `out`, `scores` or `kt` by construction.
     unsafe {
-        for p0 in (0..n).step_by(KEYS) {
+        for p0 in (base..n).step_by(KEYS) {
             transpose_keys(kt, kv, p0, (n - p0).min(KEYS), hd);
             let mut r0 = 0;
             while r0 < rows {
-                let at = scores.as_mut_ptr().add(r0 * stride + p0);
+                let at = scores.as_mut_ptr().add(r0 * stride + p0 - base);
                 match rows - r0 {
                     1 => score_tile::<1>(at, stride, q.as_ptr().add(r0 * hd), hd, kt, scale),
                     2 => score_tile::<2>(at, stride, q.as_ptr().add(r0 * hd), hd, kt, scale),
@@ -62,22 +64,33 @@ pub unsafe fn attend_rows(
                 r0 += SCORE_ROWS;
             }
         }
-        for (r, &limit) in limits.iter().enumerate() {
-            softmax_prefix(&mut scores[r * stride..(r + 1) * stride], limit);
+        for (r, &(first, end)) in spans.iter().enumerate() {
+            softmax_span(&mut scores[r * stride..(r + 1) * stride], first - base, end - base);
         }
         let mut r0 = 0;
         while r0 < rows {
             let o = out.as_mut_ptr().add(r0 * hd);
             let w = scores.as_ptr().add(r0 * stride);
-            let reach = limits[r0..(r0 + VALUE_ROWS).min(rows)].iter().copied().max().unwrap_or(0);
+            let group = &spans[r0..(r0 + VALUE_ROWS).min(rows)];
+            let from = group.iter().map(|s| s.0).min().unwrap_or(base);
+            let reach = group.iter().map(|s| s.1).max().unwrap_or(0);
+            let span = Positions { base, from, reach };
             match rows - r0 {
-                1 => value_tile::<1>(o, w, stride, kv, reach, hd),
-                2 => value_tile::<2>(o, w, stride, kv, reach, hd),
-                _ => value_tile::<VALUE_ROWS>(o, w, stride, kv, reach, hd),
+                1 => value_tile::<1>(o, w, stride, kv, span, hd),
+                2 => value_tile::<2>(o, w, stride, kv, span, hd),
+                _ => value_tile::<VALUE_ROWS>(o, w, stride, kv, span, hd),
             }
             r0 += VALUE_ROWS;
         }
     }
+}
+
+/// Positions a value tile sums over (`from..reach`) and the position of weight column 0.
+#[derive(Clone, Copy)]
+struct Positions {
+    base: usize,
+    from: usize,
+    reach: usize,
 }
 
 /// `kt[d·16 + i]` = element `d` of position `p0 + i`'s key, zero past `count`; eight keys by
@@ -177,17 +190,20 @@ unsafe fn score_tile<const R: usize>(
     }
 }
 
-/// Turns `row[..limit]` into softmax weights and zeroes the rest of the row.
+/// Turns `row[first..end]` into softmax weights and zeroes the rest of the row.
 #[target_feature(enable = "avx2,fma")]
-fn softmax_prefix(row: &mut [f32], limit: usize) {
-    let max = row[..limit].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+fn softmax_span(row: &mut [f32], first: usize, end: usize) {
+    row[..first].fill(0.0);
+    row[end..].fill(0.0);
+    let seen = &mut row[first..end];
+    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mx = _mm256_set1_ps(max);
     let mut sum = 0f32;
-    let whole = limit / 8 * 8;
-    // SAFETY: chunks are inside `row[..whole]`.
+    let whole = seen.len() / 8 * 8;
+    // SAFETY: chunks are inside `seen[..whole]`.
     unsafe {
         let mut acc = _mm256_setzero_ps();
-        for c in row[..whole].chunks_exact_mut(8) {
+        for c in seen[..whole].chunks_exact_mut(8) {
             let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mx));
             _mm256_storeu_ps(c.as_mut_ptr(), e);
             acc = _mm256_add_ps(acc, e);
@@ -196,33 +212,33 @@ fn softmax_prefix(row: &mut [f32], limit: usize) {
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         sum += lanes.iter().sum::<f32>();
     }
-    for x in &mut row[whole..limit] {
+    for x in &mut seen[whole..] {
         *x = (*x - max).exp();
         sum += *x;
     }
     let inv = 1.0 / sum;
-    for x in &mut row[..limit] {
+    for x in seen.iter_mut() {
         *x *= inv;
     }
-    row[limit..].fill(0.0);
 }
 
-/// `out[r] = Σ_p w[r][p] · V[p]` for `R` rows over positions `0..reach` (weights past a row's
-/// own limit are zero).
+/// `out[r] = Σ_p w[r][p − base] · V[p]` for `R` rows over positions `from..reach` (weights
+/// outside a row's own span are zero).
 ///
 /// # Safety
-/// `out` has `R` rows of `hd`; `w` has `R` rows of `stride` weights; positions `0..reach` are
-/// inside the checked view.
+/// `out` has `R` rows of `hd`; `w` has `R` rows of `stride` weights from position `base` on;
+/// positions `from..reach` are inside the checked view.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn value_tile<const R: usize>(
     out: *mut f32,
     w: *const f32,
     stride: usize,
     kv: &KvView<'_>,
-    reach: usize,
+    span: Positions,
     hd: usize,
 ) {
     let bs = kv.block_size;
+    let Positions { base, from, reach } = span;
     // SAFETY: forwarded to the caller.
     unsafe {
         let mut c0 = 0;
@@ -230,10 +246,10 @@ unsafe fn value_tile<const R: usize>(
             // Four vectors of output at a time where the head allows, else one.
             let wide = hd - c0 >= 32;
             let mut acc = [[_mm256_setzero_ps(); 4]; R];
-            for (bi, &b) in kv.blocks[..reach.div_ceil(bs)].iter().enumerate() {
-                let first = bi * bs;
-                for i in 0..bs.min(reach - first) {
-                    let p = first + i;
+            for bi in from / bs..reach.div_ceil(bs) {
+                let (b, first) = (kv.blocks[bi], bi * bs);
+                for i in from.saturating_sub(first)..bs.min(reach - first) {
+                    let p = first + i - base;
                     let vp = kv.v.as_ptr().add((b as usize * bs + i) * kv.stride + kv.offset + c0);
                     if wide {
                         let v = [
