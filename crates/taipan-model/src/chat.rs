@@ -130,3 +130,53 @@ impl ChatTemplate {
         tmpl.render(minijinja::value::Serde(&ctx)).map_err(|e| TemplateError::Render(format!("{e:#}")))
     }
 }
+
+/// Gemma's turn format, for Gemma GGUF files that carry no template (the 270M one does not):
+/// `<start_of_turn>user` / `<start_of_turn>model` turns closed by `<end_of_turn>`, a system
+/// message folded into the first user turn, contents trimmed, as Google's own template renders
+/// them. Gemma has no tool role: a tool result is shown to the model as a user turn.
+pub const GEMMA_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set preamble = messages[0]['content'] | trim ~ "\n\n" -%}
+{%- set turns = messages[1:] -%}
+{%- else -%}
+{%- set preamble = "" -%}
+{%- set turns = messages -%}
+{%- endif -%}
+{%- for m in turns -%}
+{%- set role = "model" if m['role'] == 'assistant' else "user" -%}
+<start_of_turn>{{ role }}
+{{ (preamble if loop.first else "") ~ (m['content'] | trim) }}<end_of_turn>
+{% endfor -%}
+{%- if add_generation_prompt -%}
+<start_of_turn>model
+{% endif -%}"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gemma(messages: &[ChatMessage], generation: bool) -> String {
+        let t = ChatTemplate::new(GEMMA_TEMPLATE, "<bos>", "<eos>").expect("compiles");
+        let opts = RenderOptions { add_generation_prompt: generation, ..Default::default() };
+        t.render(messages, &opts).expect("renders")
+    }
+
+    /// Gemma's turns as Google's template renders them: system text folded into the first user
+    /// turn, "assistant" spoken as "model", contents trimmed, the model's turn opened at the end.
+    #[test]
+    fn gemma_template_renders_gemma_turns() {
+        let conversation = [
+            ChatMessage::new("system", "Be brief. "),
+            ChatMessage::new("user", " Hi there\n"),
+            ChatMessage::new("assistant", "Hello!"),
+            ChatMessage::new("user", "Capital of France?"),
+        ];
+        assert_eq!(
+            gemma(&conversation, true),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n\
+             <start_of_turn>user\nCapital of France?<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert_eq!(gemma(&[ChatMessage::new("user", "Hi")], false), "<bos><start_of_turn>user\nHi<end_of_turn>\n");
+    }
+}

@@ -36,7 +36,7 @@ pub enum ModelError {
     Tensor { path: PathBuf, tensor: String, message: String },
     #[error("{path}: config field '{field}': {message}")]
     Config { path: PathBuf, field: String, message: String },
-    #[error("{path}: architecture '{arch}' is not supported (supported: llama, jamba)")]
+    #[error("{path}: architecture '{arch}' is not supported (supported: llama, qwen2, qwen3, gemma3, jamba)")]
     UnsupportedArch { path: PathBuf, arch: String },
     #[error("{0}")]
     Input(String),
@@ -191,12 +191,14 @@ impl Model {
         let file = GgufFile::open(path)?;
         let arch_name = file.get_str("general.architecture")?.to_string();
         let arch = match arch_name.as_str() {
-            "llama" => Arch::Llama(arch::llama::Llama::from_gguf(&file, "llama", opts.mode)?),
             "jamba" => {
                 let config = arch::jamba::JambaConfig::from_gguf(&file)?;
                 Arch::Jamba(arch::jamba::Jamba::load(&file, config, opts)?)
             }
-            _ => return Err(ModelError::UnsupportedArch { path: path.into(), arch: arch_name }),
+            name => match arch::llama::Family::from_arch(name) {
+                Some(family) => Arch::Llama(arch::llama::Llama::from_gguf(&file, family, opts.mode)?),
+                None => return Err(ModelError::UnsupportedArch { path: path.into(), arch: arch_name }),
+            },
         };
         let mut tokenizer = Tokenizer::from_gguf(&file)?;
         if let Some(eom) = tokenizer.token_id("<|eom|>") {
@@ -205,9 +207,19 @@ impl Model {
             }
         }
         let piece = |id: Option<u32>| id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default();
-        let template = match file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
-            Some(src) => Some(ChatTemplate::new(src, &piece(tokenizer.specials.bos), &piece(tokenizer.specials.eos))?),
-            None => None,
+        let builtin = match &arch {
+            Arch::Llama(m) if m.config.family == arch::llama::Family::Gemma3 => Some(chat::GEMMA_TEMPLATE),
+            _ => None,
+        };
+        let template = match (file.get("tokenizer.chat_template").and_then(|v| v.as_str()), builtin) {
+            (Some(src), _) => {
+                Some(ChatTemplate::new(src, &piece(tokenizer.specials.bos), &piece(tokenizer.specials.eos))?)
+            }
+            (None, Some(src)) => {
+                tracing::info!("{}: no chat template in the file; using Gemma's turn format", path.display());
+                Some(ChatTemplate::new(src, &piece(tokenizer.specials.bos), &piece(tokenizer.specials.eos))?)
+            }
+            (None, None) => None,
         };
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let name = file.get("general.name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or(stem);

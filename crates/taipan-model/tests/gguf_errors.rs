@@ -143,7 +143,7 @@ fn corrupt_lengths_do_not_allocate_or_panic() {
 /// context of 2^50 positions once built a RoPE table that large).
 #[test]
 fn hostile_llama_hyper_parameters_are_named_errors() {
-    use taipan_model::arch::llama::LlamaConfig;
+    use taipan_model::arch::llama::{Family, LlamaConfig};
     let base = |key: &str, value: Value| {
         let mut md: Vec<(String, Value)> = vec![
             ("general.architecture".into(), Value::String("llama".into())),
@@ -159,7 +159,7 @@ fn hostile_llama_hyper_parameters_are_named_errors() {
         md
     };
     let ok = GgufFile::open(tmp("llama-ok.gguf", &to_bytes(&base("llama.block_count", Value::U32(2)), &[]))).unwrap();
-    assert!(LlamaConfig::from_gguf(&ok, "llama").is_ok());
+    assert!(LlamaConfig::from_gguf(&ok, Family::Llama).is_ok());
     for (key, value) in [
         ("llama.context_length", Value::U64(1 << 50)),
         ("llama.block_count", Value::U64(1 << 40)),
@@ -168,7 +168,7 @@ fn hostile_llama_hyper_parameters_are_named_errors() {
     ] {
         let name = format!("llama-{key}.gguf");
         let f = GgufFile::open(tmp(&name, &to_bytes(&base(key, value.clone()), &[]))).unwrap();
-        let msg = LlamaConfig::from_gguf(&f, "llama").expect_err("refused").to_string();
+        let msg = LlamaConfig::from_gguf(&f, Family::Llama).expect_err("refused").to_string();
         let field = key.trim_start_matches("llama.");
         assert!(msg.contains(field) || msg.contains("zero"), "{key} = {value:?}: {msg}");
     }

@@ -68,6 +68,7 @@ impl Attention {
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
+            window: None,
         };
         let (k, v) = kv.layer(self.kv_layer);
         ops::attention(&compute.kernels, att, q, KvLayer { k, v, block_size: bs }, seqs, shape, &compute.pool);
