@@ -23,6 +23,11 @@ pub enum TokenizerError {
     UnsupportedPre { path: String, pre: String, supported: String },
 }
 
+/// Token texts that end generation wherever a vocabulary has them (llama.cpp's end-of-generation
+/// list, the entries of the model families we load).
+const END_OF_GENERATION: [&str; 8] =
+    ["<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>"];
+
 /// How llama.cpp splits text before byte-level BPE for one `tokenizer.ggml.pre` family: its
 /// regular expressions, applied one after another (each splits the pieces the previous left,
 /// matches and the text between them becoming pieces of their own), and its BPE options.
@@ -124,12 +129,11 @@ pub struct SpecialTokens {
 }
 
 /// A text ↔ token-id codec.
-#[derive(Clone)]
 pub struct Tokenizer {
-    /// Recognises special-token text (`<|im_start|>`) as single ids.
-    special: tokenizers::Tokenizer,
-    /// Treats every string as plain text.
-    plain: tokenizers::Tokenizer,
+    /// One instance for both modes (a 262k vocabulary costs ~55 MiB per copy): it recognises
+    /// special-token text (`<|im_start|>`) as single ids, except while a plain-text encode
+    /// holds the write lock with that switched off. Prompts (special mode) share the read lock.
+    codec: std::sync::RwLock<tokenizers::Tokenizer>,
     pub specials: SpecialTokens,
     vocab_size: usize,
     /// Piece text per id, for display and logprobs.
@@ -202,8 +206,6 @@ impl Tokenizer {
         let text = json.to_string();
         let special: tokenizers::Tokenizer =
             text.parse().map_err(|e| invalid(path, format!("cannot build tokenizer: {e}")))?;
-        let mut plain = special.clone();
-        plain.set_encode_special_tokens(true);
         let vocab_size = special.get_vocab_size(true);
         let mut pieces = vec![String::new(); vocab_size];
         let mut control = vec![false; vocab_size];
@@ -223,7 +225,15 @@ impl Tokenizer {
                 }
             }
         }
-        Ok(Tokenizer { special, plain, specials, vocab_size, pieces, control, added, spelling: spelling_of(json) })
+        Ok(Tokenizer {
+            codec: std::sync::RwLock::new(special),
+            specials,
+            vocab_size,
+            pieces,
+            control,
+            added,
+            spelling: spelling_of(json),
+        })
     }
 
     /// Loads a Hugging Face `tokenizer.json`.
@@ -251,7 +261,14 @@ impl Tokenizer {
         let eot = id("tokenizer.ggml.eot_token_id");
         let eom = id("tokenizer.ggml.eom_token_id");
         let mut stop_ids: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
-        stop_ids.dedup();
+        // Converters often leave the end-of-turn marker out of the metadata (Gemma's
+        // `<end_of_turn>`, Qwen's `<|im_end|>` beside an `<|endoftext|>` eos): like llama.cpp,
+        // every token spelled as a known end of turn or text ends generation.
+        for (i, t) in tokens.iter().enumerate() {
+            if END_OF_GENERATION.contains(t) && !stop_ids.contains(&(i as u32)) {
+                stop_ids.push(i as u32);
+            }
+        }
         // A byte-level vocabulary without a pre-tokenizer name gets llama.cpp's "default" split.
         let pre = match model {
             "gpt2" => {
@@ -357,11 +374,27 @@ impl Tokenizer {
 
     /// Encodes text. With `parse_special`, special-token text becomes its single id. No BOS is added.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let tk = if parse_special { &self.special } else { &self.plain };
-        let enc = tk
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Invalid { path: "tokenizer".into(), message: e.to_string() })?;
+        let failed =
+            |e: tokenizers::Error| TokenizerError::Invalid { path: "tokenizer".into(), message: e.to_string() };
+        // A panic inside `tokenizers` poisons the lock without leaving the codec half-changed
+        // (the plain-mode switch is restored before the guard drops), so a poisoned lock is usable.
+        let enc = if parse_special {
+            self.codec.read().unwrap_or_else(|e| e.into_inner()).encode(text, false).map_err(failed)?
+        } else {
+            let mut codec = self.codec.write().unwrap_or_else(|e| e.into_inner());
+            codec.set_encode_special_tokens(true);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| codec.encode(text, false)));
+            codec.set_encode_special_tokens(false);
+            match result {
+                Ok(r) => r.map_err(failed)?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        };
         Ok(enc.get_ids().to_vec())
+    }
+
+    fn codec(&self) -> std::sync::RwLockReadGuard<'_, tokenizers::Tokenizer> {
+        self.codec.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Decodes ids to text; special tokens appear as their text unless `skip_special`.
@@ -369,7 +402,7 @@ impl Tokenizer {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {
             return Err(TokenizerError::UnknownId(bad));
         }
-        self.special
+        self.codec()
             .decode(ids, skip_special)
             .map_err(|e| TokenizerError::Invalid { path: "tokenizer".into(), message: e.to_string() })
     }
@@ -433,7 +466,7 @@ impl Tokenizer {
 
     /// The id of a token given by its exact vocabulary string.
     pub fn token_id(&self, piece: &str) -> Option<u32> {
-        self.special.token_to_id(piece)
+        self.codec().token_to_id(piece)
     }
 }
 
