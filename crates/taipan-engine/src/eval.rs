@@ -17,7 +17,8 @@ pub struct Perplexity {
 
 /// Cuts `tokens` into `floor(n / ctx)` chunks of `ctx`, runs each from an empty state, and scores
 /// the second half of each chunk (positions `ctx/2 .. ctx-1` predicting the next token), as
-/// llama.cpp's `llama-perplexity` does.
+/// llama.cpp's `llama-perplexity` does, which also puts BOS first in every chunk of a model that
+/// wants one (its first token is never scored).
 pub fn perplexity(model: &Model, compute: &Compute, tokens: &[u32], ctx: usize) -> Result<Perplexity, ModelError> {
     if ctx < 4 {
         return Err(ModelError::Input("perplexity context must be at least 4 tokens".into()));
@@ -32,10 +33,17 @@ pub fn perplexity(model: &Model, compute: &Compute, tokens: &[u32], ctx: usize) 
     let (mut nll, mut count) = (0f64, 0usize);
     let mut chunk_ppl = Vec::new();
     let start = Instant::now();
+    let specials = &model.tokenizer.specials;
+    let bos = specials.bos.filter(|_| specials.add_bos);
+    let mut chunk = Vec::with_capacity(ctx);
     for c in 0..chunks {
-        let chunk = &tokens[c * ctx..(c + 1) * ctx];
+        chunk.clear();
+        chunk.extend_from_slice(&tokens[c * ctx..(c + 1) * ctx]);
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
         let mut state = model.new_state();
-        model.forward(compute, chunk, &mut state, &mut scratch, true)?;
+        model.forward(compute, &chunk, &mut state, &mut scratch, true)?;
         let logits = scratch.logits();
         let (mut chunk_nll, mut chunk_n) = (0f64, 0usize);
         for pos in ctx / 2..ctx - 1 {
