@@ -568,6 +568,42 @@ mod tests {
         assert_eq!(c, vec![0.3, -0.7, 1.1, 2.0]);
     }
 
+    /// Every output row of `attention` against a naive softmax over the positions its span sees.
+    #[allow(clippy::too_many_arguments)]
+    fn assert_matches_naive(
+        out: &[f32],
+        q: &[f32],
+        (k, v): (&[f32], &[f32]),
+        seqs: &[AttnSeq<'_>],
+        shape: AttentionShape,
+        bs: usize,
+        tolerance: f32,
+        label: &str,
+    ) {
+        let (heads, kv_heads, hd) = (shape.heads, shape.kv_heads, shape.head_dim);
+        let kvdim = kv_heads * hd;
+        for x in seqs {
+            for t in 0..x.tokens {
+                let row = x.first_row + t;
+                for h in 0..heads {
+                    let kvh = h / (heads / kv_heads);
+                    let at = |p: usize| (x.blocks[p / bs] as usize * bs + p % bs) * kvdim + kvh * hd;
+                    let qh = &q[(row * heads + h) * hd..][..hd];
+                    let (first, end) = shape.span(x.start + t);
+                    let mut w: Vec<f32> = (first..end)
+                        .map(|p| qh.iter().zip(&k[at(p)..at(p) + hd]).map(|(a, b)| a * b).sum::<f32>() * shape.scale)
+                        .collect();
+                    softmax(&mut w);
+                    for d in 0..hd {
+                        let want: f32 = (first..end).zip(&w).map(|(p, wp)| wp * v[at(p) + d]).sum();
+                        let got = out[(row * heads + h) * hd + d];
+                        assert!((got - want).abs() < tolerance, "{label} row {row} head {h}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Linear scaling divides positions; frequency factors divide their pair's frequency; YaRN
     /// keeps the fastest pairs, interpolates the slowest by its factor and scales magnitudes.
     #[test]
@@ -649,33 +685,8 @@ mod tests {
                 for kern in Kernels::available() {
                     let mut out = vec![0f32; q.len()];
                     attention(&kern, &mut out, &q, KvLayer { k: &k, v: &v, block_size: bs }, &seqs, shape, &pool);
-                    for x in &seqs {
-                        for t in 0..x.tokens {
-                            let row = x.first_row + t;
-                            for h in 0..heads {
-                                let kvh = h / (heads / kv_heads);
-                                let at = |p: usize| (x.blocks[p / bs] as usize * bs + p % bs) * kvdim + kvh * hd;
-                                let qh = &q[(row * heads + h) * hd..][..hd];
-                                let (first, end) = shape.span(x.start + t);
-                                let mut w: Vec<f32> = (first..end)
-                                    .map(|p| {
-                                        qh.iter().zip(&k[at(p)..at(p) + hd]).map(|(a, b)| a * b).sum::<f32>()
-                                            * shape.scale
-                                    })
-                                    .collect();
-                                softmax(&mut w);
-                                for d in 0..hd {
-                                    let want: f32 = (first..end).zip(&w).map(|(p, wp)| wp * v[at(p) + d]).sum();
-                                    let got = out[(row * heads + h) * hd + d];
-                                    assert!(
-                                        (got - want).abs() < 1e-5,
-                                        "{:?} hd {hd} window {window:?} row {row} head {h}: {got} vs {want}",
-                                        kern.isa
-                                    );
-                                }
-                            }
-                        }
-                    }
+                    let label = format!("{:?} hd {hd} window {window:?}", kern.isa);
+                    assert_matches_naive(&out, &q, (&k, &v), &seqs, shape, bs, 1e-5, &label);
                 }
             }
         }
@@ -740,25 +751,7 @@ mod tests {
         for kern in Kernels::available() {
             let mut out = vec![0f32; q.len()];
             attention(&kern, &mut out, &q, KvLayer { k: &k, v: &v, block_size: bs }, &seqs, shape, &pool);
-            for x in &seqs {
-                for t in 0..x.tokens {
-                    let row = x.first_row + t;
-                    for h in 0..heads {
-                        let kvh = h / 2;
-                        let at = |p: usize| (x.blocks[p / bs] as usize * bs + p % bs) * kvdim + kvh * hd;
-                        let qh = &q[(row * heads + h) * hd..][..hd];
-                        let mut w: Vec<f32> = (0..=x.start + t)
-                            .map(|p| qh.iter().zip(&k[at(p)..at(p) + hd]).map(|(a, b)| a * b).sum::<f32>() * 0.35)
-                            .collect();
-                        softmax(&mut w);
-                        for d in 0..hd {
-                            let want: f32 = w.iter().enumerate().map(|(p, wp)| wp * v[at(p) + d]).sum();
-                            let got = out[(row * heads + h) * hd + d];
-                            assert!((got - want).abs() < 1e-4, "{:?}: {got} vs {want}", kern.isa);
-                        }
-                    }
-                }
-            }
+            assert_matches_naive(&out, &q, (&k, &v), &seqs, shape, bs, 1e-4, &format!("{:?}", kern.isa));
         }
     }
 
