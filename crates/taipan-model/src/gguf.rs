@@ -373,6 +373,21 @@ impl GgufFile {
         v.as_str().ok_or_else(|| self.wrong(key, v, "string"))
     }
 
+    /// An optional key: absent is `None`; present with the wrong type is an error, never the default.
+    pub fn get_opt_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
+        self.get(key).map(|_| self.get_u64(key)).transpose()
+    }
+
+    /// See [`GgufFile::get_opt_u64`].
+    pub fn get_opt_f64(&self, key: &str) -> Result<Option<f64>, GgufError> {
+        self.get(key).map(|_| self.get_f64(key)).transpose()
+    }
+
+    /// See [`GgufFile::get_opt_u64`].
+    pub fn get_opt_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
+        self.get(key).map(|_| self.get_str(key)).transpose()
+    }
+
     pub fn get_array(&self, key: &str) -> Result<&[Value], GgufError> {
         match self.get(key) {
             Some(Value::Array(items)) => Ok(items),

@@ -165,6 +165,12 @@ fn hostile_llama_hyper_parameters_are_named_errors() {
         ("llama.block_count", Value::U64(1 << 40)),
         ("llama.feed_forward_length", Value::U64(1 << 40)),
         ("llama.attention.head_count", Value::U32(128)),
+        // Optional keys of the wrong type are refused, not read as their default.
+        ("llama.rope.freq_base", Value::String("500000".into())),
+        ("llama.attention.head_count_kv", Value::Array(vec![Value::U32(4), Value::U32(4)])),
+        ("llama.rope.scaling.type", Value::String("longrope".into())),
+        ("llama.rope.scaling.type", Value::U32(2)),
+        ("llama.attention.sliding_window", Value::U32(4096)),
     ] {
         let name = format!("llama-{key}.gguf");
         let f = GgufFile::open(tmp(&name, &to_bytes(&base(key, value.clone()), &[]))).unwrap();

@@ -108,25 +108,13 @@ pub struct LlamaConfig {
     pub logit_softcap: Option<f32>,
 }
 
-/// A key that may be absent but, when present, must have the right type.
-fn opt<T>(
-    f: &GgufFile,
-    key: &str,
-    read: impl Fn(&GgufFile, &str) -> Result<T, GgufError>,
-) -> Result<Option<T>, GgufError> {
-    if f.get(key).is_none() {
-        return Ok(None);
-    }
-    read(f, key).map(Some)
-}
-
 impl LlamaConfig {
     /// Reads `<arch>.*` keys.
     pub fn from_gguf(f: &GgufFile, family: Family) -> Result<Self, GgufError> {
         let arch = family.arch();
         let key = |k: &str| format!("{arch}.{k}");
-        let u = |k: &str| opt(f, &key(k), GgufFile::get_u64).map(|v| v.map(|v| v as usize));
-        let fl = |k: &str| opt(f, &key(k), GgufFile::get_f64);
+        let u = |k: &str| f.get_opt_u64(&key(k)).map(|v| v.map(|v| v as usize));
+        let fl = |k: &str| f.get_opt_f64(&key(k));
         let bad = |message: String| GgufError::Corrupt {
             path: f.path.clone(),
             what: format!("{arch} hyper-parameters"),
@@ -260,15 +248,14 @@ impl LlamaConfig {
         bad: &dyn Fn(String) -> GgufError,
     ) -> Result<RopeScaling, GgufError> {
         let key = |k: &str| format!("{arch}.{k}");
-        let kind_key = key("rope.scaling.type");
-        let kind = if f.get(&kind_key).is_some() { f.get_str(&kind_key)? } else { "linear" };
-        let factor = match opt(f, &key("rope.scaling.factor"), GgufFile::get_f64)? {
+        let kind = f.get_opt_str(&key("rope.scaling.type"))?.unwrap_or("linear");
+        let factor = match f.get_opt_f64(&key("rope.scaling.factor"))? {
             Some(v) => Some(v),
-            None => opt(f, &key("rope.scale_linear"), GgufFile::get_f64)?,
+            None => f.get_opt_f64(&key("rope.scale_linear"))?,
         }
         .filter(|&v| v != 0.0)
         .unwrap_or(1.0) as f32;
-        let attn_factor = opt(f, &key("rope.scaling.attn_factor"), GgufFile::get_f64)?.unwrap_or(1.0) as f32;
+        let attn_factor = f.get_opt_f64(&key("rope.scaling.attn_factor"))?.unwrap_or(1.0) as f32;
         if !(factor.is_finite() && factor > 0.0) {
             return Err(bad(format!("rope.scaling.factor = {factor} is not a positive number")));
         }
@@ -280,15 +267,15 @@ impl LlamaConfig {
             "linear" if factor == 1.0 => Ok(RopeScaling::None),
             "linear" => Ok(RopeScaling::Linear { factor }),
             "yarn" => {
-                if opt(f, &key("rope.scaling.yarn_log_multiplier"), GgufFile::get_f64)?.is_some_and(|v| v != 0.0) {
+                if f.get_opt_f64(&key("rope.scaling.yarn_log_multiplier"))?.is_some_and(|v| v != 0.0) {
                     return Err(bad("YaRN with rope.scaling.yarn_log_multiplier is not supported".into()));
                 }
                 if factor == 1.0 {
                     return Ok(RopeScaling::None);
                 }
-                let original_context = opt(f, &key("rope.scaling.original_context_length"), GgufFile::get_u64)?
-                    .map_or(context, |v| v as usize);
-                let beta = |k: &str, d: f64| opt(f, &key(k), GgufFile::get_f64).map(|v| v.unwrap_or(d) as f32);
+                let original_context =
+                    f.get_opt_u64(&key("rope.scaling.original_context_length"))?.map_or(context, |v| v as usize);
+                let beta = |k: &str, d: f64| f.get_opt_f64(&key(k)).map(|v| v.unwrap_or(d) as f32);
                 Ok(RopeScaling::Yarn {
                     factor,
                     original_context,
