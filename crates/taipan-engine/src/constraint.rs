@@ -63,6 +63,13 @@ pub struct GrammarCompiler {
 /// allowed (required keys, enum values, closing tags) the longest allowed token goes furthest.
 const CLOSERS: [&[u8]; 6] = [b"\"", b"}", b"]", b": ", b":", b"0"];
 
+/// The one token slice the mask computer keeps: tokens that can sit anywhere inside a JSON string.
+/// Each slice is a filtered copy of the whole vocabulary trie (about three per slice); llguidance's
+/// default four cost ~75 MiB more than this one on a 262k vocabulary (Gemma 3) and measured no
+/// faster per masked token (206 vs 216 µs on Gemma, 277 vs 300 µs on SmolLM2, JSON mode, this CPU),
+/// while no slice at all doubled the mask time.
+const STRING_BODY_SLICE: &str = r#"[^"\\\x00-\x1F\x7F]+"#;
+
 /// Single characters that often end a whole answer.
 const ENDERS: [&[u8]; 10] = [b"\"", b"}", b"]", b".", b")", b"!", b"?", b">", b"\n", b"0"];
 
@@ -93,7 +100,8 @@ impl GrammarCompiler {
             trie = trie.with_eos_tokens(stops);
         }
         let env: TokEnv = Arc::new(TrieEnv { trie });
-        let mut factory = ParserFactory::new_simple(&env).map_err(|e| ConstraintError::Setup(e.to_string()))?;
+        let mut factory = ParserFactory::new(&env, Default::default(), &[STRING_BODY_SLICE.to_string()])
+            .map_err(|e| ConstraintError::Setup(e.to_string()))?;
         factory.quiet();
         Ok(GrammarCompiler { factory, closers, enders, token_len, stop_ids: stops.clone() })
     }
