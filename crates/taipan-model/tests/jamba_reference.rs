@@ -150,6 +150,46 @@ fn token_bytes_spell_the_encoded_text() {
     }
 }
 
+/// The GGUF vocabulary runs on our own SentencePiece code, the HF checkpoint on `tokenizers`
+/// with the checkpoint's own `tokenizer.json`: the two must agree on every text in both modes,
+/// and on decoding any id sequence (byte tokens, specials, with and without skipping them).
+#[test]
+fn gguf_sentencepiece_agrees_with_the_hf_tokenizer_json() {
+    let cases = json("jamba-tiny-a/reference/tokenizer_cases.json");
+    let (hf, gguf) = (&hf().tokenizer, &gguf().tokenizer);
+    assert_eq!(hf.vocab_size(), gguf.vocab_size());
+    let mut texts: Vec<String> =
+        cases["cases"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    texts.push("<|startoftext|>plain <|endoftext|> text".into());
+    texts.push("  two leading spaces, trailing ones  ".into());
+    for text in &texts {
+        for special in [true, false] {
+            let ids = gguf.encode(text, special).unwrap();
+            assert_eq!(ids, hf.encode(text, special).unwrap(), "{text:?} special={special}");
+            for skip in [false, true] {
+                assert_eq!(gguf.decode(&ids, skip).unwrap(), hf.decode(&ids, skip).unwrap(), "{text:?} {ids:?}");
+            }
+        }
+    }
+    // Pseudo-random id runs over the whole vocabulary, low ids (specials, bytes) weighted up.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let vocab = gguf.vocab_size() as u64;
+    for _ in 0..2000 {
+        let len = 1 + next(12) as usize;
+        let ids: Vec<u32> =
+            (0..len).map(|_| if next(3) == 0 { next(300) as u32 } else { next(vocab) as u32 }).collect();
+        for skip in [false, true] {
+            assert_eq!(gguf.decode(&ids, skip).unwrap(), hf.decode(&ids, skip).unwrap(), "{ids:?} skip={skip}");
+        }
+    }
+}
+
 #[test]
 fn tokenizer_cases_match() {
     let cases = json("jamba-tiny-a/reference/tokenizer_cases.json");

@@ -1,13 +1,18 @@
-//! Tokenizers, built with Hugging Face `tokenizers` from a `tokenizer.json` or from GGUF metadata.
+//! Tokenizers from a `tokenizer.json` or from GGUF metadata.
 //!
-//! GGUF files carry the vocabulary as arrays (`tokenizer.ggml.*`). We translate them into the
-//! `tokenizer.json` form and let `tokenizers` do the work, so byte-level BPE (gpt2-style, with the
-//! pre-tokenizer named by `tokenizer.ggml.pre`) and SentencePiece-style vocabularies (`llama`,
-//! scores turned into merge ranks, byte fallback) share one well-tested implementation.
+//! GGUF files carry the vocabulary as arrays (`tokenizer.ggml.*`). Byte-level BPE vocabularies
+//! (`gpt2`, with the pre-tokenizer named by `tokenizer.ggml.pre`) are translated into the
+//! `tokenizer.json` form and run by Hugging Face `tokenizers`, as `tokenizer.json` files are;
+//! SentencePiece vocabularies (`llama`) run on our own implementation of llama.cpp's algorithm
+//! ([`spm`]), which needs only the strings and scores the file already has.
+
+mod spm;
+mod vocab;
 
 use crate::gguf::{GgufError, GgufFile, Value};
 use serde_json::{json, Map, Value as Json};
 use std::path::Path;
+use vocab::Vocab;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -130,19 +135,23 @@ pub struct SpecialTokens {
 
 /// A text ↔ token-id codec.
 pub struct Tokenizer {
-    /// One instance for both modes (a 262k vocabulary costs ~55 MiB per copy): it recognises
-    /// special-token text (`<|im_start|>`) as single ids, except while a plain-text encode
-    /// holds the write lock with that switched off. Prompts (special mode) share the read lock.
-    codec: std::sync::RwLock<tokenizers::Tokenizer>,
+    codec: Codec,
     pub specials: SpecialTokens,
-    vocab_size: usize,
-    /// Piece text per id, for display and logprobs.
-    pieces: Vec<String>,
+    /// Piece text per id (for display, logprobs and grammars) and id per piece.
+    pieces: Vocab,
     control: Vec<bool>,
     /// Added tokens (matched whole; their text is their bytes).
     added: Vec<bool>,
     /// How vocabulary strings spell bytes (needed to know each token's raw bytes).
     spelling: PieceSpelling,
+}
+
+enum Codec {
+    /// One instance for both modes: it recognises special-token text (`<|im_start|>`) as single
+    /// ids, except while a plain-text encode holds the write lock with that switched off.
+    /// Prompts (special mode) share the read lock.
+    HuggingFace(Box<std::sync::RwLock<tokenizers::Tokenizer>>),
+    SentencePiece(Box<spm::SentencePiece>),
 }
 
 /// How a vocabulary string encodes the token's bytes.
@@ -193,7 +202,7 @@ fn spelling_of(json: &Json) -> PieceSpelling {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tokenizer({} tokens)", self.vocab_size)
+        write!(f, "Tokenizer({} tokens)", self.pieces.len())
     }
 }
 
@@ -226,10 +235,9 @@ impl Tokenizer {
             }
         }
         Ok(Tokenizer {
-            codec: std::sync::RwLock::new(special),
+            codec: Codec::HuggingFace(Box::new(std::sync::RwLock::new(special))),
             specials,
-            vocab_size,
-            pieces,
+            pieces: Vocab::new(&pieces),
             control,
             added,
             spelling: spelling_of(json),
@@ -294,6 +302,12 @@ impl Tokenizer {
                 return Err(invalid(path, format!("special token id {sid} is outside the vocabulary")));
             }
         }
+        if model == "llama" {
+            return Self::sentencepiece(file, &tokens, types, specials);
+        }
+        if model != "gpt2" {
+            return Err(TokenizerError::UnsupportedModel { path: path.display().to_string(), model: model.into() });
+        }
         // Control (3) and user-defined (4) tokens are matched whole, before the model runs.
         let added: Vec<Json> = tokens
             .iter()
@@ -309,67 +323,58 @@ impl Tokenizer {
         for (i, tok) in tokens.iter().enumerate() {
             vocab.insert((*tok).to_string(), json!(i));
         }
-        let json = match model {
-            "gpt2" => {
-                let merges = file.get_strings("tokenizer.ggml.merges")?;
-                let pre = pre.ok_or_else(|| invalid(path, "no pre-tokenizer for a gpt2 vocabulary"))?;
-                let mut steps: Vec<Json> = pre
-                    .regexes
-                    .iter()
-                    .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
-                    .collect();
-                steps.push(
-                    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}),
-                );
-                let pre_tokenizer = json!({"type": "Sequence", "pretokenizers": steps});
-                let ignore_merges = pre.ignore_merges;
-                json!({
-                    "version": "1.0", "truncation": null, "padding": null,
-                    "added_tokens": added, "normalizer": null, "pre_tokenizer": pre_tokenizer,
-                    "post_processor": null,
-                    "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
-                    "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                              "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                              "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}
-                })
-            }
-            "llama" => {
-                let scores: Vec<f64> = match file.get("tokenizer.ggml.scores") {
-                    Some(Value::Array(items)) => items.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
-                    _ => vec![0.0; tokens.len()],
-                };
-                let merges = merges_from_scores(&tokens, &types, &scores);
-                let unk = id("tokenizer.ggml.unknown_token_id").and_then(|u| tokens.get(u as usize).copied());
-                let add_space = file.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                let mut normalizers = vec![];
-                if add_space {
-                    normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
-                }
-                normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
-                let mut decoders = vec![
-                    json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
-                    json!({"type": "ByteFallback"}),
-                    json!({"type": "Fuse"}),
-                ];
-                if add_space {
-                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-                }
-                json!({
-                    "version": "1.0", "truncation": null, "padding": null,
-                    "added_tokens": added,
-                    "normalizer": {"type": "Sequence", "normalizers": normalizers},
-                    "pre_tokenizer": null, "post_processor": null,
-                    "decoder": {"type": "Sequence", "decoders": decoders},
-                    "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-                              "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
-                              "ignore_merges": false, "vocab": vocab, "merges": merges}
-                })
-            }
-            other => {
-                return Err(TokenizerError::UnsupportedModel { path: path.display().to_string(), model: other.into() })
-            }
-        };
+        let merges = file.get_strings("tokenizer.ggml.merges")?;
+        let pre = pre.ok_or_else(|| invalid(path, "no pre-tokenizer for a gpt2 vocabulary"))?;
+        let mut steps: Vec<Json> = pre
+            .regexes
+            .iter()
+            .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+            .collect();
+        steps.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
+        let pre_tokenizer = json!({"type": "Sequence", "pretokenizers": steps});
+        let json = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added, "normalizer": null, "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": pre.ignore_merges, "vocab": vocab, "merges": merges}
+        });
         Self::from_json(&json, path, specials)
+    }
+
+    /// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`).
+    fn sentencepiece(
+        file: &GgufFile,
+        tokens: &[&str],
+        types: Vec<u64>,
+        specials: SpecialTokens,
+    ) -> Result<Self, TokenizerError> {
+        let path = file.path.as_path();
+        let scores: Vec<f32> = match file.get("tokenizer.ggml.scores") {
+            Some(Value::Array(items)) => items.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+            _ => vec![0.0; tokens.len()],
+        };
+        if scores.len() != tokens.len() {
+            return Err(invalid(path, "tokenizer.ggml.scores and tokenizer.ggml.tokens differ in length"));
+        }
+        let unknown = file.get("tokenizer.ggml.unknown_token_id").and_then(Value::as_u64).map(|v| v as u32);
+        if unknown.is_some_and(|u| u as usize >= tokens.len()) {
+            return Err(invalid(path, "tokenizer.ggml.unknown_token_id is outside the vocabulary"));
+        }
+        let add_space_prefix = file.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+        let types: Vec<u8> = types.iter().map(|&t| u8::try_from(t).unwrap_or(0)).collect();
+        let pieces = Vocab::new(tokens);
+        let codec = spm::SentencePiece::new(&pieces, types.clone(), scores, unknown, add_space_prefix)?;
+        Ok(Tokenizer {
+            codec: Codec::SentencePiece(Box::new(codec)),
+            specials,
+            pieces,
+            control: types.iter().map(|&t| t == spm::CONTROL).collect(),
+            added: types.iter().map(|&t| t == spm::CONTROL || t == spm::USER_DEFINED).collect(),
+            spelling: PieceSpelling::SentencePiece,
+        })
     }
 
     /// Encodes text. With `parse_special`, special-token text becomes its single id. No BOS is added.
@@ -378,10 +383,14 @@ impl Tokenizer {
             |e: tokenizers::Error| TokenizerError::Invalid { path: "tokenizer".into(), message: e.to_string() };
         // A panic inside `tokenizers` poisons the lock without leaving the codec half-changed
         // (the plain-mode switch is restored before the guard drops), so a poisoned lock is usable.
+        let codec = match &self.codec {
+            Codec::SentencePiece(spm) => return spm.encode(&self.pieces, text, parse_special),
+            Codec::HuggingFace(codec) => codec,
+        };
         let enc = if parse_special {
-            self.codec.read().unwrap_or_else(|e| e.into_inner()).encode(text, false).map_err(failed)?
+            codec.read().unwrap_or_else(|e| e.into_inner()).encode(text, false).map_err(failed)?
         } else {
-            let mut codec = self.codec.write().unwrap_or_else(|e| e.into_inner());
+            let mut codec = codec.write().unwrap_or_else(|e| e.into_inner());
             codec.set_encode_special_tokens(true);
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| codec.encode(text, false)));
             codec.set_encode_special_tokens(false);
@@ -393,27 +402,28 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    fn codec(&self) -> std::sync::RwLockReadGuard<'_, tokenizers::Tokenizer> {
-        self.codec.read().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Decodes ids to text; special tokens appear as their text unless `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.pieces.len()) {
             return Err(TokenizerError::UnknownId(bad));
         }
-        self.codec()
-            .decode(ids, skip_special)
-            .map_err(|e| TokenizerError::Invalid { path: "tokenizer".into(), message: e.to_string() })
+        match &self.codec {
+            Codec::SentencePiece(spm) => Ok(spm.decode(&self.pieces, ids, skip_special)),
+            Codec::HuggingFace(codec) => codec
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .decode(ids, skip_special)
+                .map_err(|e| TokenizerError::Invalid { path: "tokenizer".into(), message: e.to_string() }),
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.vocab_size
+        self.pieces.len()
     }
 
     /// The vocabulary string of an id (byte-level form for BPE vocabularies).
     pub fn piece(&self, id: u32) -> Option<&str> {
-        self.pieces.get(id as usize).map(String::as_str)
+        self.pieces.get(id)
     }
 
     /// Whether an id is a special (control) token.
@@ -443,7 +453,7 @@ impl Tokenizer {
     }
 
     fn piece_bytes(&self, id: usize) -> Vec<u8> {
-        let piece = &self.pieces[id];
+        let piece = self.pieces.get(id as u32).unwrap_or_default();
         if self.control[id] || self.added[id] {
             piece.as_bytes().to_vec()
         } else if self.spelling == PieceSpelling::ByteLevel {
@@ -466,7 +476,7 @@ impl Tokenizer {
 
     /// The id of a token given by its exact vocabulary string.
     pub fn token_id(&self, piece: &str) -> Option<u32> {
-        self.codec().token_to_id(piece)
+        self.pieces.id_of(piece)
     }
 }
 
@@ -477,25 +487,4 @@ fn sentencepiece_byte(piece: &str) -> Option<u8> {
         return None;
     }
     u8::from_str_radix(hex, 16).ok()
-}
-
-/// Turns SentencePiece scores into BPE merges: a token that can be split into two vocabulary
-/// tokens gets a merge for each such split, ranked by the token's score (higher merges first).
-fn merges_from_scores(tokens: &[&str], types: &[u64], scores: &[f64]) -> Vec<String> {
-    let index: std::collections::HashMap<&str, usize> =
-        tokens.iter().enumerate().filter(|(i, _)| types[*i] == 1).map(|(i, t)| (*t, i)).collect();
-    let mut ranked: Vec<(f64, usize, usize, String)> = Vec::new();
-    for (i, tok) in tokens.iter().enumerate() {
-        if types[i] != 1 || tok.chars().count() < 2 {
-            continue;
-        }
-        for (split, _) in tok.char_indices().skip(1) {
-            let (a, b) = tok.split_at(split);
-            if let (Some(&ia), Some(&ib)) = (index.get(a), index.get(b)) {
-                ranked.push((scores.get(i).copied().unwrap_or(0.0), ia, ib, format!("{a} {b}")));
-            }
-        }
-    }
-    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-    ranked.into_iter().map(|r| r.3).collect()
 }
