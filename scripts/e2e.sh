@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 VENV=.venv-e2e
 if [ ! -x "$VENV/bin/pytest" ]; then
     python3 -m venv "$VENV"
+fi
+# Reinstall whenever the pinned list changed since the last install.
+if ! cmp -s tests/e2e/requirements.txt "$VENV/requirements.installed"; then
     "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+    cp tests/e2e/requirements.txt "$VENV/requirements.installed"
 fi
 cargo build --release --locked -p taipan
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e "$@"

@@ -9,12 +9,23 @@ use serde_json::{json, Map, Value};
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache or a saved state (OpenAI dialect only).
+    pub cached_tokens: usize,
 }
 
 impl Usage {
+    /// AI21's usage object: the three counts of the captured exchange, nothing more.
     pub fn to_json(self) -> Value {
         json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                "total_tokens": self.prompt_tokens + self.completion_tokens})
+    }
+
+    /// OpenAI's usage object, with `prompt_tokens_details.cached_tokens` (where OpenAI clients
+    /// and routers read prefix-cache hits).
+    pub fn to_openai_json(self) -> Value {
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+               "total_tokens": self.prompt_tokens + self.completion_tokens,
+               "prompt_tokens_details": {"cached_tokens": self.cached_tokens}})
     }
 }
 
@@ -98,7 +109,7 @@ pub fn openai_chat_response(id: &str, created: u64, model: &str, choices: &[Choi
         })
         .collect();
     json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-           "choices": choices, "usage": usage.to_json()})
+           "choices": choices, "usage": usage.to_openai_json()})
     .to_string()
 }
 
@@ -147,7 +158,7 @@ impl OpenAiStream<'_> {
     pub fn usage_chunk(&self, object: &str, usage: Usage) -> String {
         let mut o = self.base(object);
         o.insert("choices".into(), json!([]));
-        o.insert("usage".into(), usage.to_json());
+        o.insert("usage".into(), usage.to_openai_json());
         Value::Object(o).to_string()
     }
 
@@ -213,7 +224,7 @@ pub fn completion_response(
         .iter()
         .map(|(i, text, finish, lp)| json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish}))
         .collect();
-    json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage.to_json()})
+    json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage.to_openai_json()})
         .to_string()
 }
 
@@ -230,7 +241,8 @@ mod tests {
             finish_reason: "stop".into(),
             logprobs: None,
         };
-        let s = ai21_chat_response("chat-0123", &[c], Usage { prompt_tokens: 40, completion_tokens: 2 });
+        let s =
+            ai21_chat_response("chat-0123", &[c], Usage { prompt_tokens: 40, completion_tokens: 2, cached_tokens: 0 });
         assert_eq!(
             s,
             r#"{"id":"chat-0123","choices":[{"index":0,"message":{"role":"assistant","content":"Hi","tool_calls":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":40,"completion_tokens":2,"total_tokens":42}}"#
@@ -248,7 +260,7 @@ mod tests {
                 "chat-a",
                 json!({"content": ""}),
                 Some("stop"),
-                Some(Usage { prompt_tokens: 40, completion_tokens: 216 })
+                Some(Usage { prompt_tokens: 40, completion_tokens: 216, cached_tokens: 0 })
             ),
             r#"{"id": "chat-a", "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "stop"}], "usage": {"prompt_tokens": 40, "completion_tokens": 216, "total_tokens": 256}}"#
         );
@@ -260,7 +272,7 @@ mod tests {
         let c: Value = serde_json::from_str(&s.chat_chunk(0, json!({"content": "x"}), None, None)).unwrap();
         assert!(c["usage"].is_null() && c.get("usage").is_some());
         let u: Value = serde_json::from_str(
-            &s.usage_chunk("chat.completion.chunk", Usage { prompt_tokens: 1, completion_tokens: 2 }),
+            &s.usage_chunk("chat.completion.chunk", Usage { prompt_tokens: 1, completion_tokens: 2, cached_tokens: 0 }),
         )
         .unwrap();
         assert_eq!(u["choices"], json!([]));

@@ -93,8 +93,9 @@ impl GenRequest {
 pub enum Event {
     /// New text of one choice (may be empty when only logprobs advance).
     Delta { choice: usize, text: String, logprobs: Vec<TokenLogprob> },
-    /// A choice ended.
-    Done { choice: usize, finish: FinishReason, completion_tokens: usize },
+    /// A choice ended. `cached_tokens`: prompt tokens the request's first admission took from the
+    /// prefix cache or a saved state instead of computing them.
+    Done { choice: usize, finish: FinishReason, completion_tokens: usize, cached_tokens: usize },
     /// Log-probabilities of the prompt tokens (the first has none).
     PromptLogprobs(Vec<Option<TokenLogprob>>),
     /// The request failed; no more events follow.
@@ -287,6 +288,9 @@ struct RequestState {
     admitted: bool,
     first_token_seen: bool,
     failed: bool,
+    /// Prompt tokens reused at choice 0's first admission (a preempted sequence's later
+    /// admissions do not change what the client was served from the cache).
+    cached_tokens: Option<usize>,
 }
 
 /// The engine's side of one choice: whose it is, and its output processing.
@@ -390,6 +394,7 @@ impl Engine {
             forked: request.n <= 1,
             admitted: false,
             first_token_seen: false,
+            cached_tokens: None,
             failed: false,
         };
         let vocab = self.model.vocab_size();
@@ -527,6 +532,7 @@ impl Engine {
             let Some(s) = self.seqs.get(&seq) else { continue };
             let Some(r) = self.requests.get_mut(&s.req) else { continue };
             if s.choice == 0 {
+                r.cached_tokens.get_or_insert(reused);
                 r.admitted = true;
                 self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             }
@@ -628,7 +634,8 @@ impl Engine {
         }
         let Some(finish) = emitted.finish else { return };
         let completion_tokens = s.output.generated();
-        if !r.sink.send(Event::Done { choice, finish, completion_tokens }) {
+        let cached_tokens = r.cached_tokens.unwrap_or(0);
+        if !r.sink.send(Event::Done { choice, finish, completion_tokens, cached_tokens }) {
             self.gone.push(req_id);
         }
         self.scheduler.finish(seq, true);

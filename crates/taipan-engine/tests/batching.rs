@@ -41,7 +41,7 @@ fn collect(rx: mpsc::Receiver<Event>, n: usize) -> Vec<(String, FinishReason, us
     while done < n {
         match rx.recv().expect("engine answers") {
             Event::Delta { choice, text, .. } => out[choice].0.push_str(&text),
-            Event::Done { choice, finish, completion_tokens } => {
+            Event::Done { choice, finish, completion_tokens, .. } => {
                 out[choice].1 = finish;
                 out[choice].2 = completion_tokens;
                 done += 1;

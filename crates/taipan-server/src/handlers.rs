@@ -12,7 +12,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use taipan_api::chat::{ChatRequest, AI21_MAX_TOKENS};
@@ -279,7 +278,7 @@ async fn chat(
         tokio::spawn(stream_chat(rx, tx, dialect, id, Arc::clone(&req), model, prompt_tokens, plan));
         return Ok(sse_response(out, guard));
     }
-    let mut choices = collect_choices(rx, req.n, &model, dialect).await?;
+    let (mut choices, cached_tokens) = collect_choices(rx, req.n, &model, dialect).await?;
     if let Some(syntax) = &plan.tool_syntax {
         for (c, _) in choices.iter_mut() {
             let answer = parse_answer(c.content.as_deref().unwrap_or_default(), syntax, &req.tools, &mut new_tool_id);
@@ -290,7 +289,7 @@ async fn chat(
             c.tool_calls = answer.calls;
         }
     }
-    let usage = Usage { prompt_tokens, completion_tokens: choices.iter().map(|c| c.1).sum() };
+    let usage = Usage { prompt_tokens, completion_tokens: choices.iter().map(|c| c.1).sum(), cached_tokens };
     let choices: Vec<ChoiceOut> = choices.into_iter().map(|c| c.0).collect();
     Ok(json_response(match dialect {
         Dialect::Ai21 => response::ai21_chat_response(&id, &choices, usage),
@@ -298,13 +297,14 @@ async fn chat(
     }))
 }
 
-/// Waits for every choice; returns each with its completion-token count.
+/// Waits for every choice; returns each with its completion-token count, and the prompt tokens
+/// served from the cache.
 async fn collect_choices(
     mut rx: mpsc::UnboundedReceiver<Event>,
     n: usize,
     model: &Model,
     dialect: Dialect,
-) -> HttpResult<Vec<(ChoiceOut, usize)>> {
+) -> HttpResult<(Vec<(ChoiceOut, usize)>, usize)> {
     let mut out: Vec<(ChoiceOut, usize)> = (0..n)
         .map(|i| {
             let c = ChoiceOut {
@@ -318,6 +318,7 @@ async fn collect_choices(
         })
         .collect();
     let mut done = 0;
+    let mut cached = 0;
     while done < n {
         match rx.recv().await {
             Some(Event::Delta { choice, text, logprobs }) => {
@@ -327,9 +328,10 @@ async fn collect_choices(
                     c.logprobs.get_or_insert_with(Vec::new).extend(logprobs.iter().map(|t| logprob_entry(model, t)));
                 }
             }
-            Some(Event::Done { choice, finish, completion_tokens }) => {
+            Some(Event::Done { choice, finish, completion_tokens, cached_tokens }) => {
                 out[choice].0.finish_reason = finish_str(finish).into();
                 out[choice].1 = completion_tokens;
+                cached = cached_tokens;
                 done += 1;
             }
             Some(Event::PromptLogprobs(_)) => {}
@@ -338,7 +340,7 @@ async fn collect_choices(
             None => return Err(fail(dialect, ApiError::new(ErrorKind::Internal, "the engine dropped the request"))),
         }
     }
-    Ok(out)
+    Ok((out, cached))
 }
 
 fn stream_error(message: &str) -> String {
@@ -390,6 +392,7 @@ async fn stream_chat(
     let mut tool_streams: Vec<Option<ToolStream>> =
         (0..req.n).map(|_| plan.tool_syntax.as_ref().map(|s| ToolStream::new(s.clone(), req.tools.clone()))).collect();
     let mut completion_tokens = 0;
+    let mut cached_tokens = 0;
     let mut done = 0;
     while done < req.n {
         let mut payloads: Vec<String> = Vec::new();
@@ -418,8 +421,9 @@ async fn stream_chat(
                     }
                 }
             }
-            Some(Event::Done { choice, finish, completion_tokens: c }) => {
+            Some(Event::Done { choice, finish, completion_tokens: c, cached_tokens: hit }) => {
                 completion_tokens += c;
+                cached_tokens = hit;
                 done += 1;
                 let mut finish = finish_str(finish);
                 if let Some(ts) = tool_streams.get_mut(choice).and_then(Option::as_mut) {
@@ -439,7 +443,7 @@ async fn stream_chat(
                         &id,
                         json!({"content": ""}),
                         Some(finish),
-                        Some(Usage { prompt_tokens, completion_tokens }),
+                        Some(Usage { prompt_tokens, completion_tokens, cached_tokens }),
                     ),
                     Dialect::OpenAi => oa.chat_chunk(choice, json!({}), Some(finish), None),
                 });
@@ -463,7 +467,8 @@ async fn stream_chat(
         }
     }
     if dialect == Dialect::OpenAi && req.include_usage {
-        let _ = tx.send(oa.usage_chunk("chat.completion.chunk", Usage { prompt_tokens, completion_tokens })).await;
+        let usage = Usage { prompt_tokens, completion_tokens, cached_tokens };
+        let _ = tx.send(oa.usage_chunk("chat.completion.chunk", usage)).await;
     }
     let _ = tx.send("[DONE]".into()).await;
 }
@@ -569,6 +574,7 @@ async fn completions_inner(
                 let mut lps: Vec<Vec<(String, Option<LogprobEntry>)>> = vec![Vec::new(); req.n];
                 let mut prompt_lp: Vec<(String, Option<LogprobEntry>)> = Vec::new();
                 let mut done = 0;
+                let mut prompt_cached = 0;
                 if req.echo && req.stream {
                     for c in 0..req.n {
                         let _ = tx.send(oa.completion_chunk(pi * req.n + c, &text, None, None)).await;
@@ -598,8 +604,9 @@ async fn completions_inner(
                             texts[choice].push_str(&delta);
                             lps[choice].extend(entries);
                         }
-                        Some(Event::Done { choice, finish, completion_tokens }) => {
+                        Some(Event::Done { choice, finish, completion_tokens, cached_tokens }) => {
                             usage.completion_tokens += completion_tokens;
+                            prompt_cached = cached_tokens;
                             done += 1;
                             if req.stream
                                 && tx
@@ -627,6 +634,7 @@ async fn completions_inner(
                         }
                     }
                 }
+                usage.cached_tokens += prompt_cached;
             }
             results.sort_by_key(|r| r.0);
             Ok::<_, HttpError>(Some((results, usage)))
@@ -755,133 +763,16 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, 
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in lines {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    let h = &state.http;
-    metric(
-        "taipan_http_responses_total",
-        "counter",
-        "HTTP responses of the API routes by class.",
-        vec![
-            ("{class=\"2xx\"}".into(), h.ok.load(Ordering::Relaxed)),
-            ("{class=\"4xx\"}".into(), h.client_errors.load(Ordering::Relaxed)),
-            ("{class=\"429\"}".into(), h.rejected_busy.load(Ordering::Relaxed)),
-            ("{class=\"5xx\"}".into(), h.server_errors.load(Ordering::Relaxed)),
-        ],
-    );
-    if let Some(e) = state.engine.get() {
-        let s = &e.stats;
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let size = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
-        let simple: [(&str, &str, &str, u64); 18] = [
-            ("taipan_queue_length", "gauge", "Requests waiting for admission.", size(&s.queued)),
-            ("taipan_running_sequences", "gauge", "Sequences in the running batch.", size(&s.running)),
-            ("taipan_kv_cache_blocks_total", "gauge", "KV cache blocks in the pool.", size(&s.kv_blocks_total)),
-            (
-                "taipan_kv_cache_blocks_used",
-                "gauge",
-                "KV cache blocks referenced by sequences.",
-                size(&s.kv_blocks_used),
-            ),
-            (
-                "taipan_kv_cache_blocks_cached",
-                "gauge",
-                "KV cache blocks holding a reusable prefix.",
-                size(&s.kv_blocks_cached),
-            ),
-            (
-                "taipan_state_slots_total",
-                "gauge",
-                "Recurrent-state slots in the pool (0 for models without recurrent layers).",
-                size(&s.state_slots_total),
-            ),
-            (
-                "taipan_state_slots_running",
-                "gauge",
-                "State slots held by running sequences.",
-                size(&s.state_slots_live),
-            ),
-            (
-                "taipan_saved_states",
-                "gauge",
-                "Saved recurrent states kept for prefix reuse (each holds a slot and its prefix's blocks).",
-                size(&s.saved_states),
-            ),
-            ("taipan_requests_finished_total", "counter", "Requests generated to the end.", load(&s.requests_finished)),
-            (
-                "taipan_requests_cancelled_total",
-                "counter",
-                "Requests dropped because the client left.",
-                load(&s.requests_cancelled),
-            ),
-            (
-                "taipan_requests_failed_total",
-                "counter",
-                "Requests that failed in the engine.",
-                load(&s.requests_failed),
-            ),
-            ("taipan_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", load(&s.prompt_tokens)),
-            (
-                "taipan_prefix_cache_hit_tokens_total",
-                "counter",
-                "Prompt tokens served from the prefix cache.",
-                load(&s.prefix_hit_tokens),
-            ),
-            ("taipan_generated_tokens_total", "counter", "Tokens generated.", load(&s.generated_tokens)),
-            ("taipan_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", load(&s.preemptions)),
-            ("taipan_engine_steps_total", "counter", "Forward steps run.", load(&s.steps)),
-            (
-                "taipan_constrained_tokens_total",
-                "counter",
-                "Tokens sampled under a grammar (JSON mode, tool calls).",
-                load(&s.constrained_tokens),
-            ),
-            (
-                "taipan_constraint_microseconds_total",
-                "counter",
-                "Time spent computing grammar masks.",
-                load(&s.constraint_us),
-            ),
-        ];
-        for (name, kind, help, v) in simple {
-            metric(name, kind, help, vec![(String::new(), v)]);
-        }
-        let prompt = s.prompt_tokens.load(Ordering::Relaxed);
-        let hit = s.prefix_hit_tokens.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP taipan_prefix_cache_hit_rate Share of prompt tokens served from the prefix cache.\n# TYPE taipan_prefix_cache_hit_rate gauge\ntaipan_prefix_cache_hit_rate {}",
-            if prompt == 0 { 0.0 } else { hit as f64 / prompt as f64 }
-        );
-        for (name, help, h) in [
-            (
-                "taipan_time_to_first_token_seconds",
-                "Time from arrival to the first generated token.",
-                &s.time_to_first_token,
-            ),
-            (
-                "taipan_inter_token_latency_seconds",
-                "Time between consecutive tokens of a sequence.",
-                &s.inter_token_latency,
-            ),
-        ] {
-            let (buckets, sum) = h.snapshot();
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            for (le, c) in &buckets {
-                let le = if le.is_infinite() { "+Inf".to_string() } else { le.to_string() };
-                let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {c}");
+    match crate::metrics::render(&state) {
+        Ok((text, content_type)) => {
+            let mut r = (StatusCode::OK, text).into_response();
+            if let Ok(v) = HeaderValue::from_str(&content_type) {
+                r.headers_mut().insert(header::CONTENT_TYPE, v);
             }
-            let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", buckets.last().map(|b| b.1).unwrap_or(0));
+            r
         }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}")).into_response(),
     }
-    let mut r = (StatusCode::OK, out).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-    r
 }
 
 pub async fn not_found(uri: Uri) -> Response {

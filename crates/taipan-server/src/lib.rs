@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 mod handlers;
 mod ids;
+mod metrics;
 mod prompt;
 mod state;
 mod structured;
