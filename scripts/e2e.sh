@@ -12,5 +12,13 @@ if ! cmp -s tests/e2e/requirements.txt "$VENV/requirements.installed"; then
     "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/e2e/requirements.txt
     cp tests/e2e/requirements.txt "$VENV/requirements.installed"
 fi
+# The multi-replica test puts HAProxy (Debian's package) in front of three servers.
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq haproxy >/dev/null
+    else
+        echo "e2e: the multi-replica test needs haproxy; install Debian's package (apt-get install haproxy)" >&2
+    fi
+fi
 cargo build --release --locked -p taipan
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e "$@"

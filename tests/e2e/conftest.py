@@ -21,13 +21,17 @@ def free_port():
 
 
 class Server:
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, threads=2, wait=True):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(ROOT / "target" / f"e2e-server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--host", "127.0.0.1", "--port", str(self.port), "-t", "2", *args],
+            [str(BIN), "serve", "--host", "127.0.0.1", "--port", str(self.port), "-t", str(threads), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self):
         deadline = time.time() + 120
         while time.time() < deadline:
             assert self.proc.poll() is None, f"server exited early, see {self.log.name}"

@@ -203,10 +203,21 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
+    // Only the test suite sets this (with fault injection on): a replica that stays "loading"
+    // for a while, to show that a load balancer sends it nothing until /health says ready.
+    let load_delay = match std::env::var("TAIPAN_FAULT_LOAD_DELAY_MS") {
+        Ok(ms) if config.fault_injection => {
+            Some(std::time::Duration::from_millis(ms.parse().context("TAIPAN_FAULT_LOAD_DELAY_MS")?))
+        }
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let stopped = runtime.block_on(taipan_server::serve(
         config,
         move || {
+            if let Some(delay) = load_delay {
+                std::thread::sleep(delay);
+            }
             let mut model = Model::load(&model_path, LoadOptions { mode, quantize }).map_err(|e| format!("{e}"))?;
             if let Some(src) = &template {
                 model.set_chat_template(src).map_err(|e| format!("--chat-template: {e}"))?;
