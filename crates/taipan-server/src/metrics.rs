@@ -19,7 +19,7 @@ use crate::state::AppState;
 use prometheus::proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, TextEncoder};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use taipan_engine::metrics::Histogram as LatencyHistogram;
+use taipan_engine::metrics::{EngineStats, Histogram as LatencyHistogram};
 
 fn label(name: &str, value: &str) -> LabelPair {
     let mut l = LabelPair::default();
@@ -93,6 +93,43 @@ fn fraction(used: usize, total: usize) -> f64 {
     }
 }
 
+type GaugeRead = fn(&EngineStats) -> &AtomicUsize;
+type CounterRead = fn(&EngineStats) -> &AtomicU64;
+
+/// The engine's own gauges: name, help, where the value lives.
+const ENGINE_GAUGES: [(&str, &str, GaugeRead); 8] = [
+    ("taipan_queue_length", "Requests waiting for admission.", |s| &s.queued),
+    ("taipan_running_sequences", "Sequences in the running batch.", |s| &s.running),
+    ("taipan_kv_cache_blocks_total", "KV cache blocks in the pool.", |s| &s.kv_blocks_total),
+    ("taipan_kv_cache_blocks_used", "KV cache blocks referenced by sequences.", |s| &s.kv_blocks_used),
+    ("taipan_kv_cache_blocks_cached", "KV cache blocks holding a reusable prefix.", |s| &s.kv_blocks_cached),
+    ("taipan_state_slots_total", "Recurrent-state slots in the pool (0 for models without recurrent layers).", |s| {
+        &s.state_slots_total
+    }),
+    ("taipan_state_slots_running", "State slots held by running sequences.", |s| &s.state_slots_live),
+    (
+        "taipan_saved_states",
+        "Saved recurrent states kept for prefix reuse (each holds a slot and its prefix's blocks).",
+        |s| &s.saved_states,
+    ),
+];
+
+/// The engine's counters.
+const ENGINE_COUNTERS: [(&str, &str, CounterRead); 10] = [
+    ("taipan_requests_finished_total", "Requests generated to the end.", |s| &s.requests_finished),
+    ("taipan_requests_cancelled_total", "Requests dropped because the client left.", |s| &s.requests_cancelled),
+    ("taipan_requests_failed_total", "Requests that failed in the engine.", |s| &s.requests_failed),
+    ("taipan_prompt_tokens_total", "Prompt tokens of admitted requests.", |s| &s.prompt_tokens),
+    ("taipan_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.", |s| &s.prefix_hit_tokens),
+    ("taipan_generated_tokens_total", "Tokens generated.", |s| &s.generated_tokens),
+    ("taipan_preemptions_total", "Sequences preempted for lack of KV blocks.", |s| &s.preemptions),
+    ("taipan_engine_steps_total", "Forward steps run.", |s| &s.steps),
+    ("taipan_constrained_tokens_total", "Tokens sampled under a grammar (JSON mode, tool calls).", |s| {
+        &s.constrained_tokens
+    }),
+    ("taipan_constraint_microseconds_total", "Time spent computing grammar masks.", |s| &s.constraint_us),
+];
+
 /// Every metric family the server exports now.
 pub fn gather(state: &AppState) -> Vec<MetricFamily> {
     let h = &state.http;
@@ -136,61 +173,14 @@ pub fn gather(state: &AppState) -> Vec<MetricFamily> {
             ],
             1.0,
         ),
-        gauge("taipan_queue_length", "Requests waiting for admission.", &[], size(&s.queued) as f64),
-        gauge("taipan_running_sequences", "Sequences in the running batch.", &[], size(&s.running) as f64),
-        gauge("taipan_kv_cache_blocks_total", "KV cache blocks in the pool.", &[], size(&s.kv_blocks_total) as f64),
-        gauge(
-            "taipan_kv_cache_blocks_used",
-            "KV cache blocks referenced by sequences.",
-            &[],
-            size(&s.kv_blocks_used) as f64,
-        ),
-        gauge(
-            "taipan_kv_cache_blocks_cached",
-            "KV cache blocks holding a reusable prefix.",
-            &[],
-            size(&s.kv_blocks_cached) as f64,
-        ),
-        gauge(
-            "taipan_state_slots_total",
-            "Recurrent-state slots in the pool (0 for models without recurrent layers).",
-            &[],
-            size(&s.state_slots_total) as f64,
-        ),
-        gauge(
-            "taipan_state_slots_running",
-            "State slots held by running sequences.",
-            &[],
-            size(&s.state_slots_live) as f64,
-        ),
-        gauge(
-            "taipan_saved_states",
-            "Saved recurrent states kept for prefix reuse (each holds a slot and its prefix's blocks).",
-            &[],
-            size(&s.saved_states) as f64,
-        ),
-        counter("taipan_requests_finished_total", "Requests generated to the end.", load(&s.requests_finished)),
-        counter(
-            "taipan_requests_cancelled_total",
-            "Requests dropped because the client left.",
-            load(&s.requests_cancelled),
-        ),
-        counter("taipan_requests_failed_total", "Requests that failed in the engine.", load(&s.requests_failed)),
-        counter("taipan_prompt_tokens_total", "Prompt tokens of admitted requests.", load(&s.prompt_tokens)),
-        counter(
-            "taipan_prefix_cache_hit_tokens_total",
-            "Prompt tokens served from the prefix cache.",
-            load(&s.prefix_hit_tokens),
-        ),
-        counter("taipan_generated_tokens_total", "Tokens generated.", load(&s.generated_tokens)),
-        counter("taipan_preemptions_total", "Sequences preempted for lack of KV blocks.", load(&s.preemptions)),
-        counter("taipan_engine_steps_total", "Forward steps run.", load(&s.steps)),
-        counter(
-            "taipan_constrained_tokens_total",
-            "Tokens sampled under a grammar (JSON mode, tool calls).",
-            load(&s.constrained_tokens),
-        ),
-        counter("taipan_constraint_microseconds_total", "Time spent computing grammar masks.", load(&s.constraint_us)),
+    ]);
+    for (name, help, read) in ENGINE_GAUGES {
+        out.push(gauge(name, help, &[], size(read(s)) as f64));
+    }
+    for (name, help, read) in ENGINE_COUNTERS {
+        out.push(counter(name, help, load(read(s))));
+    }
+    out.extend([
         gauge(
             "taipan_prefix_cache_hit_rate",
             "Share of prompt tokens served from the prefix cache.",
