@@ -352,9 +352,16 @@ impl Tokenizer {
         specials: SpecialTokens,
     ) -> Result<Self, TokenizerError> {
         let path = file.path.as_path();
+        // A file without scores merges nothing by preference (all equal); a malformed entry is an
+        // error, never a silent zero.
         let scores: Vec<f32> = match file.get("tokenizer.ggml.scores") {
-            Some(Value::Array(items)) => items.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
-            _ => vec![0.0; tokens.len()],
+            None => vec![0.0; tokens.len()],
+            Some(_) => file
+                .get_array("tokenizer.ggml.scores")?
+                .iter()
+                .map(|v| v.as_f64().map(|x| x as f32))
+                .collect::<Option<_>>()
+                .ok_or_else(|| invalid(path, "tokenizer.ggml.scores holds a value that is not a number"))?,
         };
         if scores.len() != tokens.len() {
             return Err(invalid(path, "tokenizer.ggml.scores and tokenizer.ggml.tokens differ in length"));
@@ -364,7 +371,10 @@ impl Tokenizer {
             return Err(invalid(path, "tokenizer.ggml.unknown_token_id is outside the vocabulary"));
         }
         let add_space_prefix = file.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-        let types: Vec<u8> = types.iter().map(|&t| u8::try_from(t).unwrap_or(0)).collect();
+        let types: Vec<u8> =
+            types.iter().map(|&t| u8::try_from(t).ok().filter(|t| *t <= 6)).collect::<Option<_>>().ok_or_else(
+                || invalid(path, "tokenizer.ggml.token_type holds a type outside 0..=6 (llama.cpp's token types)"),
+            )?;
         let pieces = Vocab::new(tokens);
         let codec = spm::SentencePiece::new(&pieces, types.clone(), scores, unknown, add_space_prefix)?;
         Ok(Tokenizer {
