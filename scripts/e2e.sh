@@ -20,5 +20,13 @@ if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
         echo "e2e: the multi-replica test needs haproxy; install Debian's package (apt-get install haproxy)" >&2
     fi
 fi
+# The playground test drives Debian's Chromium through its chromedriver (no browser download).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && timeout 900 apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+    else
+        echo "e2e: the playground test needs chromium and chromium-driver (apt-get install chromium chromium-driver)" >&2
+    fi
+fi
 cargo build --release --locked -p taipan
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e "$@"

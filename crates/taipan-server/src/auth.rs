@@ -33,10 +33,12 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     headers.get("api-key").and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
-/// Middleware: with keys configured, every route but `/health` needs one of them.
+/// Middleware: with keys configured, every route but `/health` and the playground's static files
+/// needs one of them.
 pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let keys = &state.config.api_keys;
-    if keys.is_empty() || req.uri().path() == "/health" {
+    let path = req.uri().path();
+    if keys.is_empty() || path == "/health" || crate::playground::PUBLIC_PATHS.contains(&path) {
         return next.run(req).await;
     }
     let ok = presented_key(req.headers())

@@ -1,5 +1,6 @@
 //! The HTTP face of taipan: AI21 Studio (`/studio/v1/...`) and OpenAI (`/v1/...`) routes over one
-//! engine, with API-key auth, SSE streaming, health, metrics and graceful shutdown.
+//! engine, with API-key auth, SSE streaming, health, metrics, a browser playground and graceful
+//! shutdown.
 //!
 //! The shaping decision: handlers stay thin — read the body, validate it with `taipan-api`, build
 //! the prompt off the async runtime, submit to the engine thread, and map its events to the
@@ -11,6 +12,7 @@ pub mod error;
 mod handlers;
 mod ids;
 mod metrics;
+mod playground;
 mod prompt;
 mod state;
 mod structured;
@@ -41,6 +43,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/detokenize", post(handlers::detokenize))
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
+        .route("/", get(playground::index))
+        .route("/playground.js", get(playground::script))
+        .route("/playground.css", get(playground::style))
         .fallback(handlers::not_found)
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), auth::require_key))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
@@ -105,6 +110,7 @@ where
     tracing::info!(%local, "listening");
     eprintln!("taipan: listening on http://{local} (model loading)");
     let state = Arc::new(AppState::new(config.clone()));
+    let started = std::time::Instant::now();
     {
         let state = Arc::clone(&state);
         tokio::task::spawn_blocking(move || match load() {
@@ -113,7 +119,11 @@ where
                 let mut ec = state.config.engine.clone();
                 ec.threads = state.config.threads;
                 ec.max_queue = state.config.max_queue;
-                let kv_mb = ec.kv_cache_bytes >> 20;
+                eprintln!(
+                    "taipan: starting the engine: KV cache {} MiB, {} threads…",
+                    ec.kv_cache_bytes >> 20,
+                    ec.threads
+                );
                 let engine = match taipan_engine::engine::start(model, ec) {
                     Ok(engine) => engine,
                     Err(e) => {
@@ -121,47 +131,18 @@ where
                         std::process::exit(1);
                     }
                 };
-                let m = engine.memory;
-                let spec = engine.model.cache_spec();
-                let states = if m.slots > 0 {
-                    format!(
-                        ", {} recurrent-state slots of {:.2} MiB (running sequences and saved states)",
-                        m.slots,
-                        spec.state_bytes() as f64 / (1 << 20) as f64
-                    )
-                } else {
-                    String::new()
-                };
-                eprintln!(
-                    "taipan: KV cache budget {kv_mb} MiB: {} blocks of {} positions{states}; continuous batching",
-                    m.blocks, m.block_size
-                );
-                if m.context < engine.model.context_length() {
-                    eprintln!(
-                        "taipan: usable context {} tokens (what the budget holds; the model's own is {}; raise --kv-cache-mb for more)",
-                        m.context,
-                        engine.model.context_length()
-                    );
-                } else {
-                    eprintln!("taipan: usable context {} tokens", m.context);
-                }
                 watch_engine(engine.clone());
-                state.set_engine(engine);
+                state.set_engine(engine.clone());
                 // Index the vocabulary for grammars now rather than on the first JSON request.
+                let indexing = std::time::Instant::now();
+                eprintln!("taipan: indexing the vocabulary for constrained decoding…");
                 if let Err(e) = state.grammar_compiler() {
                     eprintln!("taipan: constrained decoding unavailable: {e}");
+                } else {
+                    eprintln!("taipan: indexed in {:.1} s", indexing.elapsed().as_secs_f64());
                 }
                 release_freed_heap();
-                let names = state.names.get().cloned().unwrap_or_default();
-                eprintln!("taipan: model ready; serving it as: {}", names.join(", "));
-                if state.config.aliases.is_none() {
-                    eprintln!(
-                        "taipan: AI21 public model names route to the loaded model (configure aliases to change)"
-                    );
-                }
-                if state.config.api_keys.is_empty() {
-                    eprintln!("taipan: no API keys configured: authentication is off");
-                }
+                eprint!("{}", summary(&state, &engine, local, started.elapsed()));
             }
             Err(e) => {
                 eprintln!("taipan: cannot load the model: {e}");
@@ -215,6 +196,74 @@ where
         eprintln!("taipan: {cut} requests were cut by the shutdown");
     }
     Ok(Shutdown { cut })
+}
+
+/// The start-up summary printed once the model is ready: what runs, in how much memory, and
+/// where to reach it.
+fn summary(
+    state: &AppState,
+    engine: &taipan_engine::EngineHandle,
+    local: std::net::SocketAddr,
+    took: std::time::Duration,
+) -> String {
+    let m = engine.memory;
+    let model = &engine.model;
+    let spec = model.cache_spec();
+    let kv_mb = state.config.engine.kv_cache_bytes >> 20;
+    let mut context = format!("{} tokens", m.context);
+    if m.context < model.context_length() {
+        context.push_str(&format!(
+            " (what the KV budget holds; the model's own is {}; raise --kv-cache-mb for more)",
+            model.context_length()
+        ));
+    }
+    let mut memory = format!(
+        "weights {:.0} MiB; KV cache {kv_mb} MiB: {} blocks of {} positions",
+        model.weight_bytes() as f64 / (1 << 20) as f64,
+        m.blocks,
+        m.block_size
+    );
+    if m.slots > 0 {
+        memory.push_str(&format!(
+            "; {} recurrent-state slots of {:.2} MiB",
+            m.slots,
+            spec.state_bytes() as f64 / (1 << 20) as f64
+        ));
+    }
+    // An unspecified bind address is not somewhere a browser can go: show this machine's.
+    let host = if local.ip().is_unspecified() { "localhost".to_string() } else { local.ip().to_string() };
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    let base = format!("http://{host}:{}", local.port());
+    let names = state.names.get().cloned().unwrap_or_default();
+    let aliases = if state.config.aliases.is_none() { " (AI21's public model names route here)" } else { "" };
+    let auth = if state.config.api_keys.is_empty() {
+        "off: no API keys configured".to_string()
+    } else {
+        format!("{} API key(s) required (Authorization: Bearer …)", state.config.api_keys.len())
+    };
+    let rows = [
+        ("model", format!("{} ({})", model.name, model.path.display())),
+        ("context", context),
+        ("memory", memory),
+        (
+            "threads",
+            format!(
+                "{}, {} kernels, continuous batching",
+                state.config.threads,
+                taipan_kernels::Kernels::best().isa.name()
+            ),
+        ),
+        ("served as", format!("{}{aliases}", names.join(", "))),
+        ("AI21 API", format!("{base}/studio/v1/chat/completions")),
+        ("OpenAI API", format!("{base}/v1")),
+        ("playground", format!("{base}/")),
+        ("auth", auth),
+    ];
+    let mut out = format!("taipan: ready in {:.1} s\n", took.as_secs_f64());
+    for (k, v) in rows {
+        out.push_str(&format!("  {k:<11} {v}\n"));
+    }
+    out
 }
 
 /// How a shutdown went.
