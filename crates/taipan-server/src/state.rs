@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub host: String,
     pub port: u16,
     pub model_path: PathBuf,
+    /// The Hub repository the model came from (`org/repo`), served as its first name, as vLLM does.
+    pub hub_repo: Option<String>,
     /// Accepted API keys; empty turns auth off.
     pub api_keys: Vec<String>,
     /// Extra names the model answers to; `None` means AI21's public names.
@@ -46,7 +48,7 @@ impl ServerConfig {
     /// The names to serve for a model called `model_name` loaded from `model_path`.
     pub fn served_names(&self, model_name: &str) -> Vec<String> {
         // The file name is the stable id; `general.name` joins it when it is usable as one.
-        let mut names = Vec::new();
+        let mut names: Vec<String> = self.hub_repo.iter().cloned().collect();
         if let Some(stem) = self.model_path.file_stem().map(|s| s.to_string_lossy().into_owned()) {
             names.push(stem);
         }

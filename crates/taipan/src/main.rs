@@ -10,6 +10,8 @@ use taipan_engine::{eval, generate, Constraint, GenerateParams, Generation, Gram
 use taipan_kernels::{Compute, MatmulMode};
 use taipan_model::{ChatMessage, GgufFile, LoadOptions, Model, RenderOptions};
 
+mod hub;
+
 /// File name of the default model inside the model folder.
 const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -72,9 +74,13 @@ enum Command {
 /// (`--config`), then defaults.
 #[derive(Args)]
 struct ServeArgs {
-    /// Model file (GGUF). Default: the default model.
+    /// The model: a GGUF file, a safetensors checkpoint folder, or a Hugging Face Hub name
+    /// (`org/repo`, `org/repo:Q4_K_M`, `org/repo:file.gguf`). Default: the default model.
     #[arg(short = 'm', long, env = "TAIPAN_MODEL")]
     model: Option<PathBuf>,
+    /// Never download: a Hub name must already be in the Hub cache (also HF_HUB_OFFLINE=1).
+    #[arg(long, env = "TAIPAN_OFFLINE")]
+    offline: bool,
     /// Address to bind. Default 127.0.0.1 when no API key is configured, else 0.0.0.0.
     #[arg(long, env = "TAIPAN_HOST")]
     host: Option<String>,
@@ -111,7 +117,7 @@ struct ServeArgs {
     /// Sequences batched at once (default 64).
     #[arg(long, env = "TAIPAN_MAX_RUNNING")]
     max_running: Option<usize>,
-    /// A TOML file with any of: model, host, port, api_keys, api_key_file, aliases, threads,
+    /// A TOML file with any of: model, offline, host, port, api_keys, api_key_file, aliases, threads,
     /// max_queue, max_body_bytes, shutdown_grace_secs, kv_cache_mb, max_batch_tokens, max_running,
     /// chat_template.
     #[arg(long, env = "TAIPAN_CONFIG")]
@@ -131,6 +137,7 @@ struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     model: Option<PathBuf>,
+    offline: Option<bool>,
     host: Option<String>,
     port: Option<u16>,
     api_keys: Option<Vec<String>>,
@@ -168,17 +175,16 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     let aliases = if a.aliases.is_empty() { file.aliases.clone() } else { Some(a.aliases.clone()) };
     let host =
         a.host.or(file.host).unwrap_or_else(|| if api_keys.is_empty() { "127.0.0.1".into() } else { "0.0.0.0".into() });
-    let model_path = a.model.or(file.model).unwrap_or_else(default_model_path);
-    if !model_path.exists() {
-        bail!(
-            "model file {} not found; run scripts/get-model.sh to fetch the default model, or pass --model",
-            model_path.display()
-        );
-    }
+    let source = model_source(a.model.or(file.model).unwrap_or_else(default_model_path))?;
+    let offline = a.offline || file.offline.unwrap_or(false) || hub::offline_from_env();
     let config = taipan_server::ServerConfig {
         host,
         port: a.port.or(file.port).unwrap_or(8080),
-        model_path: model_path.clone(),
+        model_path: source.path_for_display(),
+        hub_repo: match &source {
+            ModelSource::Hub(m) => Some(m.repo.clone()),
+            ModelSource::Local(_) => None,
+        },
         api_keys,
         aliases,
         max_body_bytes: a.max_body_bytes.or(file.max_body_bytes).unwrap_or(10 << 20),
@@ -218,7 +224,9 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             if let Some(delay) = load_delay {
                 std::thread::sleep(delay);
             }
-            let mut model = Model::load(&model_path, LoadOptions { mode, quantize }).map_err(|e| format!("{e}"))?;
+            let model_path = source.fetch(offline).map_err(|e| format!("{e:#}"))?;
+            let mut model =
+                load_announced(&model_path, LoadOptions { mode, quantize }).map_err(|e| format!("{e:#}"))?;
             if let Some(src) = &template {
                 model.set_chat_template(src).map_err(|e| format!("--chat-template: {e}"))?;
             }
@@ -247,10 +255,14 @@ struct RunArgs {
 
 #[derive(Args)]
 struct ModelArg {
-    /// Model file (GGUF). Default: $TAIPAN_MODEL, else the default model in $TAIPAN_MODEL_DIR
-    /// (default ~/.cache/taipan/models).
+    /// The model: a GGUF file, a safetensors checkpoint folder, or a Hugging Face Hub name
+    /// (`org/repo`, `org/repo:Q4_K_M`, `org/repo:file.gguf`). Default: $TAIPAN_MODEL, else the
+    /// default model in $TAIPAN_MODEL_DIR (default ~/.cache/taipan/models).
     #[arg(short = 'm', long)]
     model: Option<PathBuf>,
+    /// Never download: a Hub name must already be in the Hub cache (also HF_HUB_OFFLINE=1).
+    #[arg(long, env = "TAIPAN_OFFLINE")]
+    offline: bool,
 }
 
 #[derive(Args)]
@@ -358,8 +370,109 @@ fn default_model_path() -> PathBuf {
     dir.join(DEFAULT_MODEL_FILE)
 }
 
-fn resolve_model(arg: &ModelArg) -> PathBuf {
-    arg.model.clone().unwrap_or_else(default_model_path)
+/// Where a model comes from.
+enum ModelSource {
+    /// A GGUF file or a safetensors checkpoint folder on this machine.
+    Local(PathBuf),
+    /// A Hugging Face Hub repository, fetched into the Hub cache.
+    Hub(hub::HubModel),
+}
+
+/// A local path that exists, else a Hub name, else an error that says what was looked for.
+fn model_source(path: PathBuf) -> Result<ModelSource> {
+    if path.exists() {
+        return Ok(ModelSource::Local(path));
+    }
+    if let Some(model) = path.to_str().and_then(hub::parse) {
+        return Ok(ModelSource::Hub(model));
+    }
+    bail!(
+        "model file {} not found; run scripts/get-model.sh to fetch the default model, or pass --model \
+         (a GGUF file, a checkpoint folder, or a Hub name such as org/repo:Q4_K_M)",
+        path.display()
+    )
+}
+
+impl ModelSource {
+    fn path_for_display(&self) -> PathBuf {
+        match self {
+            Self::Local(p) => p.clone(),
+            // The file stem of a Hub name is what the file would be called: the repository's
+            // name, or the GGUF's own.
+            Self::Hub(m) => match &m.pick {
+                hub::Pick::File(f) => PathBuf::from(f),
+                _ => PathBuf::from(&m.repo),
+            },
+        }
+    }
+
+    /// The local file or folder to load, downloading a Hub model's missing files first.
+    fn fetch(&self, offline: bool) -> Result<PathBuf> {
+        match self {
+            Self::Local(p) => Ok(p.clone()),
+            Self::Hub(m) => {
+                let path = hub::fetch(m, offline)?;
+                eprintln!("taipan: {m} is {}", path.display());
+                Ok(path)
+            }
+        }
+    }
+}
+
+fn resolve_model(arg: &ModelArg) -> Result<PathBuf> {
+    let offline = arg.offline || hub::offline_from_env();
+    model_source(arg.model.clone().unwrap_or_else(default_model_path))?.fetch(offline)
+}
+
+/// Loads with a line before (what, how big) and after (how long, what it is): weights are mapped
+/// and repacked here, which on a large model takes long enough to want saying.
+fn load_announced(path: &Path, opts: LoadOptions) -> Result<Model> {
+    let size = weight_bytes_on_disk(path);
+    eprintln!("taipan: mapping and repacking {} ({:.0} MiB)…", path.display(), size as f64 / (1 << 20) as f64);
+    let started = std::time::Instant::now();
+    let model = Model::load(path, opts).with_context(|| format!("loading {}", path.display()))?;
+    eprintln!(
+        "taipan: loaded {} in {:.1} s: {}",
+        model.name,
+        started.elapsed().as_secs_f64(),
+        describe_weights(path).unwrap_or_else(|| "safetensors checkpoint".into())
+    );
+    Ok(model)
+}
+
+fn weight_bytes_on_disk(path: &Path) -> u64 {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                    .filter_map(|e| std::fs::metadata(e.path()).ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    } else {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// A GGUF's architecture, parameter count and weight formats, most bytes first.
+fn describe_weights(path: &Path) -> Option<String> {
+    if path.is_dir() {
+        return None;
+    }
+    let f = GgufFile::open(path).ok()?;
+    let arch = f.get_str("general.architecture").ok()?.to_string();
+    let mut by_type: std::collections::BTreeMap<&str, u64> = Default::default();
+    for t in &f.tensors {
+        *by_type.entry(t.dtype.name()).or_default() += t.bytes;
+    }
+    let mut types: Vec<(&str, u64)> = by_type.into_iter().collect();
+    types.sort_by_key(|t| std::cmp::Reverse(t.1));
+    let params: u64 = f.tensors.iter().map(|t| t.elements()).sum();
+    let formats: Vec<&str> = types.iter().map(|t| t.0).collect();
+    Some(format!("{arch} architecture, {:.1} M parameters, weights {}", params as f64 / 1e6, formats.join(" > ")))
 }
 
 fn threads(n: Option<usize>) -> usize {
@@ -494,7 +607,7 @@ fn output_constraint(model: &Model, a: &GenerateArgs) -> Result<Option<Constrain
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let model = load(&resolve_model(&a.model), a.run.exact, a.run.quantize.as_deref())?;
+    let model = load(&resolve_model(&a.model)?, a.run.exact, a.run.quantize.as_deref())?;
     let compute = Compute::new(threads(a.run.threads));
     let prompt_text = match (&a.prompt, &a.messages) {
         (Some(p), _) if a.raw => p.clone(),
@@ -534,7 +647,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
-    let model = load(&resolve_model(&a.model), a.run.exact, a.run.quantize.as_deref())?;
+    let model = load(&resolve_model(&a.model)?, a.run.exact, a.run.quantize.as_deref())?;
     let compute = Compute::new(threads(a.run.threads));
     let mut history = Vec::new();
     if let Some(s) = &a.system {
@@ -605,7 +718,7 @@ fn write_inspection(
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let path = resolve_model(&a.model);
+    let path = resolve_model(&a.model)?;
     let model = load(&path, a.exact, a.quantize.as_deref())?;
     let mut rows = Vec::new();
     for &t in &a.threads {
