@@ -28,7 +28,7 @@ enum Command {
     Serve(ServeArgs),
     /// Generate text from a prompt or a chat conversation, streamed to stdout.
     Generate(GenerateArgs),
-    /// Interactive chat in the terminal, keeping the conversation's history.
+    /// Interactive chat in the terminal: line editing, recalled lines, the conversation kept.
     Chat(ChatArgs),
     /// Show a GGUF file's metadata and tensors.
     Inspect {
@@ -322,6 +322,13 @@ struct ChatArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The file that keeps entered lines between sessions (default:
+    /// $XDG_STATE_HOME/taipan/chat_history, else ~/.local/state/taipan/chat_history).
+    #[arg(long)]
+    history: Option<PathBuf>,
+    /// Keep no line history on disk.
+    #[arg(long)]
+    no_history: bool,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -646,23 +653,58 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where `taipan chat` keeps its line history: `$XDG_STATE_HOME/taipan/chat_history`, else
+/// `~/.local/state/taipan/chat_history`.
+fn default_chat_history() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("taipan").join("chat_history"))
+}
+
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let model = load(&resolve_model(&a.model)?, a.run.exact, a.run.quantize.as_deref())?;
     let compute = Compute::new(threads(a.run.threads));
-    let mut history = Vec::new();
-    if let Some(s) = &a.system {
-        history.push(ChatMessage::new("system", s));
-    }
-    let stdin = std::io::stdin();
-    let mut seed = a.seed;
-    eprintln!("taipan chat with {} — empty line or Ctrl-D to quit", model.name);
-    loop {
-        eprint!("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
+    let system: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let mut history = system.clone();
+    let mut editor = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    let history_file = if a.no_history { None } else { a.history.clone().or_else(default_chat_history) };
+    if let Some(f) = &history_file {
+        // A missing file is the first run; an unreadable one only costs the old lines.
+        if f.exists() {
+            if let Err(e) = editor.load_history(f) {
+                eprintln!("taipan: cannot read the chat history {}: {e}", f.display());
+            }
         }
-        history.push(ChatMessage::new("user", line.trim_end()));
+    }
+    let mut seed = a.seed;
+    eprintln!(
+        "taipan chat with {}: Enter sends, arrows and Ctrl-R recall earlier lines, /clear starts over, Ctrl-D or /exit quits",
+        model.name
+    );
+    loop {
+        let line = match editor.readline("> ") {
+            Ok(line) => line,
+            Err(rustyline::error::ReadlineError::Interrupted) => continue,
+            Err(rustyline::error::ReadlineError::Eof) => break,
+            Err(e) => return Err(e).context("reading a line"),
+        };
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(text);
+        match text {
+            "/exit" | "/quit" => break,
+            "/clear" => {
+                history.clone_from(&system);
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::new("user", text));
         let ids = model.tokenizer.encode(&chat_text(&model, &history)?, true)?;
         let params = GenerateParams {
             max_tokens: a.max_tokens,
@@ -672,7 +714,22 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         };
         seed = seed.wrapping_add(1);
         let g = stream_to_stdout(&model, &compute, &ids, &params)?;
+        eprintln!(
+            "({} tokens, first after {:.0} ms, {:.1} tokens/s)",
+            g.tokens.len(),
+            g.prefill_time.as_secs_f64() * 1e3,
+            g.decode_tok_s()
+        );
         history.push(ChatMessage::new("assistant", &g.text));
+    }
+    if let Some(f) = &history_file {
+        let saved = f
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| editor.save_history(f).map_err(|e| std::io::Error::other(e.to_string())));
+        if let Err(e) = saved {
+            eprintln!("taipan: cannot save the chat history {}: {e}", f.display());
+        }
     }
     Ok(())
 }

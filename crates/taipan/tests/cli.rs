@@ -173,3 +173,44 @@ fn generate_follows_json_and_regex_constraints() {
     let (ok, _, err) = taipan(&["generate", "-m", m, "-p", "x", "--regex", "(", "-n", "4"]);
     assert!(!ok && err.contains("invalid regex"), "{err}");
 }
+
+/// `taipan chat` with its input piped: answers each line, `/clear` forgets the conversation, and
+/// the entered lines are kept in the history file for the next session.
+fn chat(model: &str, history: &std::path::Path, input: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taipan"))
+        .args(["chat", "-m", model, "-n", "12", "--temperature", "0", "-t", "2", "--history"])
+        .arg(history)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run taipan chat");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write input");
+    let out = child.wait_with_output().expect("wait for taipan chat");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn chat_keeps_the_conversation_until_cleared_and_remembers_lines() {
+    let model = default_model();
+    let m = model.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("taipan-chat-{}", std::process::id()));
+    let history = dir.join("nested").join("chat_history");
+    let alone = chat(m, &history, "Name a colour.\n");
+    let answers: Vec<String> = chat(m, &history, "My name is Ada.\n/clear\nName a colour.\n/exit\nnot read\n")
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    // After /clear the question stands alone, so greedy decoding answers it as before.
+    assert_eq!(answers[1], alone.trim_end());
+    let kept = std::fs::read_to_string(&history).expect("history file");
+    for line in ["Name a colour.", "My name is Ada.", "/clear"] {
+        assert!(kept.contains(line), "{kept}");
+    }
+    assert!(!kept.contains("not read"), "{kept}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
