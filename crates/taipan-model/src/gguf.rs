@@ -422,6 +422,7 @@ impl GgufFile {
 
     /// The bytes of a tensor (bounds were checked at open).
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
+        crate::weights::count_tensor_bytes(t.bytes);
         let start = (self.data_start + t.offset) as usize;
         &self.map[start..start + t.bytes as usize]
     }

@@ -164,6 +164,7 @@ impl WeightSource for SafetensorsDir {
                 message: format!("{} bytes do not hold shape {:?}", t.range.len(), t.shape),
             });
         }
+        count_tensor_bytes(t.range.len() as u64);
         Ok(RawTensor {
             name: name.into(),
             dtype: t.dtype,
@@ -174,4 +175,17 @@ impl WeightSource for SafetensorsDir {
     fn is_hf(&self) -> bool {
         true
     }
+}
+
+/// Tensor bytes handed out by GGUF files and checkpoints in this process so far.
+static TENSOR_BYTES_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub(crate) fn count_tensor_bytes(n: u64) {
+    TENSOR_BYTES_READ.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Tensor bytes read so far in this process: loading reads each weight about once, so the growth
+/// of this count during [`crate::Model::load`] against the files' size is its progress.
+pub fn tensor_bytes_read() -> u64 {
+    TENSOR_BYTES_READ.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -437,7 +437,14 @@ fn load_announced(path: &Path, opts: LoadOptions) -> Result<Model> {
     let size = weight_bytes_on_disk(path);
     eprintln!("taipan: mapping and repacking {} ({:.0} MiB)…", path.display(), size as f64 / (1 << 20) as f64);
     let started = std::time::Instant::now();
-    let model = Model::load(path, opts).with_context(|| format!("loading {}", path.display()))?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let model = std::thread::scope(|scope| {
+        scope.spawn(|| report_load_progress(size, &done));
+        let model = Model::load(path, opts);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        model
+    })
+    .with_context(|| format!("loading {}", path.display()))?;
     eprintln!(
         "taipan: loaded {} in {:.1} s: {}",
         model.name,
@@ -445,6 +452,38 @@ fn load_announced(path: &Path, opts: LoadOptions) -> Result<Model> {
         describe_weights(path).unwrap_or_else(|| "safetensors checkpoint".into())
     );
     Ok(model)
+}
+
+/// While a load runs longer than a moment, says how much of the weights it has read: every
+/// second on a terminal, every five in a log.
+fn report_load_progress(size: u64, done: &std::sync::atomic::AtomicBool) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let every = if terminal { std::time::Duration::from_secs(1) } else { std::time::Duration::from_secs(5) };
+    let base = taipan_model::weights::tensor_bytes_read();
+    let started = std::time::Instant::now();
+    let mut next = std::time::Duration::from_secs(2);
+    let mut shown = false;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if started.elapsed() < next {
+            continue;
+        }
+        next += every;
+        let read = taipan_model::weights::tensor_bytes_read() - base;
+        // Stacked tensors are read more than once: never claim to be done before it is.
+        let pct = (100.0 * read as f64 / size.max(1) as f64).min(99.0);
+        let line = format!("taipan: repacking weights {pct:3.0}% ({:.0} s)", started.elapsed().as_secs_f64());
+        if terminal {
+            eprint!("\r{line}\x1b[K");
+            shown = true;
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    if shown {
+        eprintln!();
+    }
 }
 
 fn weight_bytes_on_disk(path: &Path) -> u64 {
