@@ -3,9 +3,12 @@
 "view code" snippets run unchanged against the server."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from conftest import KEY, ROOT
+from conftest import KEY, ROOT, free_port
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -236,3 +239,30 @@ def save_screenshot(driver, tmp_path, name):
     assert driver.save_screenshot(str(tmp_path / name))
     if os.environ.get("TAIPAN_SCREENSHOTS") == "1":
         shutil.copy(tmp_path / name, Path(ROOT) / "docs" / name)
+
+
+def test_run_script_prints_progress_and_summary_and_the_playground_answers_there():
+    """`scripts/run.sh` (the README's first command) says what it does, ends with the summary,
+    and the playground URL it prints serves the page."""
+    port = free_port()
+    log = open(ROOT / "target" / f"e2e-run-sh-{port}.log", "w+")
+    proc = subprocess.Popen(["bash", "scripts/run.sh", "--port", str(port), "-t", "2"], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        text = ""
+        while "playground" not in text:
+            assert proc.poll() is None, text
+            assert time.time() < deadline, text
+            time.sleep(0.5)
+            text = Path(log.name).read_text()
+        time.sleep(0.5)
+        text = Path(log.name).read_text()
+        for said in ("mapping and repacking", "loaded", "starting the engine", "ready in", "AI21 API", "threads"):
+            assert said in text, f"{said!r} missing from:\n{text}"
+        url = re.search(r"playground\s+(http://\S+)", text).group(1)
+        page = httpx.get(url)
+        assert page.status_code == 200 and "taipan playground" in page.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
