@@ -65,6 +65,9 @@ VALUE_SETS = {
         "autoscaling": {"keda": {"enabled": True}},
         "inferenceExtension": {"enabled": True},
     },
+    "hub-model": {
+        "model": {"hub": "org/Some-Model-GGUF:Q4_K_M", "hfTokenSecret": "hf-token", "existingClaim": "hub-cache"},
+    },
     "hpa-claim-secret": {
         "model": {"existingClaim": "models", "file": "jamba.gguf"},
         "apiKeys": {"existingSecret": "taipan-keys"},
@@ -112,7 +115,16 @@ def check_promises(name, values, docs):
         assert c["resources"][side]["memory"] == f"{memory}Mi", name
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"]["path"] == "/health", probe
-    assert env["TAIPAN_MODEL"]["value"] == "/models/" + v["model"]["file"]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "models"]
+    if v["model"]["hub"]:
+        assert env["TAIPAN_MODEL"]["value"] == v["model"]["hub"]
+        assert env["HF_HOME"]["value"].startswith(mount["mountPath"] + "/")
+        assert mount["readOnly"] is False
+        token = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert token == {"name": v["model"]["hfTokenSecret"], "key": v["model"]["hfTokenKey"]}
+    else:
+        assert env["TAIPAN_MODEL"]["value"] == "/models/" + v["model"]["file"]
+        assert mount["readOnly"] is True and "HF_TOKEN" not in env
     keys = env.get("TAIPAN_API_KEYS")
     if v["apiKeys"]["keys"] or v["apiKeys"]["existingSecret"]:
         ref = keys["valueFrom"]["secretKeyRef"]
@@ -127,7 +139,7 @@ def check_promises(name, values, docs):
     scaled = v["autoscaling"]["hpa"]["enabled"] or v["autoscaling"]["keda"]["enabled"]
     assert ("replicas" in deploy["spec"]) != scaled
     init = pod["spec"].get("initContainers", [])
-    assert bool(init) == (not v["model"]["existingClaim"])
+    assert bool(init) == (not v["model"]["existingClaim"] and not v["model"]["hub"])
     labels = pod["metadata"]["labels"]
     for pool in by_kind.get("InferencePool", []):
         assert all(labels.get(k) == val for k, val in pool["spec"]["selector"]["matchLabels"].items())
