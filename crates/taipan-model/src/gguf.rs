@@ -543,3 +543,22 @@ pub mod writer {
         out
     }
 }
+
+/// A GGUF's architecture, parameter count and tensor formats (most bytes first), for start-up
+/// messages; `None` for anything that is not a readable GGUF file (a checkpoint folder, say).
+pub fn describe_weights(path: &Path) -> Option<String> {
+    if path.is_dir() {
+        return None;
+    }
+    let f = GgufFile::open(path).ok()?;
+    let arch = f.get_str("general.architecture").ok()?.to_string();
+    let mut by_type: std::collections::BTreeMap<&str, u64> = Default::default();
+    for t in &f.tensors {
+        *by_type.entry(t.dtype.name()).or_default() += t.bytes;
+    }
+    let mut types: Vec<(&str, u64)> = by_type.into_iter().collect();
+    types.sort_by_key(|t| std::cmp::Reverse(t.1));
+    let params: u64 = f.tensors.iter().map(|t| t.elements()).sum();
+    let formats: Vec<&str> = types.iter().map(|t| t.0).collect();
+    Some(format!("{arch} architecture, {:.1} M parameters in {} tensors", params as f64 / 1e6, formats.join(" > ")))
+}

@@ -234,6 +234,14 @@ impl Model {
         Ok(())
     }
 
+    /// The architecture's name as GGUF writes it (`general.architecture`).
+    pub fn arch_name(&self) -> &'static str {
+        match &self.arch {
+            Arch::Jamba(_) => "jamba",
+            Arch::Llama(m) => m.config.family.arch(),
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match &self.arch {
             Arch::Llama(m) => m.config.vocab,

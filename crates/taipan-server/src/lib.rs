@@ -243,6 +243,11 @@ fn summary(
     };
     let rows = [
         ("model", format!("{} ({})", model.name, model.path.display())),
+        (
+            "weights",
+            taipan_model::gguf::describe_weights(&model.path)
+                .unwrap_or_else(|| format!("{} architecture, safetensors checkpoint", model.arch_name())),
+        ),
         ("context", context),
         ("memory", memory),
         (

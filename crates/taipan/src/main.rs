@@ -449,7 +449,7 @@ fn load_announced(path: &Path, opts: LoadOptions) -> Result<Model> {
         "taipan: loaded {} in {:.1} s: {}",
         model.name,
         started.elapsed().as_secs_f64(),
-        describe_weights(path).unwrap_or_else(|| "safetensors checkpoint".into())
+        taipan_model::gguf::describe_weights(path).unwrap_or_else(|| "safetensors checkpoint".into())
     );
     Ok(model)
 }
@@ -501,24 +501,6 @@ fn weight_bytes_on_disk(path: &Path) -> u64 {
     } else {
         std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
     }
-}
-
-/// A GGUF's architecture, parameter count and weight formats, most bytes first.
-fn describe_weights(path: &Path) -> Option<String> {
-    if path.is_dir() {
-        return None;
-    }
-    let f = GgufFile::open(path).ok()?;
-    let arch = f.get_str("general.architecture").ok()?.to_string();
-    let mut by_type: std::collections::BTreeMap<&str, u64> = Default::default();
-    for t in &f.tensors {
-        *by_type.entry(t.dtype.name()).or_default() += t.bytes;
-    }
-    let mut types: Vec<(&str, u64)> = by_type.into_iter().collect();
-    types.sort_by_key(|t| std::cmp::Reverse(t.1));
-    let params: u64 = f.tensors.iter().map(|t| t.elements()).sum();
-    let formats: Vec<&str> = types.iter().map(|t| t.0).collect();
-    Some(format!("{arch} architecture, {:.1} M parameters, weights {}", params as f64 / 1e6, formats.join(" > ")))
 }
 
 fn threads(n: Option<usize>) -> usize {
