@@ -135,9 +135,10 @@ def hub():
             "jamba-tiny-a-Q8_0.gguf": read(FIXTURES / "jamba-tiny-a-q8_0.gguf"),
             "jamba-tiny-a-F32.gguf": read(FIXTURES / "jamba-tiny-a.gguf"),
         },
-        HF_REPO: {f: read(ckpt / f) for f in
-                  ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "model.safetensors", "README.md")},
+        HF_REPO: {**{f: read(ckpt / f) for f in
+                     ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                      "model.safetensors", "README.md", "tokenizer.model")},
+                  "chat_template.jinja": json.loads(read(ckpt / "tokenizer_config.json"))["chat_template"].encode()},
         "org/gated-GGUF": {"m-Q8_0.gguf": read(FIXTURES / "jamba-tiny-a-q8_0.gguf")},
     }, gated={"org/gated-GGUF"})
     yield h
@@ -202,8 +203,8 @@ def test_a_safetensors_checkpoint_by_hub_name(hub, tmp_path):
     finally:
         assert s.stop() == 0
     fetched = {path.rsplit("/", 1)[-1] for path, rng in hub.requests if "/resolve/" in path}
-    assert fetched == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                       "model.safetensors"}
+    assert fetched == {"config.json", "chat_template.jinja", "generation_config.json", "tokenizer.json",
+                       "tokenizer_config.json", "model.safetensors"}
 
 
 def test_a_download_killed_midway_resumes_where_it_stopped(hub, tmp_path):

@@ -94,6 +94,16 @@ pub(crate) fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model, ModelErro
             .and_then(|t| t.get("template").and_then(Value::as_str).map(String::from)),
         _ => None,
     };
+    // Recent transformers versions save the template beside the config, and when loading they
+    // let that file win over `tokenizer_config.json`'s entry: so do we.
+    let template_file = dir.join("chat_template.jinja");
+    let template_src = match std::fs::read_to_string(&template_file) {
+        Ok(src) => Some(src),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => template_src,
+        Err(e) => {
+            return Err(ModelError::Config { path: template_file, field: "(file)".into(), message: e.to_string() })
+        }
+    };
     let text = |id: Option<u32>| id.and_then(|i| tokenizer.piece(i)).unwrap_or_default().to_string();
     let template = match template_src {
         Some(src) => Some(ChatTemplate::new(&src, &text(tokenizer.specials.bos), &text(tokenizer.specials.eos))?),

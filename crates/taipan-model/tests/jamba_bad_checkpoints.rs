@@ -212,3 +212,25 @@ fn hostile_sizes_in_config_are_named_errors() {
         assert!(msg.contains(named), "{field} = {value}: {msg}");
     }
 }
+
+#[test]
+fn a_chat_template_jinja_file_wins_over_the_tokenizer_config_as_in_transformers() {
+    let dir = variant("template-file", |_| {}, |_| {});
+    let messages = [taipan_model::ChatMessage::new("user", "Hi")];
+    let render = |dir: &Path| {
+        let m = Model::load(dir, LoadOptions::default()).expect("loads");
+        m.render_chat(&messages, &taipan_model::RenderOptions::default()).expect("renders")
+    };
+    let from_config = render(&dir);
+    std::fs::write(dir.join("chat_template.jinja"), "[file]{% for m in messages %}{{ m.content }}{% endfor %}")
+        .unwrap();
+    assert_eq!(render(&dir), "[file]Hi");
+    // Only the file (as transformers >= 4.47 saves it): still a template.
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    assert_eq!(render(&dir), "[file]Hi");
+    assert_ne!(from_config, "[file]Hi");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -86,13 +86,14 @@ struct Selection {
     gguf: Option<String>,
 }
 
-const CHECKPOINT_FILES: [&str; 7] = [
+/// What loading a checkpoint folder reads besides its `*.safetensors` (the tokenizer comes from
+/// `tokenizer.json`; `tokenizer.model` and `special_tokens_map.json` are not read, so not fetched).
+const CHECKPOINT_FILES: [&str; 6] = [
     "config.json",
+    "chat_template.jinja",
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
     "model.safetensors.index.json",
 ];
 
@@ -227,20 +228,31 @@ pub fn fetch(model: &HubModel, offline: bool) -> Result<PathBuf> {
     let info = remote.info().map_err(|e| hub_error(e, model))?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let chosen = select(model, &files)?;
-    let mut local = Vec::with_capacity(chosen.files.len());
-    for file in &chosen.files {
-        let path = match cached.get(file) {
-            Some(path) => path,
-            None => {
-                download(&api, &remote, &model.repo, file).map_err(|e| e.context(format!("downloading {model}")))?
-            }
-        };
-        local.push(path);
+    // Files join the snapshot of the commit the Hub serves now (`refs/main`). Should the
+    // repository have moved on since some of them were cached, the first pass leaves them in an
+    // older snapshot; the second fetches them into the current one, so one folder holds them all.
+    for _ in 0..2 {
+        let mut local = Vec::with_capacity(chosen.files.len());
+        for file in &chosen.files {
+            let path = match cached.get(file) {
+                Some(path) => path,
+                None => {
+                    download(&api, &remote, &model.repo, file).map_err(|e| e.context(format!("downloading {model}")))?
+                }
+            };
+            local.push(path);
+        }
+        let snapshot =
+            local[0].parent().map(Path::to_path_buf).ok_or_else(|| anyhow!("{model}: empty snapshot path"))?;
+        let current: Vec<Option<PathBuf>> = chosen.files.iter().map(|f| cached.get(f)).collect();
+        if current.iter().zip(&local).all(|(now, had)| now.as_ref() == Some(had)) {
+            return Ok(match &chosen.gguf {
+                Some(_) => local.swap_remove(0),
+                None => snapshot,
+            });
+        }
     }
-    Ok(match &chosen.gguf {
-        Some(_) => local.swap_remove(0),
-        None => local[0].parent().map(Path::to_path_buf).ok_or_else(|| anyhow!("{model}: empty snapshot path"))?,
-    })
+    bail!("{model}: the repository changed while its files were being fetched; try again")
 }
 
 fn hub_error(e: ApiError, model: &HubModel) -> anyhow::Error {
