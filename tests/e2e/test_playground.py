@@ -266,3 +266,28 @@ def test_run_script_prints_progress_and_summary_and_the_playground_answers_there
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_a_thinking_block_streams_open_then_folds_away(browser, server):
+    """A reasoning model's <think> block, as the page renders it chunk by chunk (driven through
+    the page's own renderer: the default model does not think)."""
+    open_page(browser, server)
+    states = browser.execute_script("""
+        const box = document.createElement('div');
+        document.body.append(box);
+        const seen = [];
+        const show = (content) => {
+          renderChoice(box, {content, toolCalls: []});
+          const d = box.querySelector('details.thinking');
+          seen.push([d.open, d.querySelector('summary').textContent, d.textContent.includes('weigh'),
+                     box.querySelector('.answer').textContent]);
+        };
+        show('<think>I weigh the options');
+        show('<think>I weigh the options</think>\\n\\nTake the boat.');
+        box.querySelector('details.thinking').open = true;  // the user opens it
+        show('<think>I weigh the options</think>\\n\\nTake the boat. Now.');
+        return seen;
+    """)
+    assert states[0] == [True, "Thinking…", True, ""]
+    assert states[1] == [False, "Thinking", True, "Take the boat."]
+    assert states[2] == [True, "Thinking", True, "Take the boat. Now."]

@@ -138,12 +138,18 @@ function splitThinking(text) {
 }
 
 function renderChoice(box, choice, label) {
+  // The thinking block is open while the model thinks and folds once it answers, unless the
+  // user opened it since.
+  const prior = box.querySelector("details.thinking");
+  const userOpened = Boolean(prior && prior.open && !prior.dataset.auto);
   box.replaceChildren();
   if (label) box.append(el("span", "choice-label", label));
-  const { thinking, answer } = splitThinking(choice.content || "");
+  const { thinking, answer, open } = splitThinking(choice.content || "");
   if (thinking !== null) {
     const details = el("details", "thinking");
-    details.append(el("summary", null, "Thinking"), el("div", null, thinking));
+    details.append(el("summary", null, open ? "Thinking…" : "Thinking"), el("div", null, thinking));
+    details.open = open || userOpened;
+    if (open) details.dataset.auto = "1";
     box.append(details);
   }
   box.append(el("div", "answer", answer));
