@@ -445,12 +445,8 @@ fn load_announced(path: &Path, opts: LoadOptions) -> Result<Model> {
         model
     })
     .with_context(|| format!("loading {}", path.display()))?;
-    eprintln!(
-        "taipan: loaded {} in {:.1} s: {}",
-        model.name,
-        started.elapsed().as_secs_f64(),
-        taipan_model::gguf::describe_weights(path).unwrap_or_else(|| "safetensors checkpoint".into())
-    );
+    // What the weights are is said once, in the server's start-up summary.
+    eprintln!("taipan: loaded {} in {:.1} s", model.name, started.elapsed().as_secs_f64());
     Ok(model)
 }
 
