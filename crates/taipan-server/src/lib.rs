@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod error;
 mod handlers;
+pub mod heap;
 mod ids;
 mod metrics;
 mod playground;
@@ -78,21 +79,6 @@ pub fn normalize_path(mut req: Request<Body>) -> Request<Body> {
     req
 }
 
-/// Hands memory freed while loading (the tokenizer's intermediate JSON, repacking buffers) back
-/// to the operating system, so the resident size after start-up is what the server keeps.
-fn release_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
-        // SAFETY: glibc's malloc_trim only releases free heap pages; it is thread-safe.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
-}
-
 /// Binds, loads the model in the background (answering 503 until it is ready), and serves until
 /// `shutdown` resolves; in-flight requests then get `config.shutdown_grace_secs` to finish, and
 /// those still running after it are cancelled, each with an error its client sees.
@@ -141,8 +127,11 @@ where
                 } else {
                     eprintln!("taipan: indexed in {:.1} s", indexing.elapsed().as_secs_f64());
                 }
-                release_freed_heap();
-                eprint!("{}", summary(&state, &engine, local, started.elapsed()));
+                // The summary re-reads the file's metadata (a whole vocabulary on the heap):
+                // written before the freed heap goes back, so its buffers go back too.
+                let summary = summary(&state, &engine, local, started.elapsed());
+                heap::release_freed();
+                eprint!("{summary}");
             }
             Err(e) => {
                 eprintln!("taipan: cannot load the model: {e}");

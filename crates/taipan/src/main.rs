@@ -524,6 +524,7 @@ fn load(path: &Path, exact: bool, quantize: Option<&str>) -> Result<Model> {
 }
 
 fn main() {
+    taipan_server::heap::keep_large_blocks_mapped();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TAIPAN_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
