@@ -10,10 +10,11 @@
 
 use crate::sampler::Sampler;
 use llguidance::api::TopLevelGrammar;
+use llguidance::earley::{BiasComputer, ParserRecognizer};
 use llguidance::toktrie::{self, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use taipan_model::Tokenizer;
 
@@ -27,16 +28,23 @@ pub enum ConstraintError {
 
 /// The model's vocabulary as a byte trie; plain text is split greedily, which is all a grammar
 /// needs (it matches bytes, whatever the tokenization).
+///
+/// `ParserFactory::new` builds llguidance's own slicer from `tok_trie()`: four filtered copies of
+/// the trie (two of them nearly whole, ~35 MiB for Gemma 3's 262k vocabulary), of which a
+/// single-slice mask computer uses one small one. Parsers get our [`StringBodySlicer`] instead, so
+/// while the factory is built the environment shows a one-token stand-in and those copies are
+/// empty; the vocabulary is installed right after, before any grammar is compiled.
 struct TrieEnv {
-    trie: TokTrie,
+    trie: OnceLock<TokTrie>,
+    stand_in: TokTrie,
 }
 
 impl TokenizerEnv for TrieEnv {
     fn tok_trie(&self) -> &TokTrie {
-        &self.trie
+        self.trie.get().unwrap_or(&self.stand_in)
     }
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<toktrie::TokenId> {
-        self.trie.greedy_tokenize(s)
+        self.tok_trie().greedy_tokenize(s)
     }
     /// Greedy splits are not the model's own: never let the grammar insert tokens by itself.
     fn tokenize_is_canonical(&self) -> bool {
@@ -44,9 +52,81 @@ impl TokenizerEnv for TrieEnv {
     }
 }
 
+/// Fuel the lexer may spend proving that the current lexeme accepts any string body (llguidance's
+/// own figure for its slices).
+const SUBSUME_BUDGET: u64 = 1000;
+
+/// The mask computer: where the lexer is inside a JSON string (any [`STRING_BODY_SLICE`] text
+/// may follow), every token of that form is allowed at once and only the others are walked;
+/// anywhere else the whole trie is walked. This is llguidance's slicer reduced to the one slice we
+/// use, holding one filtered trie instead of four.
+struct StringBodySlicer {
+    env: TokEnv,
+    /// Tokens whose bytes all fit inside a JSON string.
+    body: SimpleVob,
+    /// The trie of every other token.
+    rest: TokTrie,
+    /// Masks computed the string-body way (tests check the path is taken).
+    #[cfg(test)]
+    string_body_masks: std::sync::atomic::AtomicUsize,
+}
+
+impl StringBodySlicer {
+    fn new(env: TokEnv) -> Result<Self, ConstraintError> {
+        let trie = env.tok_trie();
+        let mut regex = llguidance::derivre::Regex::new(STRING_BODY_SLICE)
+            .map_err(|e| ConstraintError::Setup(format!("slice {STRING_BODY_SLICE:?}: {e}")))?;
+        let mut body = trie.alloc_token_set();
+        for id in 0..trie.vocab_size() as u32 {
+            let bytes = trie.token(id);
+            if !bytes.is_empty() && regex.is_match_bytes(bytes) {
+                body.allow_token(id);
+            }
+        }
+        let mut others = trie.alloc_token_set();
+        others.set_all(true);
+        others.sub(&body);
+        let rest = trie.filter(&others);
+        body.trim_trailing_zeros();
+        Ok(StringBodySlicer {
+            env,
+            body,
+            rest,
+            #[cfg(test)]
+            string_body_masks: Default::default(),
+        })
+    }
+}
+
+impl BiasComputer for StringBodySlicer {
+    fn compute_bias(&self, rec: &mut ParserRecognizer<'_>, start: &[u8]) -> SimpleVob {
+        let trie = self.env.tok_trie();
+        let mut set = trie.alloc_token_set();
+        let state = rec.lexer_state();
+        // The string-body lexeme is the grammar's first extra lexeme (the factory's one slice).
+        let in_string_body = start.is_empty()
+            && rec.lexer_mut().subsume_possible(state)
+            && rec.lexer_mut().check_subsume(state, 0, SUBSUME_BUDGET, None).unwrap_or(false);
+        if in_string_body {
+            #[cfg(test)]
+            self.string_body_masks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            set.or(&self.body);
+            self.rest.add_bias(rec, &mut set, &[]);
+        } else {
+            trie.add_bias(rec, &mut set, start);
+        }
+        set
+    }
+
+    fn trie(&self) -> &TokTrie {
+        self.env.tok_trie()
+    }
+}
+
 /// Compiles grammars for one model's vocabulary.
 pub struct GrammarCompiler {
     factory: ParserFactory,
+    slicer: Arc<StringBodySlicer>,
     /// Tokens that close JSON, in order of preference, for when the token budget runs out.
     closers: Vec<u32>,
     /// Tokens that often end a whole answer (`"`, `}`, `.`, ...), tried first by a closing path.
@@ -64,10 +144,9 @@ pub struct GrammarCompiler {
 const CLOSERS: [&[u8]; 6] = [b"\"", b"}", b"]", b": ", b":", b"0"];
 
 /// The one token slice the mask computer keeps: tokens that can sit anywhere inside a JSON string.
-/// Each slice is a filtered copy of the whole vocabulary trie (about three per slice); llguidance's
-/// default four cost ~75 MiB more than this one on a 262k vocabulary (Gemma 3) and measured no
-/// faster per masked token (206 vs 216 µs on Gemma, 277 vs 300 µs on SmolLM2, JSON mode, this CPU),
-/// while no slice at all doubled the mask time.
+/// llguidance's default four slices cost ~75 MiB more on a 262k vocabulary (Gemma 3) and measured
+/// no faster per masked token (206 vs 216 µs on Gemma, 277 vs 300 µs on SmolLM2, JSON mode, this
+/// CPU), while no slice at all doubled the mask time.
 const STRING_BODY_SLICE: &str = r#"[^"\\\x00-\x1F\x7F]+"#;
 
 /// Single characters that often end a whole answer.
@@ -83,35 +162,53 @@ impl std::fmt::Debug for GrammarCompiler {
     }
 }
 
+/// The byte trie of a vocabulary whose finished grammars allow the `stops` ids.
+fn vocabulary_trie(words: &[Vec<u8>], stops: &[u32], eos: u32) -> TokTrie {
+    let trie = TokTrie::from(&TokRxInfo::new(words.len() as u32, eos), words);
+    if stops.is_empty() {
+        trie
+    } else {
+        trie.with_eos_tokens(stops)
+    }
+}
+
 impl GrammarCompiler {
     /// `vocab_size` is the width of the model's logits (it may exceed the tokenizer's vocabulary);
     /// a finished grammar allows exactly the tokenizer's stop ids.
     pub fn new(tokenizer: &Tokenizer, vocab_size: usize) -> Result<Self, ConstraintError> {
         let mut words = tokenizer.token_bytes();
         words.resize(vocab_size.max(words.len()), Vec::new());
-        let closers = closing_tokens(&words, &CLOSERS);
-        let enders = closing_tokens(&words, &ENDERS);
-        let token_len = words.iter().map(|w| w.len() as u32).collect();
         let stops = &tokenizer.specials.stop_ids;
         let eos = stops.first().copied().or(tokenizer.specials.eos).unwrap_or(0);
-        let info = TokRxInfo::new(words.len() as u32, eos);
-        let mut trie = TokTrie::from(&info, &words);
-        if !stops.is_empty() {
-            trie = trie.with_eos_tokens(stops);
-        }
-        let env: TokEnv = Arc::new(TrieEnv { trie });
-        let mut factory = ParserFactory::new(&env, Default::default(), &[STRING_BODY_SLICE.to_string()])
+        Self::from_words(&words, stops, eos)
+    }
+
+    /// The compiler for a vocabulary given as each token's bytes.
+    fn from_words(words: &[Vec<u8>], stops: &[u32], eos: u32) -> Result<Self, ConstraintError> {
+        let closers = closing_tokens(words, &CLOSERS);
+        let enders = closing_tokens(words, &ENDERS);
+        let token_len = words.iter().map(|w| w.len() as u32).collect();
+        let trie = vocabulary_trie(words, stops, eos);
+        let stand_in = TokTrie::from(&TokRxInfo::new(1, 0), &[Vec::new()]);
+        let env = Arc::new(TrieEnv { trie: OnceLock::new(), stand_in });
+        let tok_env: TokEnv = env.clone();
+        let mut factory = ParserFactory::new(&tok_env, Default::default(), &[STRING_BODY_SLICE.to_string()])
             .map_err(|e| ConstraintError::Setup(e.to_string()))?;
         factory.quiet();
-        Ok(GrammarCompiler { factory, closers, enders, token_len, stop_ids: stops.clone() })
+        if env.trie.set(trie).is_err() {
+            return Err(ConstraintError::Setup("the vocabulary trie was installed twice".into()));
+        }
+        let slicer = Arc::new(StringBodySlicer::new(tok_env)?);
+        Ok(GrammarCompiler { factory, slicer, closers, enders, token_len, stop_ids: stops.to_vec() })
     }
 
     /// Compiles a Lark grammar; errors describe what the grammar or schema got wrong.
     pub fn compile(&self, lark: &str) -> Result<Grammar, ConstraintError> {
-        let parser = self
+        let mut parser = self
             .factory
             .create_parser(TopLevelGrammar::from_lark(lark.to_string()))
             .map_err(|e| ConstraintError::Grammar(e.to_string()))?;
+        parser.bias_computer = self.slicer.clone();
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(ConstraintError::Grammar(e));
@@ -384,5 +481,68 @@ impl Guide {
         self.matcher = Some(m);
         self.seen.clear();
         Ok(if stopped { Progress::Complete } else { Progress::Continue })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small byte-level vocabulary: printable bytes, whitespace, JSON punctuation runs, escapes,
+    /// words, UTF-8, and a special token.
+    fn words() -> Vec<Vec<u8>> {
+        let mut words: Vec<Vec<u8>> = (0x20u8..0x7f).chain([b'\n', b'\t']).map(|b| vec![b]).collect();
+        for t in [
+            "{\"", "\":", "\": \"", "\", \"", "\"}", "\\\"", "\\n", "\\\\", "abc", " the", "name", "tags", "12", "345",
+            "true", "false", "null", ", ", "\n ", "é", "日本", "\"name\"", "ab\"cd", "a\\b", "}\n", "\"]", "[\"",
+            "\u{1}",
+        ] {
+            words.push(t.as_bytes().to_vec());
+        }
+        words.push([0xFF].iter().chain(b"<eos>").copied().collect());
+        words
+    }
+
+    const SCHEMA: &str = r#"start: %json {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["name", "tags"]}"#;
+
+    /// Our one-slice mask computer allows exactly what llguidance's own slicer (same slice, same
+    /// trie) allows, at every step of many walks through a JSON schema with strings in it.
+    #[test]
+    fn string_body_slicer_masks_like_llguidance() {
+        let words = words();
+        let eos = words.len() as u32 - 1;
+        let ours = GrammarCompiler::from_words(&words, &[eos], eos).expect("compiler");
+        let env: TokEnv = Arc::new(TrieEnv {
+            trie: OnceLock::from(vocabulary_trie(&words, &[eos], eos)),
+            stand_in: TokTrie::from(&TokRxInfo::new(1, 0), &[Vec::new()]),
+        });
+        let mut factory =
+            ParserFactory::new(&env, Default::default(), &[STRING_BODY_SLICE.to_string()]).expect("factory");
+        factory.quiet();
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut steps = 0;
+        for walk in 0..12 {
+            let mut mine = ours.compile(SCHEMA).expect("grammar").matcher;
+            let mut theirs = Matcher::new(factory.create_parser(TopLevelGrammar::from_lark(SCHEMA.to_string())));
+            for _ in 0..120 {
+                assert_eq!(mine.is_stopped(), theirs.is_stopped());
+                if mine.is_stopped() {
+                    break;
+                }
+                let (a, b) = (mine.compute_mask().expect("our mask"), theirs.compute_mask().expect("their mask"));
+                let allowed: Vec<u32> = (0..words.len() as u32).filter(|&t| a.is_allowed(t)).collect();
+                assert_eq!(allowed, (0..words.len() as u32).filter(|&t| b.is_allowed(t)).collect::<Vec<_>>());
+                assert!(!allowed.is_empty());
+                steps += 1;
+                // Walks differ: some stay in strings (long tokens), others hurry to close them.
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let pick = allowed[((seed >> 33) as usize + walk) % allowed.len()];
+                mine.consume_token(pick).expect("our step");
+                theirs.consume_token(pick).expect("their step");
+            }
+        }
+        assert!(steps > 200, "walks too short to mean anything: {steps} steps");
+        let hits = ours.slicer.string_body_masks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(hits > 20, "the string-body path was taken only {hits} times");
     }
 }
