@@ -1,16 +1,18 @@
 //! Tokenizers from a `tokenizer.json` or from GGUF metadata.
 //!
-//! GGUF files carry the vocabulary as arrays (`tokenizer.ggml.*`). Byte-level BPE vocabularies
-//! (`gpt2`, with the pre-tokenizer named by `tokenizer.ggml.pre`) are translated into the
-//! `tokenizer.json` form and run by Hugging Face `tokenizers`, as `tokenizer.json` files are;
-//! SentencePiece vocabularies (`llama`) run on our own implementation of llama.cpp's algorithm
-//! ([`spm`]), which needs only the strings and scores the file already has.
+//! GGUF files carry the vocabulary as arrays (`tokenizer.ggml.*`); both of their kinds run on our
+//! own implementations of llama.cpp's algorithms, which need only what the file already holds:
+//! byte-level BPE (`gpt2`, split first by the pre-tokenizer `tokenizer.ggml.pre` names) in
+//! [`bpe`], SentencePiece (`llama`) in [`spm`]. A `tokenizer.json` runs on Hugging Face
+//! `tokenizers`.
 
+mod bpe;
+mod special;
 mod spm;
 mod vocab;
 
 use crate::gguf::{GgufError, GgufFile, Value};
-use serde_json::{json, Map, Value as Json};
+use serde_json::Value as Json;
 use std::path::Path;
 use vocab::Vocab;
 
@@ -32,6 +34,14 @@ pub enum TokenizerError {
 /// list, the entries of the model families we load).
 const END_OF_GENERATION: [&str; 8] =
     ["<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>"];
+
+/// GGUF token types (`tokenizer.ggml.token_type`, llama.cpp's numbering).
+pub(crate) const NORMAL: u8 = 1;
+pub(crate) const UNKNOWN: u8 = 2;
+pub(crate) const CONTROL: u8 = 3;
+pub(crate) const USER_DEFINED: u8 = 4;
+/// The highest type llama.cpp knows (6: byte).
+const LAST_TYPE: u8 = 6;
 
 /// How llama.cpp splits text before byte-level BPE for one `tokenizer.ggml.pre` family: its
 /// regular expressions, applied one after another (each splits the pieces the previous left,
@@ -139,9 +149,10 @@ pub struct Tokenizer {
     pub specials: SpecialTokens,
     /// Piece text per id (for display, logprobs and grammars) and id per piece.
     pieces: Vocab,
-    control: Vec<bool>,
-    /// Added tokens (matched whole; their text is their bytes).
-    added: Vec<bool>,
+    /// Token type per id (GGUF numbering; a `tokenizer.json`'s added tokens are control tokens
+    /// when special, else user-defined). Control, unknown and user-defined tokens are matched
+    /// whole and their text is their bytes.
+    types: Vec<u8>,
     /// How vocabulary strings spell bytes (needed to know each token's raw bytes).
     spelling: PieceSpelling,
 }
@@ -151,6 +162,7 @@ enum Codec {
     /// ids, except while a plain-text encode holds the write lock with that switched off.
     /// Prompts (special mode) share the read lock.
     HuggingFace(Box<std::sync::RwLock<tokenizers::Tokenizer>>),
+    BytePairs(Box<bpe::BytePairs>),
     SentencePiece(Box<spm::SentencePiece>),
 }
 
@@ -163,29 +175,10 @@ enum PieceSpelling {
     SentencePiece,
 }
 
-/// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are shifted to
-/// code points from U+0100 up, in byte order.
-/// [`byte_level_decoder`], built once.
+/// GPT-2's byte-level alphabet, from character to byte.
 fn byte_level_map() -> &'static std::collections::HashMap<char, u8> {
     static MAP: std::sync::OnceLock<std::collections::HashMap<char, u8>> = std::sync::OnceLock::new();
-    MAP.get_or_init(byte_level_decoder)
-}
-
-fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut map = std::collections::HashMap::with_capacity(256);
-    let mut shifted = 0x100u32;
-    for b in 0..=255u8 {
-        if printable(b) {
-            map.insert(b as char, b);
-        } else {
-            if let Some(c) = char::from_u32(shifted) {
-                map.insert(c, b);
-            }
-            shifted += 1;
-        }
-    }
-    map
+    MAP.get_or_init(|| bpe::byte_chars().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect())
 }
 
 fn spelling_of(json: &Json) -> PieceSpelling {
@@ -217,29 +210,22 @@ impl Tokenizer {
             text.parse().map_err(|e| invalid(path, format!("cannot build tokenizer: {e}")))?;
         let vocab_size = special.get_vocab_size(true);
         let mut pieces = vec![String::new(); vocab_size];
-        let mut control = vec![false; vocab_size];
-        let mut added = vec![false; vocab_size];
+        let mut types = vec![NORMAL; vocab_size];
         for (piece, id) in special.get_vocab(true) {
             if let Some(slot) = pieces.get_mut(id as usize) {
                 *slot = piece;
             }
         }
         for (id, token) in special.get_added_tokens_decoder() {
-            if let Some(a) = added.get_mut(id as usize) {
-                *a = true;
-            }
-            if token.special {
-                if let Some(c) = control.get_mut(id as usize) {
-                    *c = true;
-                }
+            if let Some(t) = types.get_mut(id as usize) {
+                *t = if token.special { CONTROL } else { USER_DEFINED };
             }
         }
         Ok(Tokenizer {
             codec: Codec::HuggingFace(Box::new(std::sync::RwLock::new(special))),
             specials,
             pieces: Vocab::new(&pieces),
-            control,
-            added,
+            types,
             spelling: spelling_of(json),
         })
     }
@@ -256,9 +242,18 @@ impl Tokenizer {
         let path = file.path.as_path();
         let model = file.get_str("tokenizer.ggml.model")?;
         let tokens = file.get_strings("tokenizer.ggml.tokens")?;
-        let types: Vec<u64> = match file.get("tokenizer.ggml.token_type") {
-            Some(Value::Array(items)) => items.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
-            _ => vec![1; tokens.len()],
+        // A file without types has only normal tokens; a malformed entry is an error, never a
+        // silent default.
+        let types: Vec<u8> = match file.get("tokenizer.ggml.token_type") {
+            None => vec![NORMAL; tokens.len()],
+            Some(_) => file
+                .get_array("tokenizer.ggml.token_type")?
+                .iter()
+                .map(|v| v.as_u64().and_then(|t| u8::try_from(t).ok()).filter(|&t| t <= LAST_TYPE))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    invalid(path, "tokenizer.ggml.token_type holds a type outside 0..=6 (llama.cpp's token types)")
+                })?,
         };
         if types.len() != tokens.len() {
             return Err(invalid(path, "tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length"));
@@ -308,47 +303,25 @@ impl Tokenizer {
         if model != "gpt2" {
             return Err(TokenizerError::UnsupportedModel { path: path.display().to_string(), model: model.into() });
         }
-        // Control (3) and user-defined (4) tokens are matched whole, before the model runs.
-        let added: Vec<Json> = tokens
-            .iter()
-            .zip(&types)
-            .enumerate()
-            .filter(|(_, (_, &t))| t == 3 || t == 4)
-            .map(|(i, (tok, &t))| {
-                json!({"id": i, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
-                       "normalized": false, "special": t == 3})
-            })
-            .collect();
-        let mut vocab = Map::new();
-        for (i, tok) in tokens.iter().enumerate() {
-            vocab.insert((*tok).to_string(), json!(i));
-        }
-        let merges = file.get_strings("tokenizer.ggml.merges")?;
         let pre = pre.ok_or_else(|| invalid(path, "no pre-tokenizer for a gpt2 vocabulary"))?;
-        let mut steps: Vec<Json> = pre
-            .regexes
-            .iter()
-            .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
-            .collect();
-        steps.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
-        let pre_tokenizer = json!({"type": "Sequence", "pretokenizers": steps});
-        let json = json!({
-            "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": added, "normalizer": null, "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": pre.ignore_merges, "vocab": vocab, "merges": merges}
-        });
-        Self::from_json(&json, path, specials)
+        let merges = file.get_strings("tokenizer.ggml.merges")?;
+        let pieces = Vocab::new(&tokens);
+        let codec = bpe::BytePairs::new(&pieces, &types, &merges, pre.regexes, pre.ignore_merges)
+            .map_err(|e| invalid(path, e.to_string()))?;
+        Ok(Tokenizer {
+            codec: Codec::BytePairs(Box::new(codec)),
+            specials,
+            pieces,
+            types,
+            spelling: PieceSpelling::ByteLevel,
+        })
     }
 
     /// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`).
     fn sentencepiece(
         file: &GgufFile,
         tokens: &[&str],
-        types: Vec<u64>,
+        types: Vec<u8>,
         specials: SpecialTokens,
     ) -> Result<Self, TokenizerError> {
         let path = file.path.as_path();
@@ -371,18 +344,13 @@ impl Tokenizer {
             return Err(invalid(path, "tokenizer.ggml.unknown_token_id is outside the vocabulary"));
         }
         let add_space_prefix = file.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-        let types: Vec<u8> =
-            types.iter().map(|&t| u8::try_from(t).ok().filter(|t| *t <= 6)).collect::<Option<_>>().ok_or_else(
-                || invalid(path, "tokenizer.ggml.token_type holds a type outside 0..=6 (llama.cpp's token types)"),
-            )?;
         let pieces = Vocab::new(tokens);
-        let codec = spm::SentencePiece::new(&pieces, types.clone(), scores, unknown, add_space_prefix)?;
+        let codec = spm::SentencePiece::new(&pieces, &types, scores, unknown, add_space_prefix)?;
         Ok(Tokenizer {
             codec: Codec::SentencePiece(Box::new(codec)),
             specials,
             pieces,
-            control: types.iter().map(|&t| t == spm::CONTROL).collect(),
-            added: types.iter().map(|&t| t == spm::CONTROL || t == spm::USER_DEFINED).collect(),
+            types,
             spelling: PieceSpelling::SentencePiece,
         })
     }
@@ -395,6 +363,7 @@ impl Tokenizer {
         // (the plain-mode switch is restored before the guard drops), so a poisoned lock is usable.
         let codec = match &self.codec {
             Codec::SentencePiece(spm) => return spm.encode(&self.pieces, text, parse_special),
+            Codec::BytePairs(bpe) => return bpe.encode(&self.pieces, text, parse_special),
             Codec::HuggingFace(codec) => codec,
         };
         let enc = if parse_special {
@@ -418,7 +387,17 @@ impl Tokenizer {
             return Err(TokenizerError::UnknownId(bad));
         }
         match &self.codec {
-            Codec::SentencePiece(spm) => Ok(spm.decode(&self.pieces, ids, skip_special)),
+            Codec::SentencePiece(spm) => Ok(spm.decode(&self.pieces, &self.types, ids, skip_special)),
+            Codec::BytePairs(_) => {
+                // As llama.cpp: control and unknown tokens are what `skip_special` drops.
+                let mut bytes = Vec::with_capacity(ids.len() * 4);
+                for &id in ids {
+                    if !(skip_special && matches!(self.types[id as usize], CONTROL | UNKNOWN)) {
+                        bytes.extend(self.piece_bytes(id as usize));
+                    }
+                }
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
             Codec::HuggingFace(codec) => codec
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
@@ -438,7 +417,7 @@ impl Tokenizer {
 
     /// Whether an id is a special (control) token.
     pub fn is_special(&self, id: u32) -> bool {
-        self.control.get(id as usize).copied().unwrap_or(false)
+        self.types.get(id as usize) == Some(&CONTROL)
     }
 
     /// The raw bytes of every token, for byte-level grammar matching. Special tokens are
@@ -446,7 +425,7 @@ impl Tokenizer {
     pub fn token_bytes(&self) -> Vec<Vec<u8>> {
         (0..self.pieces.len())
             .map(|id| {
-                let mut b = if self.control[id] { vec![0xFF] } else { Vec::new() };
+                let mut b = if self.types[id] == CONTROL { vec![0xFF] } else { Vec::new() };
                 b.extend(self.piece_bytes(id));
                 b
             })
@@ -464,7 +443,7 @@ impl Tokenizer {
 
     fn piece_bytes(&self, id: usize) -> Vec<u8> {
         let piece = self.pieces.get(id as u32).unwrap_or_default();
-        if self.control[id] || self.added[id] {
+        if matches!(self.types[id], CONTROL | UNKNOWN | USER_DEFINED) {
             piece.as_bytes().to_vec()
         } else if self.spelling == PieceSpelling::ByteLevel {
             // A character outside the alphabet cannot come from a byte; keep its UTF-8.

@@ -8,21 +8,14 @@
 //! It needs only the vocabulary's strings and scores: no merge table, no second copy of the
 //! strings (a 262k vocabulary through `tokenizers` with merges derived from scores held ~100 MiB).
 
+use super::special::{Fragment, SpecialMatcher};
 use super::vocab::Vocab;
-use super::{sentencepiece_byte, TokenizerError};
-use aho_corasick::{AhoCorasick, MatchKind};
+use super::{sentencepiece_byte, TokenizerError, CONTROL, NORMAL, UNKNOWN, USER_DEFINED};
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-/// GGUF token types (`tokenizer.ggml.token_type`).
-pub(crate) const NORMAL: u8 = 1;
-pub(crate) const UNKNOWN: u8 = 2;
-pub(crate) const CONTROL: u8 = 3;
-pub(crate) const USER_DEFINED: u8 = 4;
-
 pub(crate) struct SentencePiece {
     scores: Vec<f32>,
-    types: Vec<u8>,
     /// Id of `<0xNN>` per byte (`u32::MAX` where the vocabulary lacks it).
     byte_ids: [u32; 256],
     unknown: Option<u32>,
@@ -31,22 +24,6 @@ pub(crate) struct SentencePiece {
     specials: SpecialMatcher,
     /// User-defined tokens only: plain text still splits these out, as llama.cpp does.
     user_defined: SpecialMatcher,
-}
-
-struct SpecialMatcher {
-    automaton: AhoCorasick,
-    ids: Vec<u32>,
-}
-
-impl SpecialMatcher {
-    fn new(vocab: &Vocab, ids: Vec<u32>) -> Result<Self, TokenizerError> {
-        let texts: Vec<&str> = ids.iter().map(|&id| vocab.get(id).unwrap_or_default()).collect();
-        let automaton = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostLongest)
-            .build(&texts)
-            .map_err(|e| TokenizerError::Invalid { path: "tokenizer".into(), message: e.to_string() })?;
-        Ok(SpecialMatcher { automaton, ids })
-    }
 }
 
 /// A candidate merge of two adjacent symbols; the heap pops the highest score, then the leftmost.
@@ -88,7 +65,7 @@ struct Symbol {
 impl SentencePiece {
     pub(crate) fn new(
         vocab: &Vocab,
-        types: Vec<u8>,
+        types: &[u8],
         scores: Vec<f32>,
         unknown: Option<u32>,
         add_space_prefix: bool,
@@ -100,13 +77,10 @@ impl SentencePiece {
             }
         }
         let is_matched_whole = |t: u8| matches!(t, UNKNOWN | CONTROL | USER_DEFINED);
-        let nonempty = |id: &u32| vocab.get(*id).is_some_and(|t| !t.is_empty());
-        let all: Vec<u32> =
-            (0..vocab.len() as u32).filter(|&id| is_matched_whole(types[id as usize])).filter(nonempty).collect();
+        let all: Vec<u32> = (0..vocab.len() as u32).filter(|&id| is_matched_whole(types[id as usize])).collect();
         let user: Vec<u32> = all.iter().copied().filter(|&id| types[id as usize] == USER_DEFINED).collect();
         Ok(SentencePiece {
             scores,
-            types,
             byte_ids,
             unknown,
             add_space_prefix,
@@ -119,16 +93,11 @@ impl SentencePiece {
     pub(crate) fn encode(&self, vocab: &Vocab, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
         let matcher = if parse_special { &self.specials } else { &self.user_defined };
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        let mut at = 0;
-        for m in matcher.automaton.find_iter(text) {
-            if m.start() > at {
-                self.encode_fragment(vocab, &text[at..m.start()], &mut out)?;
+        for fragment in matcher.fragments(text) {
+            match fragment {
+                Fragment::Text(t) => self.encode_fragment(vocab, t, &mut out)?,
+                Fragment::Token(id) => out.push(id),
             }
-            out.push(matcher.ids[m.pattern().as_usize()]);
-            at = m.end();
-        }
-        if at < text.len() {
-            self.encode_fragment(vocab, &text[at..], &mut out)?;
         }
         Ok(out)
     }
@@ -212,7 +181,7 @@ impl SentencePiece {
     /// Decodes ids: pieces with `▁` as spaces, byte tokens joined into characters (one U+FFFD per
     /// byte of a run that is not valid UTF-8), control and unknown tokens dropped with
     /// `skip_special`; one leading space removed where encoding adds one.
-    pub(crate) fn decode(&self, vocab: &Vocab, ids: &[u32], skip_special: bool) -> String {
+    pub(crate) fn decode(&self, vocab: &Vocab, types: &[u8], ids: &[u32], skip_special: bool) -> String {
         let mut text = String::new();
         let mut bytes: Vec<u8> = Vec::new();
         let flush = |bytes: &mut Vec<u8>, text: &mut String| {
@@ -223,7 +192,7 @@ impl SentencePiece {
             bytes.clear();
         };
         for &id in ids {
-            let kind = self.types.get(id as usize).copied().unwrap_or(NORMAL);
+            let kind = types.get(id as usize).copied().unwrap_or(NORMAL);
             let piece = vocab.get(id).unwrap_or_default();
             if skip_special && matches!(kind, CONTROL | UNKNOWN) {
                 continue;
@@ -251,43 +220,43 @@ mod tests {
     use super::*;
 
     /// A toy vocabulary: `<s>` control, `<u>` user-defined, two bytes, letters and merges.
-    fn toy(ab: f32, ba: f32, add_space_prefix: bool) -> (Vocab, SentencePiece) {
+    fn toy(ab: f32, ba: f32, add_space_prefix: bool) -> (Vocab, Vec<u8>, SentencePiece) {
         let pieces = ["<unk>", "<s>", "<u>", "<0xC3>", "<0xA9>", "▁", "a", "b", "ab", "ba", "▁a"];
         let types = vec![UNKNOWN, CONTROL, USER_DEFINED, 6, 6, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL];
         let scores = vec![0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -2.0, ab, ba, -0.5];
         let vocab = Vocab::new(&pieces);
-        let spm = SentencePiece::new(&vocab, types, scores, Some(0), add_space_prefix).unwrap();
-        (vocab, spm)
+        let spm = SentencePiece::new(&vocab, &types, scores, Some(0), add_space_prefix).unwrap();
+        (vocab, types, spm)
     }
 
     #[test]
     fn merges_the_best_scored_pair_first_and_the_leftmost_among_equals() {
-        let (vocab, spm) = toy(-1.0, -1.0, false);
+        let (vocab, _, spm) = toy(-1.0, -1.0, false);
         assert_eq!(spm.encode(&vocab, "aba", false).unwrap(), [8, 6]);
-        let (vocab, spm) = toy(-1.0, -0.9, false);
+        let (vocab, _, spm) = toy(-1.0, -0.9, false);
         assert_eq!(spm.encode(&vocab, "aba", false).unwrap(), [6, 9]);
     }
 
     #[test]
     fn spaces_prefix_and_bytes() {
-        let (vocab, spm) = toy(-1.0, -1.0, true);
+        let (vocab, types, spm) = toy(-1.0, -1.0, true);
         // "▁a" outscores "ab": the prefix space joins the first letter.
         assert_eq!(spm.encode(&vocab, "ab", false).unwrap(), [10, 7]);
         // é has no piece: its two UTF-8 bytes; 'x' has neither piece nor byte token: unknown.
         assert_eq!(spm.encode(&vocab, "é", false).unwrap(), [5, 3, 4]);
         assert_eq!(spm.encode(&vocab, "x", false).unwrap(), [5, 0]);
-        assert_eq!(spm.decode(&vocab, &[10, 7, 3, 4], false), "abé");
+        assert_eq!(spm.decode(&vocab, &types, &[10, 7, 3, 4], false), "abé");
         // A byte run that is not UTF-8 decodes to one replacement character per byte.
-        assert_eq!(spm.decode(&vocab, &[6, 3, 6], false), "a\u{FFFD}a");
+        assert_eq!(spm.decode(&vocab, &types, &[6, 3, 6], false), "a\u{FFFD}a");
     }
 
     #[test]
     fn control_tokens_split_out_only_when_asked_user_defined_always() {
-        let (vocab, spm) = toy(-1.0, -1.0, true);
+        let (vocab, types, spm) = toy(-1.0, -1.0, true);
         assert_eq!(spm.encode(&vocab, "<s>a<u>b", true).unwrap(), [1, 10, 2, 5, 7]);
         let plain = spm.encode(&vocab, "<s>a<u>b", false).unwrap();
         assert!(!plain.contains(&1) && plain.contains(&2), "{plain:?}");
-        assert_eq!(spm.decode(&vocab, &[1, 10, 2, 5, 7], false), "<s> a<u> b");
-        assert_eq!(spm.decode(&vocab, &[1, 10, 2, 5, 7], true), "a<u> b");
+        assert_eq!(spm.decode(&vocab, &types, &[1, 10, 2, 5, 7], false), "<s> a<u> b");
+        assert_eq!(spm.decode(&vocab, &types, &[1, 10, 2, 5, 7], true), "a<u> b");
     }
 }
