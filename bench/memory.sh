@@ -27,9 +27,12 @@ echo
 echo "| file | MiB | taipan ready | (ready − KV) / file | after a JSON request | llama-server (-c 512) | llama-server / file |"
 echo "|---|---|---|---|---|---|---|"
 for f in "${files[@]}"; do
-    ./target/release/taipan serve -m "$f" --port 8099 --kv-cache-mb "$KV" >/dev/null 2>&1 &
+    log=$(mktemp)
+    ./target/release/taipan serve -m "$f" --port 8099 --kv-cache-mb "$KV" >"$log" 2>&1 &
     pid=$!
-    wait_health 8099
+    # Ready: the summary is printed once the grammar index is built and freed heap returned.
+    for _ in $(seq 480); do grep -q "taipan: ready in" "$log" && break; sleep 0.25; done
+    rm -f "$log"
     sleep 1
     ready=$(rss "$pid")
     curl -s localhost:8099/v1/chat/completions -H 'content-type: application/json' -d \
