@@ -8,9 +8,11 @@
 //! It keeps only a byte table and the merge table (pairs of ids to a rank and the joined id):
 //! ~1 MiB for a 49k-merge vocabulary, where `tokenizers` held ~7 MiB of maps for the same file.
 
-use super::special::{Fragment, SpecialMatcher};
+use super::special::WholeTokens;
 use super::vocab::Vocab;
-use super::{TokenizerError, CONTROL, NORMAL, UNKNOWN, USER_DEFINED};
+use super::TokenizerError;
+#[cfg(test)]
+use super::{CONTROL, USER_DEFINED};
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -78,10 +80,7 @@ pub(crate) struct BytePairs {
     splits: Vec<Split>,
     /// A piece that is itself a token is taken whole.
     ignore_merges: bool,
-    /// Control, unknown and user-defined tokens, matched whole in prompts.
-    specials: SpecialMatcher,
-    /// User-defined tokens only: plain text still splits these out, as llama.cpp does.
-    user_defined: SpecialMatcher,
+    whole: WholeTokens,
 }
 
 /// A queued merge of the symbols at `left` and `right`; the heap pops the lowest rank, then the
@@ -162,31 +161,12 @@ impl BytePairs {
                     .map_err(|e| invalid(format!("pre-tokenizer expression {r:?}: {e}")))
             })
             .collect::<Result<_, _>>()?;
-        let kind = |id: u32| types.get(id as usize).copied().unwrap_or(NORMAL);
-        let all: Vec<u32> =
-            (0..vocab.len() as u32).filter(|&id| matches!(kind(id), UNKNOWN | CONTROL | USER_DEFINED)).collect();
-        let user: Vec<u32> = all.iter().copied().filter(|&id| kind(id) == USER_DEFINED).collect();
-        Ok(BytePairs {
-            byte_ids,
-            merges: table,
-            splits,
-            ignore_merges,
-            specials: SpecialMatcher::new(vocab, all)?,
-            user_defined: SpecialMatcher::new(vocab, user)?,
-        })
+        Ok(BytePairs { byte_ids, merges: table, splits, ignore_merges, whole: WholeTokens::new(vocab, types)? })
     }
 
     /// Encodes text; with `parse_special`, control-token text becomes its single id.
     pub(crate) fn encode(&self, vocab: &Vocab, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let matcher = if parse_special { &self.specials } else { &self.user_defined };
-        let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        for fragment in matcher.fragments(text) {
-            match fragment {
-                Fragment::Text(t) => self.encode_fragment(vocab, t, &mut out)?,
-                Fragment::Token(id) => out.push(id),
-            }
-        }
-        Ok(out)
+        self.whole.encode(text, parse_special, |t, out| self.encode_fragment(vocab, t, out))
     }
 
     fn encode_fragment(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {

@@ -8,7 +8,7 @@
 //! It needs only the vocabulary's strings and scores: no merge table, no second copy of the
 //! strings (a 262k vocabulary through `tokenizers` with merges derived from scores held ~100 MiB).
 
-use super::special::{Fragment, SpecialMatcher};
+use super::special::WholeTokens;
 use super::vocab::Vocab;
 use super::{sentencepiece_byte, TokenizerError, CONTROL, NORMAL, UNKNOWN, USER_DEFINED};
 use std::cmp::Ordering;
@@ -20,10 +20,7 @@ pub(crate) struct SentencePiece {
     byte_ids: [u32; 256],
     unknown: Option<u32>,
     add_space_prefix: bool,
-    /// Control, unknown and user-defined tokens, matched whole in prompts (longest first).
-    specials: SpecialMatcher,
-    /// User-defined tokens only: plain text still splits these out, as llama.cpp does.
-    user_defined: SpecialMatcher,
+    whole: WholeTokens,
 }
 
 /// A candidate merge of two adjacent symbols; the heap pops the highest score, then the leftmost.
@@ -76,30 +73,12 @@ impl SentencePiece {
                 *slot = id;
             }
         }
-        let is_matched_whole = |t: u8| matches!(t, UNKNOWN | CONTROL | USER_DEFINED);
-        let all: Vec<u32> = (0..vocab.len() as u32).filter(|&id| is_matched_whole(types[id as usize])).collect();
-        let user: Vec<u32> = all.iter().copied().filter(|&id| types[id as usize] == USER_DEFINED).collect();
-        Ok(SentencePiece {
-            scores,
-            byte_ids,
-            unknown,
-            add_space_prefix,
-            specials: SpecialMatcher::new(vocab, all)?,
-            user_defined: SpecialMatcher::new(vocab, user)?,
-        })
+        Ok(SentencePiece { scores, byte_ids, unknown, add_space_prefix, whole: WholeTokens::new(vocab, types)? })
     }
 
     /// Encodes text; with `parse_special`, control-token text becomes its single id.
     pub(crate) fn encode(&self, vocab: &Vocab, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let matcher = if parse_special { &self.specials } else { &self.user_defined };
-        let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        for fragment in matcher.fragments(text) {
-            match fragment {
-                Fragment::Text(t) => self.encode_fragment(vocab, t, &mut out)?,
-                Fragment::Token(id) => out.push(id),
-            }
-        }
-        Ok(out)
+        self.whole.encode(text, parse_special, |t, out| self.encode_fragment(vocab, t, out))
     }
 
     /// One fragment between special tokens. Every fragment follows the start or a special token,
