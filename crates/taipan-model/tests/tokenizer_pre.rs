@@ -123,3 +123,12 @@ fn unknown_pre_tokenizers_are_refused_by_name() {
         }
     }
 }
+
+#[test]
+fn a_merge_outside_the_vocabulary_is_refused_naming_the_file_and_the_line() {
+    let dir = scratch_dir();
+    let path = vocab_file_with_merges(&dir, Some("gpt-2"), &[], &["a q"]);
+    let e = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).expect_err("refused").to_string();
+    assert!(e.contains(&path.display().to_string()) && e.contains("tokenizer.ggml.merges[0]"), "{e}");
+    assert!(!e.contains("tokenizer: "), "{e}");
+}

@@ -306,8 +306,12 @@ impl Tokenizer {
         let pre = pre.ok_or_else(|| invalid(path, "no pre-tokenizer for a gpt2 vocabulary"))?;
         let merges = file.get_strings("tokenizer.ggml.merges")?;
         let pieces = Vocab::new(&tokens);
-        let codec = bpe::BytePairs::new(&pieces, &types, &merges, pre.regexes, pre.ignore_merges)
-            .map_err(|e| invalid(path, e.to_string()))?;
+        // The codec does not know the file: its errors get the file's path instead of its own.
+        let codec =
+            bpe::BytePairs::new(&pieces, &types, &merges, pre.regexes, pre.ignore_merges).map_err(|e| match e {
+                TokenizerError::Invalid { message, .. } => invalid(path, message),
+                other => other,
+            })?;
         Ok(Tokenizer {
             codec: Codec::BytePairs(Box::new(codec)),
             specials,
