@@ -94,17 +94,14 @@ pub(crate) fn tile_in_fours(
 #[cfg(target_arch = "x86_64")]
 mod x86_entry {
     use super::*;
-    use crate::x86::{avx2, avx2_kquant, avx512};
+    use crate::x86::{avx2, avx2_kquant, avx512, avx512_kquant};
 
     pub fn packed_avx512(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
-        // SAFETY: only installed in a table after detecting avx512f/bw/vnni and avx2/fma/f16c
-        // (K-quant and compact groups run the AVX2 kernels: there are no AVX-512 ones yet).
-        // Compact groups run the AVX2 kernel too.
+        // SAFETY: only installed in a table after detecting avx512f/bw/vnni.
         unsafe {
             match &w.layout {
-                Layout::K(k) => avx2_kquant::dot_group_kpacked(w, k, acts, out),
-                Layout::Compact(_) => avx2::dot_group_packed(w, acts, out),
-                Layout::Wide => tile_in_fours(|w, a, o| avx512::dot_group_packed(w, a, o), w, acts, out),
+                Layout::K(k) => tile_in_fours(|w, a, o| avx512_kquant::dot_group_kpacked(w, k, a, o), w, acts, out),
+                _ => tile_in_fours(|w, a, o| avx512::dot_group_packed(w, a, o), w, acts, out),
             }
         }
     }

@@ -85,18 +85,12 @@ pub enum LegacyForm {
 }
 
 impl LegacyForm {
-    /// The form the fastest kernels on this CPU take: wide for AVX-512 (its kernels are written
-    /// for it), compact elsewhere. `TAIPAN_PACKED_FORM=wide|compact` overrides, to compare them.
+    /// The form the kernels take: compact, the file's bytes, on every CPU (decode is bound by
+    /// the bytes it reads). `TAIPAN_PACKED_FORM=wide` packs the wide form instead, to compare.
     pub fn for_this_cpu() -> LegacyForm {
         match std::env::var("TAIPAN_PACKED_FORM").as_deref() {
-            Ok("wide") => return LegacyForm::Wide,
-            Ok("compact") => return LegacyForm::Compact,
-            _ => {}
-        }
-        if crate::dispatch::Kernels::best().isa == crate::dispatch::Isa::Avx512Vnni {
-            LegacyForm::Wide
-        } else {
-            LegacyForm::Compact
+            Ok("wide") => LegacyForm::Wide,
+            _ => LegacyForm::Compact,
         }
     }
 }

@@ -1,49 +1,74 @@
 //! AVX-512 kernels (F, BW, and VNNI for the integer dot products).
 
-use crate::packed::{ActRow, LevelWidth, PackedGroup, GROUP};
+use crate::packed::{ActRow, Compact, Layout, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
 /// Packed-group × activation tile: `out[r * acts.len() + t] = row r · acts[t]` for the group's
-/// 16 rows and 1 to 4 activation rows (`crate::dispatch` feeds it more in fours).
+/// 16 rows and 1 to 4 activation rows (`crate::dispatch` feeds it more in fours), for the wide
+/// and compact forms of 32-element formats.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI. Shapes are asserted.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
+    let form = match w.layout {
+        Layout::Wide => None,
+        Layout::Compact(c) => Some(c),
+        Layout::K(_) => panic!("K-quant groups have their own kernel"),
+    };
+    macro_rules! tile {
+        ($t:literal) => {
+            match (w.width, form) {
+                (LevelWidth::Nibble, None) => group_tile::<$t, true, false, false>(w, WIDE, acts, out),
+                (LevelWidth::Byte, None) => group_tile::<$t, false, false, false>(w, WIDE, acts, out),
+                (LevelWidth::Nibble, Some(c)) if c.plane => group_tile::<$t, true, true, true>(w, c, acts, out),
+                (LevelWidth::Nibble, Some(c)) => group_tile::<$t, true, true, false>(w, c, acts, out),
+                (LevelWidth::Byte, Some(c)) => group_tile::<$t, false, true, false>(w, c, acts, out),
+            }
+        };
+    }
     // SAFETY: forwarded contract; the match only picks a monomorphized size.
     unsafe {
-        match (w.width == LevelWidth::Nibble, acts.len()) {
-            (true, 1) => group_tile::<1, true>(w, acts, out),
-            (true, 2) => group_tile::<2, true>(w, acts, out),
-            (true, 3) => group_tile::<3, true>(w, acts, out),
-            (true, 4) => group_tile::<4, true>(w, acts, out),
-            (false, 1) => group_tile::<1, false>(w, acts, out),
-            (false, 2) => group_tile::<2, false>(w, acts, out),
-            (false, 3) => group_tile::<3, false>(w, acts, out),
-            (false, 4) => group_tile::<4, false>(w, acts, out),
-            (_, n) => panic!("packed tile takes 1 to 4 activation rows, got {n}"),
+        match acts.len() {
+            1 => tile!(1),
+            2 => tile!(2),
+            3 => tile!(3),
+            4 => tile!(4),
+            n => panic!("packed tile takes 1 to 4 activation rows, got {n}"),
         }
     }
 }
+
+/// Stands in for the compact description in the wide form, where scales and offsets are f32.
+const WIDE: Compact = Compact { plane: false, stored_m: true, bias: 0 };
 
 /// How many blocks ahead the packed kernel prefetches.
 const PREFETCH_BLOCKS: usize = 4;
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn group_tile<const T: usize, const NIBBLE: bool>(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
+unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, const PLANE: bool>(
+    w: &PackedGroup<'_>,
+    form: Compact,
+    acts: &[ActRow<'_>],
+    out: &mut [f32],
+) {
     let nb = w.blocks;
-    let lvl = if NIBBLE { GROUP * 16 } else { GROUP * 32 };
-    let stride = lvl + 2 * GROUP * 4;
+    let lvl = w.width.block_level_bytes();
+    let stride = w.block_stride();
+    let scales_at = if COMPACT { form.scales_at(w.width) } else { lvl };
     assert!(w.data.len() >= nb * stride, "packed group too short");
     assert!(out.len() >= GROUP * T);
     for a in acts.iter().take(T) {
         assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb && a.s.len() >= nb);
     }
     let low4 = _mm512_set1_epi8(0x0F);
+    let bit4 = _mm512_set1_epi8(0x10);
+    let neg_bias = _mm512_set1_ps(-(form.bias as f32));
     let base = w.data.as_ptr();
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
-        // SAFETY: every read below stays within the asserted lengths.
+        // SAFETY: every read below stays within the asserted lengths; prefetches may point past
+        // them, which is harmless.
         unsafe {
             let blk = base.add(b * stride);
             if T == 1 {
@@ -57,10 +82,18 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool>(w: &PackedGroup<'_>, ac
             }
             let mut isum = [_mm512_setzero_si512(); T];
             if NIBBLE {
+                let plane = if PLANE { _mm512_loadu_si512(blk.add(lvl) as *const _) } else { _mm512_setzero_si512() };
                 for k in 0..4 {
                     let raw = _mm512_loadu_si512(blk.add(64 * k) as *const _);
-                    let lo = _mm512_and_si512(raw, low4);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4);
+                    let mut lo = _mm512_and_si512(raw, low4);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4);
+                    if PLANE {
+                        // Bit k → bit 4 for the low nibbles, bit 4 + k → bit 4 for the high ones.
+                        let up = _mm512_sll_epi16(plane, _mm_cvtsi32_si128(4 - k as i32));
+                        let down = _mm512_srl_epi16(plane, _mm_cvtsi32_si128(k as i32));
+                        lo = _mm512_or_si512(lo, _mm512_and_si512(up, bit4));
+                        hi = _mm512_or_si512(hi, _mm512_and_si512(down, bit4));
+                    }
                     for t in 0..T {
                         let a = acts[t].qs.as_ptr().add(32 * b) as *const i32;
                         isum[t] = _mm512_dpbusd_epi32(isum[t], lo, _mm512_set1_epi32(a.add(k).read_unaligned()));
@@ -76,8 +109,17 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool>(w: &PackedGroup<'_>, ac
                     }
                 }
             }
-            let d = _mm512_loadu_ps(blk.add(lvl) as *const f32);
-            let m = _mm512_loadu_ps(blk.add(lvl + 64) as *const f32);
+            let (d, m) = if !COMPACT {
+                (_mm512_loadu_ps(blk.add(lvl) as *const f32), _mm512_loadu_ps(blk.add(lvl + 64) as *const f32))
+            } else {
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at) as *const __m256i));
+                let m = if form.stored_m {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at + 2 * GROUP) as *const __m256i))
+                } else {
+                    _mm512_mul_ps(d, neg_bias)
+                };
+                (d, m)
+            };
             for t in 0..T {
                 let scale = _mm512_mul_ps(d, _mm512_set1_ps(*acts[t].d.get_unchecked(b)));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), scale, acc[t]);

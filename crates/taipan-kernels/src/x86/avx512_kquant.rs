@@ -1,0 +1,167 @@
+//! AVX-512 VNNI kernel for K-quant groups (`crate::kpacked`).
+
+use crate::kpacked::{KLayout, BLOCKS_PER_SUPER};
+use crate::packed::{ActRow, PackedGroup, GROUP};
+use crate::quant::QBLOCK;
+use std::arch::x86_64::*;
+
+/// How many blocks ahead the mat-vec prefetches (one block of a group is 0.4–0.6 KiB).
+const PREFETCH_BLOCKS: usize = 4;
+
+/// K-packed group × 1 to 4 activation rows, `out[r * acts.len() + t] = row r · acts[t]`
+/// (`crate::dispatch` feeds it more in fours).
+///
+/// A 512-bit register holds one nibble vector of all 16 rows, so each i32 lane of a `dpbusd`
+/// accumulates one row. The two 16-element halves of a block (low and high nibbles) have scales
+/// of their own: their sums are kept apart and multiplied by the rows' scales lane-wise; the
+/// min term is one `madd` of the rows' (min_lo, min_hi) pairs with the activation block's half
+/// sums. Levels go into `dpbusd` unsigned and whole (up to 63), so no partial sum can saturate.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VNNI. Shapes are asserted.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn dot_group_kpacked(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow<'_>], out: &mut [f32]) {
+    let nb = w.blocks;
+    assert!(nb.is_multiple_of(BLOCKS_PER_SUPER), "K rows are whole super-blocks");
+    assert!(w.data.len() >= nb / BLOCKS_PER_SUPER * k.super_bytes(), "packed group too short");
+    assert!((1..=4).contains(&acts.len()), "the K tile takes 1 to 4 activation rows");
+    assert!(out.len() >= GROUP * acts.len());
+    for a in acts {
+        assert!(a.qs.len() >= QBLOCK * nb && a.d.len() >= nb && a.hs.len() >= nb, "activation row too short");
+    }
+    macro_rules! tile {
+        ($nt:literal) => {
+            match (k.high_planes, k.has_mins()) {
+                (0, true) => k_tile::<$nt, 0, true>(w, k, acts, out),
+                (0, false) => k_tile::<$nt, 0, false>(w, k, acts, out),
+                (1, true) => k_tile::<$nt, 1, true>(w, k, acts, out),
+                (2, false) => k_tile::<$nt, 2, false>(w, k, acts, out),
+                other => panic!("no AVX-512 kernel for K layout {other:?}"),
+            }
+        };
+    }
+    // SAFETY: the caller guarantees AVX-512 F/BW/VNNI; lengths were asserted above.
+    unsafe {
+        match acts.len() {
+            1 => tile!(1),
+            2 => tile!(2),
+            3 => tile!(3),
+            _ => tile!(4),
+        }
+    }
+}
+
+/// `x << n` (n ≥ 0) or `x >> −n` in 16-bit lanes; `n` is a constant once the loops unroll.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn shift16(x: __m512i, n: i32) -> __m512i {
+    if n >= 0 {
+        _mm512_sll_epi16(x, _mm_cvtsi32_si128(n))
+    } else {
+        _mm512_srl_epi16(x, _mm_cvtsi32_si128(-n))
+    }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VNNI; `dot_group_kpacked` asserted the lengths.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool>(
+    w: &PackedGroup<'_>,
+    k: &KLayout,
+    acts: &[ActRow<'_>],
+    out: &mut [f32],
+) {
+    let supers = w.blocks / BLOCKS_PER_SUPER;
+    let (header, block_bytes, super_bytes) = (k.header_bytes(), k.block_bytes(), k.super_bytes());
+    let (scales_at, mins_at) = (k.scales_at(), k.mins_at());
+    let bias = _mm512_set1_epi16(k.bias.unwrap_or(0) as i16);
+    let low4 = _mm512_set1_epi8(0x0F);
+    let plane_mask = _mm512_set1_epi8(if PLANES == 2 { 0x30 } else { 0x10 });
+    let base = w.data.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for s in 0..supers {
+        // SAFETY: every read below stays inside the asserted group and activation lengths;
+        // prefetches may point past it, which is harmless.
+        unsafe {
+            let sb = base.add(s * super_bytes);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sb as *const __m256i));
+            let dmin = if MINS { _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(2 * GROUP) as *const __m256i)) } else { d };
+            for bi in 0..BLOCKS_PER_SUPER {
+                let b = s * BLOCKS_PER_SUPER + bi;
+                let blk = sb.add(header + bi * block_bytes);
+                if NT == 1 {
+                    // Mat-vec streams the weights once: stay ahead of the hardware prefetcher.
+                    let ahead = blk.wrapping_add(PREFETCH_BLOCKS * block_bytes);
+                    let mut line = 0;
+                    while line < block_bytes {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+                        line += 64;
+                    }
+                }
+                // Row r's (scale_lo, scale_hi) as i16 lanes 2r and 2r + 1.
+                let pairs = _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(scales_at) as *const __m256i));
+                let sc_lo = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(pairs));
+                let sc_hi = _mm512_srai_epi32::<16>(pairs);
+                let mins = if MINS {
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk.add(mins_at) as *const __m256i))
+                } else {
+                    _mm512_mullo_epi16(pairs, bias)
+                };
+                let plane0 = if PLANES > 0 {
+                    _mm512_loadu_si512(blk.add(KLayout::PLANES_AT) as *const _)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let plane1 = if PLANES == 2 {
+                    _mm512_loadu_si512(blk.add(KLayout::PLANES_AT + 64) as *const _)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let mut sum_lo = [_mm512_setzero_si512(); NT];
+                let mut sum_hi = [_mm512_setzero_si512(); NT];
+                for vk in 0..4 {
+                    let raw = _mm512_loadu_si512(blk.add(64 * vk) as *const _);
+                    let mut lo = _mm512_and_si512(raw, low4);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4);
+                    if PLANES == 1 {
+                        // Bit vk → bit 4 for the low nibbles, bit 4 + vk → bit 4 for the high.
+                        lo = _mm512_or_si512(lo, _mm512_and_si512(shift16(plane0, 4 - vk as i32), plane_mask));
+                        hi = _mm512_or_si512(hi, _mm512_and_si512(shift16(plane0, -(vk as i32)), plane_mask));
+                    } else if PLANES == 2 {
+                        // Bits 2vk, 2vk + 1 → bits 4, 5.
+                        let by = 4 - 2 * vk as i32;
+                        lo = _mm512_or_si512(lo, _mm512_and_si512(shift16(plane0, by), plane_mask));
+                        hi = _mm512_or_si512(hi, _mm512_and_si512(shift16(plane1, by), plane_mask));
+                    }
+                    for t in 0..NT {
+                        let av = acts[t].qs.as_ptr().add(QBLOCK * b) as *const i32;
+                        sum_lo[t] = _mm512_dpbusd_epi32(sum_lo[t], lo, _mm512_set1_epi32(av.add(vk).read_unaligned()));
+                        sum_hi[t] =
+                            _mm512_dpbusd_epi32(sum_hi[t], hi, _mm512_set1_epi32(av.add(4 + vk).read_unaligned()));
+                    }
+                }
+                for t in 0..NT {
+                    let scaled =
+                        _mm512_add_epi32(_mm512_mullo_epi32(sum_lo[t], sc_lo), _mm512_mullo_epi32(sum_hi[t], sc_hi));
+                    let min_sum = _mm512_madd_epi16(mins, _mm512_set1_epi32(*acts[t].hs.get_unchecked(b) as i32));
+                    let da = _mm512_set1_ps(*acts[t].d.get_unchecked(b));
+                    if MINS {
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled), _mm512_mul_ps(d, da), acc[t]);
+                        acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(min_sum), _mm512_mul_ps(dmin, da), acc[t]);
+                    } else {
+                        let net = _mm512_sub_epi32(scaled, min_sum);
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(net), _mm512_mul_ps(d, da), acc[t]);
+                    }
+                }
+            }
+        }
+    }
+    let mut lanes = [0f32; GROUP];
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+        for (r, &v) in lanes.iter().enumerate() {
+            out[r * NT + t] = v;
+        }
+    }
+}
