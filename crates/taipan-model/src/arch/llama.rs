@@ -709,16 +709,8 @@ impl Llama {
                 let (g, u) = gu[t * 2 * ff..(t + 1) * 2 * ff].split_at(ff);
                 let a = &mut act[t * ff..(t + 1) * ff];
                 match c.activation {
-                    Activation::Silu => {
-                        for ((a, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
-                            *a = ops::silu(gv) * uv;
-                        }
-                    }
-                    Activation::GeluTanh => {
-                        for ((a, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
-                            *a = ops::gelu_tanh(gv) * uv;
-                        }
-                    }
+                    Activation::Silu => ops::swiglu_into(a, g, u),
+                    Activation::GeluTanh => ops::geglu_into(a, g, u),
                 }
             }
             compute.matmul(proj, act, t_n, &layer.w_down, &mut s.mm);
