@@ -265,8 +265,9 @@ impl Compute {
                     let group = m.group(g);
                     let rows = (m.rows - g * GROUP).min(GROUP);
                     tile(&group, &xs, &mut buf[..GROUP * nt]);
-                    for r in 0..rows {
-                        for j in 0..nt {
+                    // Token-major, so each token's 16 outputs go to one cache line.
+                    for j in 0..nt {
+                        for r in 0..rows {
                             // SAFETY: output column first+g·GROUP+r belongs to this group alone
                             // and tb+j < tokens, so the cell is in bounds and ours.
                             unsafe { *sink.at((tb + j) * n + first + g * GROUP + r) = buf[r * nt + j] };
