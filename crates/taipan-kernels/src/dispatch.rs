@@ -6,8 +6,8 @@
 use crate::packed::{dot_group_ref, ActRow, Layout, PackedGroup};
 use std::sync::OnceLock;
 
-/// `out[r * acts.len() + t] = row r · acts[t]` for a group's 16 rows and any number of
-/// activation rows.
+/// `out[t * GROUP + r] = row r · acts[t]` for a group's 16 rows and any number of activation
+/// rows: token-major, so each activation row's 16 results are one contiguous run.
 pub type PackedTileFn = fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]);
 /// `out[r * xs.len() + t] = ws[r] · xs[t]`, at most 4 × 4, all slices of one length.
 pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
@@ -81,13 +81,10 @@ pub(crate) fn tile_in_fours(
     if n <= 4 {
         return tile(w, acts, out);
     }
-    let mut part = [0f32; crate::packed::GROUP * 4];
+    let g = crate::packed::GROUP;
     for t0 in (0..n).step_by(4) {
         let nt = (n - t0).min(4);
-        tile(w, &acts[t0..t0 + nt], &mut part[..crate::packed::GROUP * nt]);
-        for r in 0..crate::packed::GROUP {
-            out[r * n + t0..r * n + t0 + nt].copy_from_slice(&part[r * nt..(r + 1) * nt]);
-        }
+        tile(w, &acts[t0..t0 + nt], &mut out[t0 * g..(t0 + nt) * g]);
     }
 }
 

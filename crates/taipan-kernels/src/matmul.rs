@@ -265,13 +265,10 @@ impl Compute {
                     let group = m.group(g);
                     let rows = (m.rows - g * GROUP).min(GROUP);
                     tile(&group, &xs, &mut buf[..GROUP * nt]);
-                    // Token-major, so each token's 16 outputs go to one cache line.
                     for j in 0..nt {
-                        for r in 0..rows {
-                            // SAFETY: output column first+g·GROUP+r belongs to this group alone
-                            // and tb+j < tokens, so the cell is in bounds and ours.
-                            unsafe { *sink.at((tb + j) * n + first + g * GROUP + r) = buf[r * nt + j] };
-                        }
+                        // SAFETY: output columns first+g·GROUP..+rows belong to this group alone
+                        // and tb+j < tokens, so the cells are in bounds and ours.
+                        unsafe { sink.write((tb + j) * n + first + g * GROUP, &buf[j * GROUP..j * GROUP + rows]) };
                     }
                 }
             }
@@ -353,13 +350,13 @@ impl Compute {
                     let nt = (p.rows.len() - t0).min(4);
                     let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, p.rows[t0 + i.min(nt - 1)]));
                     tile(&group, &xs[..nt], &mut buf[..GROUP * nt]);
-                    for r in 0..live {
-                        for j in 0..nt {
-                            // SAFETY: output row out_first+t0+j belongs to this product alone
-                            // (spans checked disjoint and in bounds) and column g·GROUP+r to this
-                            // unit alone.
-                            unsafe { *sink.at((p.out_first + t0 + j) * n + g * GROUP + r) = buf[r * nt + j] };
-                        }
+                    for j in 0..nt {
+                        // SAFETY: output row out_first+t0+j belongs to this product alone
+                        // (spans checked disjoint and in bounds) and columns g·GROUP..+live to
+                        // this unit alone.
+                        unsafe {
+                            sink.write((p.out_first + t0 + j) * n + g * GROUP, &buf[j * GROUP..j * GROUP + live])
+                        };
                     }
                 }
             }
@@ -378,6 +375,15 @@ impl OutPtr {
     unsafe fn at(&self, offset: usize) -> *mut f32 {
         // SAFETY: forwarded to the caller.
         unsafe { self.0.add(offset) }
+    }
+
+    /// Copies `values` to `offset..offset + values.len()`.
+    ///
+    /// # Safety
+    /// The range must be in bounds and written by one task only.
+    unsafe fn write(&self, offset: usize, values: &[f32]) {
+        // SAFETY: forwarded to the caller; `values` cannot overlap cells only this task writes.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(offset), values.len()) }
     }
 }
 

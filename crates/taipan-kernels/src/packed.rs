@@ -414,11 +414,11 @@ pub fn dot_packed_ref(w: &PackedGroup<'_>, r: usize, a: &ActRow<'_>) -> f32 {
     total
 }
 
-/// Scalar reference tile: `out[r * acts.len() + t] = row r · acts[t]` for the group's rows.
+/// Scalar reference tile: `out[t * GROUP + r] = row r · acts[t]` for the group's rows.
 pub fn dot_group_ref(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
     for r in 0..GROUP {
         for (t, a) in acts.iter().enumerate() {
-            out[r * acts.len() + t] = dot_packed_ref(w, r, a);
+            out[t * GROUP + r] = dot_packed_ref(w, r, a);
         }
     }
 }

@@ -306,7 +306,7 @@ proptest! {
                     for r in 0..GROUP.min(rows - g * GROUP) {
                         for t in 0..nt {
                             let w = want[(g * GROUP + r) * tokens + t];
-                            let v = got[r * nt + t];
+                            let v = got[t * GROUP + r];
                             prop_assert!((v - w).abs() <= 1e-4 * (1.0 + w.abs()), "{:?} {dtype}: {v} vs {w}", k.isa);
                         }
                     }

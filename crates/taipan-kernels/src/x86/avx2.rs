@@ -3,7 +3,7 @@
 use crate::packed::{ActRow, Compact, Layout, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
-/// Packed-group × activation tile, `out[r * acts.len() + t] = row r · acts[t]`, for the wide
+/// Packed-group × activation tile, `out[t * GROUP + r] = row r · acts[t]`, for the wide
 /// and compact forms of 32-element formats.
 ///
 /// Each weight vector is loaded and unpacked once for all (up to 4) activation rows of the tile.
@@ -36,17 +36,11 @@ pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &m
         macro_rules! tile {
             ($nt:literal) => {
                 match (w.width, compact.is_some(), form.plane) {
-                    (LevelWidth::Nibble, false, _) => {
-                        nibble_tile::<$nt, false, false>(w, form, part, out, t0, acts.len())
-                    }
-                    (LevelWidth::Nibble, true, false) => {
-                        nibble_tile::<$nt, true, false>(w, form, part, out, t0, acts.len())
-                    }
-                    (LevelWidth::Nibble, true, true) => {
-                        nibble_tile::<$nt, true, true>(w, form, part, out, t0, acts.len())
-                    }
-                    (LevelWidth::Byte, false, _) => byte_tile::<$nt, false>(w, form, part, out, t0, acts.len()),
-                    (LevelWidth::Byte, true, _) => byte_tile::<$nt, true>(w, form, part, out, t0, acts.len()),
+                    (LevelWidth::Nibble, false, _) => nibble_tile::<$nt, false, false>(w, form, part, out, t0),
+                    (LevelWidth::Nibble, true, false) => nibble_tile::<$nt, true, false>(w, form, part, out, t0),
+                    (LevelWidth::Nibble, true, true) => nibble_tile::<$nt, true, true>(w, form, part, out, t0),
+                    (LevelWidth::Byte, false, _) => byte_tile::<$nt, false>(w, form, part, out, t0),
+                    (LevelWidth::Byte, true, _) => byte_tile::<$nt, true>(w, form, part, out, t0),
                 }
             };
         }
@@ -108,23 +102,15 @@ fn scale_block<const NT: usize>(
     }
 }
 
-/// Writes the accumulators of rows `8·half..8·half+8` to `out[r * t_all + t_first + t]`.
+/// Writes the accumulators of rows `8·half..8·half+8` to `out[(t_first + t) * GROUP + r]`.
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(crate) fn store_half<const NT: usize>(
-    acc: &[__m256; NT],
-    out: &mut [f32],
-    half: usize,
-    t_first: usize,
-    t_all: usize,
-) {
+pub(crate) fn store_half<const NT: usize>(acc: &[__m256; NT], out: &mut [f32], half: usize, t_first: usize) {
     for (t, v) in acc.iter().enumerate() {
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *v) };
-        for (i, &x) in lanes.iter().enumerate() {
-            out[(8 * half + i) * t_all + t_first + t] = x;
-        }
+        let at = (t_first + t) * GROUP + 8 * half;
+        // SAFETY: the eight floats at `at` are inside `out` (checked just before).
+        assert!(at + 8 <= out.len());
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(at), *v) };
     }
 }
 
@@ -137,7 +123,6 @@ unsafe fn nibble_tile<const NT: usize, const COMPACT: bool, const PLANE: bool>(
     acts: &[ActRow<'_>],
     out: &mut [f32],
     t_first: usize,
-    t_all: usize,
 ) {
     let nb = w.blocks;
     let lvl = w.width.block_level_bytes();
@@ -199,7 +184,7 @@ unsafe fn nibble_tile<const NT: usize, const COMPACT: bool, const PLANE: bool>(
                 scale_block::<NT>(&mut acc, &isum, d, m, acts, b);
             }
         }
-        store_half::<NT>(&acc, out, half, t_first, t_all);
+        store_half::<NT>(&acc, out, half, t_first);
     }
 }
 
@@ -212,7 +197,6 @@ unsafe fn byte_tile<const NT: usize, const COMPACT: bool>(
     acts: &[ActRow<'_>],
     out: &mut [f32],
     t_first: usize,
-    t_all: usize,
 ) {
     let nb = w.blocks;
     let lvl = w.width.block_level_bytes();
@@ -249,7 +233,7 @@ unsafe fn byte_tile<const NT: usize, const COMPACT: bool>(
                 scale_block::<NT>(&mut acc, &isum, d, m, acts, b);
             }
         }
-        store_half::<NT>(&acc, out, half, t_first, t_all);
+        store_half::<NT>(&acc, out, half, t_first);
     }
 }
 

@@ -7,7 +7,7 @@ use crate::packed::{ActRow, PackedGroup, GROUP};
 use crate::quant::QBLOCK;
 use std::arch::x86_64::*;
 
-/// K-packed group × activation tile, `out[r * acts.len() + t] = row r · acts[t]`.
+/// K-packed group × activation tile, `out[t * GROUP + r] = row r · acts[t]`.
 ///
 /// Per block and half-group of 8 rows, each nibble vector (with its high bits) is unpacked once
 /// for up to four activation rows. `maddubs` sums pairs of level·activation into i16 lanes that
@@ -33,10 +33,10 @@ pub unsafe fn dot_group_kpacked(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow
         macro_rules! tile {
             ($nt:literal) => {
                 match (k.high_planes, k.has_mins(), k.max_level > 31) {
-                    (0, true, _) => k_tile::<$nt, 0, true, false>(w, k, part, out, t0, acts.len()),
-                    (0, false, _) => k_tile::<$nt, 0, false, false>(w, k, part, out, t0, acts.len()),
-                    (1, true, _) => k_tile::<$nt, 1, true, false>(w, k, part, out, t0, acts.len()),
-                    (2, false, true) => k_tile::<$nt, 2, false, true>(w, k, part, out, t0, acts.len()),
+                    (0, true, _) => k_tile::<$nt, 0, true, false>(w, k, part, out, t0),
+                    (0, false, _) => k_tile::<$nt, 0, false, false>(w, k, part, out, t0),
+                    (1, true, _) => k_tile::<$nt, 1, true, false>(w, k, part, out, t0),
+                    (2, false, true) => k_tile::<$nt, 2, false, true>(w, k, part, out, t0),
                     other => panic!("no AVX2 kernel for K layout {other:?}"),
                 }
             };
@@ -74,7 +74,6 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool, const S
     acts: &[ActRow<'_>],
     out: &mut [f32],
     t_first: usize,
-    t_all: usize,
 ) {
     let supers = w.blocks / BLOCKS_PER_SUPER;
     let (header, block_bytes, super_bytes) = (k.header_bytes(), k.block_bytes(), k.super_bytes());
@@ -170,6 +169,6 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool, const S
                 }
             }
         }
-        store_half::<NT>(&acc, out, half, t_first, t_all);
+        store_half::<NT>(&acc, out, half, t_first);
     }
 }

@@ -3,7 +3,7 @@
 use crate::packed::{ActRow, Compact, Layout, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
-/// Packed-group × activation tile: `out[r * acts.len() + t] = row r · acts[t]` for the group's
+/// Packed-group × activation tile: `out[t * GROUP + r] = row r · acts[t]` for the group's
 /// 16 rows and 1 to 4 activation rows (`crate::dispatch` feeds it more in fours), for the wide
 /// and compact forms of 32-element formats.
 ///
@@ -127,13 +127,9 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, co
             }
         }
     }
-    let mut lanes = [0f32; GROUP];
     for (t, a) in acc.iter().enumerate() {
-        // SAFETY: `lanes` holds 16 floats.
-        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
-        for (r, &v) in lanes.iter().enumerate() {
-            out[r * T + t] = v;
-        }
+        // SAFETY: `out` holds GROUP floats per activation row (asserted on entry).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(t * GROUP), *a) };
     }
 }
 

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 /// How many blocks ahead the mat-vec prefetches (one block of a group is 0.4–0.6 KiB).
 const PREFETCH_BLOCKS: usize = 4;
 
-/// K-packed group × 1 to 4 activation rows, `out[r * acts.len() + t] = row r · acts[t]`
+/// K-packed group × 1 to 4 activation rows, `out[t * GROUP + r] = row r · acts[t]`
 /// (`crate::dispatch` feeds it more in fours).
 ///
 /// A 512-bit register holds one nibble vector of all 16 rows, so each i32 lane of a `dpbusd`
@@ -156,12 +156,8 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool>(
             }
         }
     }
-    let mut lanes = [0f32; GROUP];
     for (t, a) in acc.iter().enumerate() {
-        // SAFETY: `lanes` holds 16 floats.
-        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
-        for (r, &v) in lanes.iter().enumerate() {
-            out[r * NT + t] = v;
-        }
+        // SAFETY: `out` holds GROUP floats per activation row (asserted on entry).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(t * GROUP), *a) };
     }
 }
