@@ -127,8 +127,19 @@ mod x86_entry {
         scale: f32,
         scratch: &mut Vec<f32>,
     ) {
-        // SAFETY: only installed after detecting avx2 and fma (the AVX-512 table too).
-        unsafe { crate::x86::avx2_attention::attend_rows(out, q, spans, kv, scale, scratch) }
+        // SAFETY: only installed after detecting avx2 and fma.
+        unsafe { crate::x86::avx2_attention::avx2::attend_rows(out, q, spans, kv, scale, scratch) }
+    }
+    pub fn attend_rows_avx512(
+        out: &mut [f32],
+        q: &[f32],
+        spans: &[(usize, usize)],
+        kv: &crate::ops::KvView<'_>,
+        scale: f32,
+        scratch: &mut Vec<f32>,
+    ) {
+        // SAFETY: only installed after detecting avx512f/vl, avx2 and fma.
+        unsafe { crate::x86::avx2_attention::avx512vl::attend_rows(out, q, spans, kv, scale, scratch) }
     }
     pub fn scan_avx2(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
         // SAFETY: only installed after detecting avx2 and fma.
@@ -170,6 +181,7 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
@@ -178,7 +190,7 @@ impl Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx512,
                 f32_tile: x86_entry::f32_avx512,
-                attend_rows: x86_entry::attend_rows_avx2,
+                attend_rows: x86_entry::attend_rows_avx512,
                 selective_scan: x86_entry::scan_avx512,
             }),
             #[cfg(not(target_arch = "x86_64"))]
