@@ -383,7 +383,13 @@ impl OutPtr {
     /// The range must be in bounds and written by one task only.
     unsafe fn write(&self, offset: usize, values: &[f32]) {
         // SAFETY: forwarded to the caller; `values` cannot overlap cells only this task writes.
-        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(offset), values.len()) }
+        // A whole group's run is copied at a fixed size, inline rather than through `memcpy`.
+        unsafe {
+            match <&[f32; GROUP]>::try_from(values) {
+                Ok(run) => (self.0.add(offset) as *mut [f32; GROUP]).write_unaligned(*run),
+                Err(_) => std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(offset), values.len()),
+            }
+        }
     }
 }
 
