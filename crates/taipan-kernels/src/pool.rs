@@ -129,12 +129,38 @@ impl ThreadPool {
         }
     }
 
+    /// Calls `f(i, row)` for every `row_len`-long row `i` of `data`, rows spread over the pool
+    /// (each row visited by one task).
+    pub fn for_rows_mut(&self, data: &mut [f32], row_len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        assert!(row_len > 0 && data.len().is_multiple_of(row_len), "rows of {row_len} in {}", data.len());
+        let base = RowsPtr(data.as_mut_ptr());
+        self.for_chunks(data.len() / row_len, 1, &|range| {
+            for i in range {
+                // SAFETY: row `i` lies inside `data` (its length is a multiple of `row_len`),
+                // and each row index is handed to exactly one task, so the slices are disjoint.
+                let row = unsafe { std::slice::from_raw_parts_mut(base.at(i * row_len), row_len) };
+                f(i, row);
+            }
+        });
+    }
+
     /// Splits `0..n` into chunks of at least `min_chunk` items, about four per thread, and runs
     /// `f(range)` for each.
     pub fn for_chunks(&self, n: usize, min_chunk: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
         let chunk = n.div_ceil(self.threads() * 4).max(min_chunk).max(1);
         let tasks = n.div_ceil(chunk);
         self.run(tasks, &|i| f(i * chunk..((i + 1) * chunk).min(n)));
+    }
+}
+
+/// The start of a buffer whose disjoint rows tasks of one region write.
+struct RowsPtr(*mut f32);
+// SAFETY: tasks touch disjoint rows, and the region ends before the buffer's borrow does.
+unsafe impl Sync for RowsPtr {}
+
+impl RowsPtr {
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
     }
 }
 
@@ -227,6 +253,19 @@ mod tests {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn for_rows_mut_hands_each_row_to_one_call_with_its_index() {
+        let pool = ThreadPool::new(3);
+        for rows in [1usize, 2, 5, 97] {
+            let mut data = vec![0f32; rows * 6];
+            pool.for_rows_mut(&mut data, 6, &|i, row| {
+                assert_eq!(row.len(), 6);
+                row.iter_mut().enumerate().for_each(|(j, v)| *v += (i * 6 + j) as f32);
+            });
+            assert!(data.iter().enumerate().all(|(k, &v)| v == k as f32), "{rows} rows");
         }
     }
 

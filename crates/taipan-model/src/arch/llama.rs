@@ -654,11 +654,13 @@ impl Llama {
                 _ => (&self.rope, &s.rope_cos, &s.rope_sin),
             };
             let h = &mut s.h[..t_n * d];
-            ops::rms_norm_into(h, &x[..h.len()], &layer.attn_norm, c.rms_eps);
+            compute.pool.for_rows_mut(h, d, &|t, row| {
+                ops::rms_norm_into(row, &x[t * d..(t + 1) * d], &layer.attn_norm, c.rms_eps)
+            });
             let qkv = &mut s.qkv[..t_n * qkv_w];
             compute.matmul(qkv, h, t_n, &layer.wqkv, &mut s.mm);
             let q = &mut s.q[..t_n * qd];
-            for (t, it_row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+            compute.pool.for_rows_mut(qkv, qkv_w, &|t, it_row| {
                 if let Some(bias) = &layer.qkv_bias {
                     ops::add_in_place(it_row, bias);
                 }
@@ -673,6 +675,8 @@ impl Llama {
                 }
                 let (cos, sin) = (&rope_cos[t * half..(t + 1) * half], &rope_sin[t * half..(t + 1) * half]);
                 rope.apply(&mut it_row[..qd + kvd], c.head_dim, cos, sin, style);
+            });
+            for (t, it_row) in qkv.chunks_exact(qkv_w).enumerate() {
                 q[t * qd..(t + 1) * qd].copy_from_slice(&it_row[..qd]);
             }
             let mut t = 0;
@@ -697,25 +701,27 @@ impl Llama {
             let proj = &mut s.proj[..t_n * d];
             compute.matmul(proj, att, t_n, &layer.wo, &mut s.mm);
             if let Some(w) = &layer.post_attn_norm {
-                proj.chunks_exact_mut(d).for_each(|r| ops::rms_norm(r, w, c.rms_eps));
+                compute.pool.for_rows_mut(proj, d, &|_, r| ops::rms_norm(r, w, c.rms_eps));
             }
             ops::add_in_place(x, proj);
             let h = &mut s.h[..t_n * d];
-            ops::rms_norm_into(h, &x[..h.len()], &layer.ffn_norm, c.rms_eps);
+            compute.pool.for_rows_mut(h, d, &|t, row| {
+                ops::rms_norm_into(row, &x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps)
+            });
             let gu = &mut s.gate_up[..t_n * 2 * ff];
             compute.matmul(gu, h, t_n, &layer.w_gate_up, &mut s.mm);
             let act = &mut s.act[..t_n * ff];
-            for t in 0..t_n {
+            let gu = &*gu;
+            compute.pool.for_rows_mut(act, ff, &|t, a| {
                 let (g, u) = gu[t * 2 * ff..(t + 1) * 2 * ff].split_at(ff);
-                let a = &mut act[t * ff..(t + 1) * ff];
                 match c.activation {
                     Activation::Silu => ops::swiglu_into(a, g, u),
                     Activation::GeluTanh => ops::geglu_into(a, g, u),
                 }
-            }
+            });
             compute.matmul(proj, act, t_n, &layer.w_down, &mut s.mm);
             if let Some(w) = &layer.post_ffn_norm {
-                proj.chunks_exact_mut(d).for_each(|r| ops::rms_norm(r, w, c.rms_eps));
+                compute.pool.for_rows_mut(proj, d, &|_, r| ops::rms_norm(r, w, c.rms_eps));
             }
             ops::add_in_place(x, proj);
         }
