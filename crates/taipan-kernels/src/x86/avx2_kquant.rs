@@ -1,5 +1,5 @@
-//! AVX2 kernel for K-quant groups (`crate::kpacked`); AVX-512 machines use it too until they
-//! have their own.
+//! AVX2 kernel for K-quant groups (`crate::kpacked`); AVX-512 machines have their own
+//! (`super::avx512_kquant`).
 
 use super::avx2::store_half;
 use crate::kpacked::{KLayout, BLOCKS_PER_SUPER};
