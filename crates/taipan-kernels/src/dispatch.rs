@@ -77,13 +77,23 @@ pub(crate) fn tile_in_fours(
     acts: &[ActRow<'_>],
     out: &mut [f32],
 ) {
+    tile_in_runs::<4>(tile, w, acts, out)
+}
+
+/// Runs `tile`, which takes at most `N` activation rows, over any number of them.
+pub(crate) fn tile_in_runs<const N: usize>(
+    tile: impl Fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]),
+    w: &PackedGroup<'_>,
+    acts: &[ActRow<'_>],
+    out: &mut [f32],
+) {
     let n = acts.len();
-    if n <= 4 {
+    if n <= N {
         return tile(w, acts, out);
     }
     let g = crate::packed::GROUP;
-    for t0 in (0..n).step_by(4) {
-        let nt = (n - t0).min(4);
+    for t0 in (0..n).step_by(N) {
+        let nt = (n - t0).min(N);
         tile(w, &acts[t0..t0 + nt], &mut out[t0 * g..(t0 + nt) * g]);
     }
 }
@@ -98,7 +108,7 @@ mod x86_entry {
         unsafe {
             match &w.layout {
                 Layout::K(k) => tile_in_fours(|w, a, o| avx512_kquant::dot_group_kpacked(w, k, a, o), w, acts, out),
-                _ => tile_in_fours(|w, a, o| avx512::dot_group_packed(w, a, o), w, acts, out),
+                _ => tile_in_runs::<{ avx512::MAX_ROWS }>(|w, a, o| avx512::dot_group_packed(w, a, o), w, acts, out),
             }
         }
     }

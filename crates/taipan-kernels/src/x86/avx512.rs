@@ -3,9 +3,13 @@
 use crate::packed::{ActRow, Compact, Layout, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
+/// Activation rows one call of [`dot_group_packed`] takes: eight share each unpacked weight
+/// vector, with their 16 accumulators still in registers.
+pub const MAX_ROWS: usize = 8;
+
 /// Packed-group × activation tile: `out[t * GROUP + r] = row r · acts[t]` for the group's
-/// 16 rows and 1 to 4 activation rows (`crate::dispatch` feeds it more in fours), for the wide
-/// and compact forms of 32-element formats.
+/// 16 rows and 1 to [`MAX_ROWS`] activation rows (`crate::dispatch` feeds it more in runs), for
+/// the wide and compact forms of 32-element formats.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI. Shapes are asserted.
@@ -34,7 +38,11 @@ pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &m
             2 => tile!(2),
             3 => tile!(3),
             4 => tile!(4),
-            n => panic!("packed tile takes 1 to 4 activation rows, got {n}"),
+            5 => tile!(5),
+            6 => tile!(6),
+            7 => tile!(7),
+            8 => tile!(8),
+            n => panic!("packed tile takes 1 to {MAX_ROWS} activation rows, got {n}"),
         }
     }
 }
