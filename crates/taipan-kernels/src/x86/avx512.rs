@@ -79,8 +79,9 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, co
         // them, which is harmless.
         unsafe {
             let blk = base.add(b * stride);
-            if T == 1 {
-                // Mat-vec streams the weights once: stay ahead of the hardware prefetcher.
+            if T <= 2 {
+                // Mat-vec (and the one or two rows an expert gets in a batched step) streams the
+                // weights once: stay ahead of the hardware prefetcher.
                 let ahead = blk.wrapping_add(PREFETCH_BLOCKS * stride);
                 let mut line = 0;
                 while line < stride {

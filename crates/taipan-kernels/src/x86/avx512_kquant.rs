@@ -89,8 +89,9 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool>(
             for bi in 0..BLOCKS_PER_SUPER {
                 let b = s * BLOCKS_PER_SUPER + bi;
                 let blk = sb.add(header + bi * block_bytes);
-                if NT == 1 {
-                    // Mat-vec streams the weights once: stay ahead of the hardware prefetcher.
+                if NT <= 2 {
+                    // Mat-vec (and the one or two rows an expert gets in a batched step) streams
+                    // the weights once: stay ahead of the hardware prefetcher.
                     let ahead = blk.wrapping_add(PREFETCH_BLOCKS * block_bytes);
                     let mut line = 0;
                     while line < block_bytes {
