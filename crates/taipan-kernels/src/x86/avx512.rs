@@ -50,8 +50,22 @@ pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &m
 /// Stands in for the compact description in the wide form, where scales and offsets are f32.
 const WIDE: Compact = Compact { plane: false, stored_m: true, bias: 0 };
 
-/// How many blocks ahead the packed kernel prefetches.
+/// How many blocks ahead the packed kernels prefetch.
 const PREFETCH_BLOCKS: usize = 4;
+
+/// Prefetches the block [`PREFETCH_BLOCKS`] blocks of `block_bytes` after `blk`. Mat-vec (and the
+/// one or two rows an expert gets in a batched step) streams the weights once: this keeps ahead of
+/// the hardware prefetcher. The address may lie past the group, which is harmless.
+#[inline(always)]
+pub(crate) fn prefetch_ahead(blk: *const u8, block_bytes: usize) {
+    let ahead = blk.wrapping_add(PREFETCH_BLOCKS * block_bytes);
+    let mut line = 0;
+    while line < block_bytes {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8) };
+        line += 64;
+    }
+}
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, const PLANE: bool>(
@@ -80,14 +94,7 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, co
         unsafe {
             let blk = base.add(b * stride);
             if T <= 2 {
-                // Mat-vec (and the one or two rows an expert gets in a batched step) streams the
-                // weights once: stay ahead of the hardware prefetcher.
-                let ahead = blk.wrapping_add(PREFETCH_BLOCKS * stride);
-                let mut line = 0;
-                while line < stride {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
-                    line += 64;
-                }
+                prefetch_ahead(blk, stride);
             }
             let mut isum = [_mm512_setzero_si512(); T];
             if NIBBLE {

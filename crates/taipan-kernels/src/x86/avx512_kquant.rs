@@ -5,9 +5,6 @@ use crate::packed::{ActRow, PackedGroup, GROUP};
 use crate::quant::QBLOCK;
 use std::arch::x86_64::*;
 
-/// How many blocks ahead the mat-vec prefetches (one block of a group is 0.4–0.6 KiB).
-const PREFETCH_BLOCKS: usize = 4;
-
 /// K-packed group × 1 to 4 activation rows, `out[t * GROUP + r] = row r · acts[t]`
 /// (`crate::dispatch` feeds it more in fours).
 ///
@@ -90,14 +87,7 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool>(
                 let b = s * BLOCKS_PER_SUPER + bi;
                 let blk = sb.add(header + bi * block_bytes);
                 if NT <= 2 {
-                    // Mat-vec (and the one or two rows an expert gets in a batched step) streams
-                    // the weights once: stay ahead of the hardware prefetcher.
-                    let ahead = blk.wrapping_add(PREFETCH_BLOCKS * block_bytes);
-                    let mut line = 0;
-                    while line < block_bytes {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
-                        line += 64;
-                    }
+                    super::avx512::prefetch_ahead(blk, block_bytes);
                 }
                 // Row r's (scale_lo, scale_hi) as i16 lanes 2r and 2r + 1.
                 let pairs = _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(scales_at) as *const __m256i));
