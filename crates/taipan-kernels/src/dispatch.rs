@@ -25,6 +25,10 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512Vnni,
+    /// AVX-512 VNNI plus Intel AMX int8 tiles for 16 or more activation rows at a time. Opt-in
+    /// (`TAIPAN_ISA=amx`): bit-identical to the VNNI kernels but measured slower, because both
+    /// are bound by the per-block scaling that the tiles cannot take over.
+    Amx,
 }
 
 impl Isa {
@@ -34,11 +38,12 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
     /// Every level with kernels of its own, narrowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx];
 }
 
 /// Kernel entry points for one instruction-set level.
@@ -101,7 +106,8 @@ pub(crate) fn tile_in_runs<const N: usize>(
 #[cfg(target_arch = "x86_64")]
 mod x86_entry {
     use super::*;
-    use crate::x86::{avx2, avx2_kquant, avx512, avx512_kquant};
+    use crate::packed::GROUP;
+    use crate::x86::{amx, avx2, avx2_kquant, avx512, avx512_kquant};
 
     pub fn packed_avx512(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
         // SAFETY: only installed in a table after detecting avx512f/bw/vnni.
@@ -110,6 +116,19 @@ mod x86_entry {
                 Layout::K(k) => tile_in_fours(|w, a, o| avx512_kquant::dot_group_kpacked(w, k, a, o), w, acts, out),
                 _ => tile_in_runs::<{ avx512::MAX_ROWS }>(|w, a, o| avx512::dot_group_packed(w, a, o), w, acts, out),
             }
+        }
+    }
+    pub fn packed_amx(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
+        // Whole tiles of activation rows through AMX, the rest through the VNNI kernels; both
+        // give bit-identical results (see `crate::x86::amx`).
+        let tiled = acts.len() / amx::TILE_ROWS * amx::TILE_ROWS;
+        if tiled > 0 {
+            // SAFETY: only installed after `amx::usable` granted the tile state (AVX-512 F/BW/
+            // VNNI included).
+            unsafe { amx::dot_group_packed(w, &acts[..tiled], &mut out[..tiled * GROUP]) };
+        }
+        if tiled < acts.len() {
+            packed_avx512(w, &acts[tiled..], &mut out[tiled * GROUP..]);
         }
     }
     pub fn scan_avx512(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
@@ -203,6 +222,12 @@ impl Kernels {
                 attend_rows: x86_entry::attend_rows_avx512,
                 selective_scan: x86_entry::scan_avx512,
             }),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Self::for_isa(Isa::Avx512Vnni).filter(|_| crate::x86::amx::usable()).map(|k| Kernels {
+                isa,
+                packed_tile: x86_entry::packed_amx,
+                ..k
+            }),
             #[cfg(not(target_arch = "x86_64"))]
             _ => None,
         }
@@ -215,7 +240,7 @@ impl Kernels {
 
     /// Whether tests of `isa`'s kernels can run on this CPU. A test that cannot run says so on
     /// stderr rather than passing as if it had; and when `TAIPAN_REQUIRE_ISA` names the level
-    /// (`avx2`, `avx512`, comma-separated, or `all`), its absence fails the test, so a run that
+    /// (`avx2`, `avx512`, `amx`, comma-separated, or `all`), its absence fails the test, so a run that
     /// must cover an instruction set cannot pass without it.
     #[doc(hidden)]
     pub fn testable(isa: Isa) -> bool {
@@ -231,7 +256,8 @@ impl Kernels {
         false
     }
 
-    /// The fastest table for this CPU (detected once). `TAIPAN_ISA=scalar|avx2|avx512` overrides.
+    /// The fastest table for this CPU (detected once): the widest level it has, AMX aside.
+    /// `TAIPAN_ISA=scalar|avx2|avx512|amx` overrides.
     pub fn best() -> Kernels {
         static BEST: OnceLock<Kernels> = OnceLock::new();
         *BEST.get_or_init(|| {
@@ -239,12 +265,14 @@ impl Kernels {
                 Ok("scalar") => Some(Isa::Scalar),
                 Ok("avx2") => Some(Isa::Avx2),
                 Ok("avx512") => Some(Isa::Avx512Vnni),
+                Ok("amx") => Some(Isa::Amx),
                 _ => None,
             };
             if let Some(k) = wanted.and_then(Self::for_isa) {
                 return k;
             }
-            Self::available().pop().unwrap_or_else(Self::scalar)
+            // AMX tiles only when asked for: measured slower than the VNNI kernels (BENCHMARKS.md).
+            Self::available().into_iter().rfind(|k| k.isa != Isa::Amx).unwrap_or_else(Self::scalar)
         })
     }
 }

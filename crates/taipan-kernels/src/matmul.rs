@@ -5,7 +5,7 @@
 //! several products. Work is split by weight rows; within a task, activation rows go in blocks
 //! small enough to stay in cache while the task's rows pass over them.
 
-use crate::dispatch::Kernels;
+use crate::dispatch::{Isa, Kernels};
 use crate::formats::{dequantize, DType, SizeMismatch};
 use crate::packed::{ActRow, PackedMatrix, GROUP};
 use crate::pool::ThreadPool;
@@ -248,13 +248,15 @@ impl Compute {
             starts.push(starts.last().copied().unwrap_or(0) + m.groups());
         }
         let total = starts[parts.len()];
+        // AMX tiles take longer runs of rows: each call unpacks its group's levels once.
+        let token_block = if self.kernels.isa == Isa::Amx { AMX_TOKEN_BLOCK } else { TOKEN_BLOCK };
         self.pool.for_chunks(total, 1, &|groups| {
             // One kernel call per group and block of activation rows: the kernel walks the
             // rows four at a time itself, so the call costs little beside the products.
-            let mut buf = [0f32; GROUP * TOKEN_BLOCK];
-            let mut xs: Vec<ActRow<'_>> = Vec::with_capacity(TOKEN_BLOCK);
-            for tb in (0..tokens).step_by(TOKEN_BLOCK) {
-                let tb_end = (tb + TOKEN_BLOCK).min(tokens);
+            let mut buf = vec![0f32; GROUP * token_block.min(tokens)];
+            let mut xs: Vec<ActRow<'_>> = Vec::with_capacity(token_block);
+            for tb in (0..tokens).step_by(token_block) {
+                let tb_end = (tb + token_block).min(tokens);
                 let nt = tb_end - tb;
                 xs.clear();
                 xs.extend((tb..tb_end).map(|t| ActRow::of(acts, t)));
@@ -395,6 +397,8 @@ impl OutPtr {
 
 /// Activation rows per cache block inside one task.
 const TOKEN_BLOCK: usize = 32;
+/// The same for AMX tiles.
+const AMX_TOKEN_BLOCK: usize = 256;
 
 /// Walks the `(rows × tokens)` region in tiles and scatters each tile into `out[t * n + r]`.
 fn run_tiles(

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use taipan_kernels::formats::{dequantize, dot_ref, kquants, legacy, DType};
 use taipan_kernels::packed::{dot_packed_ref, ActRow, LegacyForm, PackedMatrix, GROUP};
 use taipan_kernels::quant::QuantizedActs;
-use taipan_kernels::{Compute, Isa, Kernels, MatmulMode, MatmulScratch, Matrix};
+use taipan_kernels::{Compute, Isa, Kernels, MatmulMode, MatmulScratch, Matrix, RowsProduct};
 
 const ALL: [DType; 13] = [
     DType::F32,
@@ -309,6 +309,95 @@ proptest! {
                             let v = got[t * GROUP + r];
                             prop_assert!((v - w).abs() <= 1e-4 * (1.0 + w.abs()), "{:?} {dtype}: {v} vs {w}", k.isa);
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// AMX tiles give the VNNI kernels' results to the bit for every packed format, whether the
+    /// activation rows lie at one stride or are gathered from anywhere (a MoE expert's rows); and
+    /// both stay within the scalar reference's tolerance.
+    #[test]
+    fn amx_tiles_equal_vnni_to_the_bit(seed in any::<u64>(), rows in 1usize..20, kblocks in 1usize..10, tiles in 1usize..4) {
+        if !Kernels::testable(Isa::Amx) {
+            return Ok(());
+        }
+        let amx = Kernels::for_isa(Isa::Amx).expect("testable");
+        let vnni = Kernels::for_isa(Isa::Avx512Vnni).expect("AMX implies AVX-512 VNNI");
+        let mut rng = Lcg(seed);
+        let tokens = tiles * 16 + (seed % 5) as usize;
+        for (dtype, form) in ALL.into_iter().filter(|d| d.block_elems() > 1).flat_map(|d| FORMS.map(|f| (d, f))) {
+            let cols = if dtype.block_elems() == 256 { 256 * kblocks.div_ceil(4) } else { 32 * kblocks };
+            let data = random_stored(dtype, rows * cols, &mut rng);
+            let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, form).unwrap().unwrap();
+            let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit() * 3.0).collect();
+            let mut acts = QuantizedActs::new();
+            acts.quantize(&x, tokens, cols);
+            acts.compute_half_sums();
+            let in_order: Vec<_> = (0..tokens).map(|t| ActRow::of(&acts, t)).collect();
+            let shuffled: Vec<_> = (0..tokens).map(|t| ActRow::of(&acts, (t * 7 + 3) % tokens)).collect();
+            for (label, xs) in [("strided", &in_order), ("gathered", &shuffled)] {
+                for g in 0..m.groups() {
+                    let mut want = vec![0f32; GROUP * tokens];
+                    let mut got = vec![f32::NAN; GROUP * tokens];
+                    (vnni.packed_tile)(&m.group(g), xs, &mut want);
+                    (amx.packed_tile)(&m.group(g), xs, &mut got);
+                    let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    prop_assert!(same, "{dtype} {form:?} {label}: AMX differs from VNNI");
+                    for r in 0..GROUP.min(rows - g * GROUP) {
+                        for (t, a) in xs.iter().enumerate() {
+                            let w = dot_packed_ref(&m.group(g), r, a);
+                            let v = got[t * GROUP + r];
+                            prop_assert!((v - w).abs() <= 1e-4 * (1.0 + w.abs()), "{dtype} {form:?}: {v} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Several products over one input (a MoE layer's experts), some with enough rows for tiles
+    /// and some with few, equal each matrix's own product of its rows, for every kernel table.
+    #[test]
+    fn matmul_rows_equals_naive_for_every_kernel_table(seed in any::<u64>(), dtype_at in 3usize..13, counts in proptest::collection::vec(0usize..70, 1..4)) {
+        let mut rng = Lcg(seed);
+        let dtype = ALL[dtype_at];
+        let (n, cols, x_rows) = (40, if dtype.block_elems() == 256 { 256 } else { 96 }, 80);
+        let x: Vec<f32> = (0..x_rows * cols).map(|_| rng.unit()).collect();
+        let mut mats = Vec::new();
+        let mut w32s = Vec::new();
+        let mut row_sets = Vec::new();
+        for &count in &counts {
+            let data = random_stored(dtype, n * cols, &mut rng);
+            let mut w32 = vec![0f32; n * cols];
+            dequantize(dtype, &data, &mut w32).unwrap();
+            mats.push(Matrix::from_stored(dtype, &data, n, cols, MatmulMode::Fast).unwrap());
+            w32s.push(w32);
+            row_sets.push((0..count).map(|_| (rng.next() % x_rows as u64) as usize).collect::<Vec<_>>());
+        }
+        let mut out_first = Vec::new();
+        let mut total = 0;
+        for rows in &row_sets {
+            out_first.push(total);
+            total += rows.len();
+        }
+        let products: Vec<RowsProduct<'_>> = (0..counts.len())
+            .map(|i| RowsProduct { w: &mats[i], rows: &row_sets[i], out_first: out_first[i] })
+            .collect();
+        for kern in Kernels::available() {
+            let c = Compute::with_kernels(2, kern);
+            let mut out = vec![f32::NAN; total * n];
+            c.matmul_rows(&mut out, &x, x_rows, &products, &mut MatmulScratch::default());
+            for (i, rows) in row_sets.iter().enumerate() {
+                for (j, &xr) in rows.iter().enumerate() {
+                    for r in 0..n {
+                        let w = &w32s[i][r * cols..(r + 1) * cols];
+                        let xv = &x[xr * cols..(xr + 1) * cols];
+                        let exact: f32 = w.iter().zip(xv).map(|(a, b)| a * b).sum();
+                        let scale: f32 = w.iter().zip(xv).map(|(a, b)| (a * b).abs()).sum();
+                        let got = out[(out_first[i] + j) * n + r];
+                        prop_assert!((got - exact).abs() <= 0.01 * scale + 1e-4, "{dtype} {:?} product {i} row {j}: {got} vs {exact}", kern.isa);
                     }
                 }
             }

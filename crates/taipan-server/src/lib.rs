@@ -242,9 +242,16 @@ fn summary(
         (
             "threads",
             format!(
-                "{}, {} kernels, continuous batching",
+                "{}, {} kernels{}, continuous batching",
                 state.config.threads,
-                taipan_kernels::Kernels::best().isa.name()
+                taipan_kernels::Kernels::best().isa.name(),
+                if taipan_kernels::Kernels::best().isa != taipan_kernels::Isa::Amx
+                    && taipan_kernels::Kernels::for_isa(taipan_kernels::Isa::Amx).is_some()
+                {
+                    " (AMX tiles present, unused: slower here; TAIPAN_ISA=amx uses them)"
+                } else {
+                    ""
+                }
             ),
         ),
         ("served as", format!("{}{aliases}", names.join(", "))),

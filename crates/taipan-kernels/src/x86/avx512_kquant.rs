@@ -51,7 +51,7 @@ pub unsafe fn dot_group_kpacked(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow
 /// `x << n` (n ≥ 0) or `x >> −n` in 16-bit lanes; `n` is a constant once the loops unroll.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn shift16(x: __m512i, n: i32) -> __m512i {
+pub(crate) fn shift16(x: __m512i, n: i32) -> __m512i {
     if n >= 0 {
         _mm512_sll_epi16(x, _mm_cvtsi32_si128(n))
     } else {
