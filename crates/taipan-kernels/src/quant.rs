@@ -135,7 +135,9 @@ fn simd_level() -> SimdLevel {
         use crate::dispatch::{Isa, Kernels};
         static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
         *LEVEL.get_or_init(|| match Kernels::best().isa {
-            Isa::Avx512Vnni if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") => {
+            Isa::Avx512Vnni | Isa::Amx
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") =>
+            {
                 SimdLevel::Avx512
             }
             Isa::Avx512Vnni | Isa::Avx2 if is_x86_feature_detected!("avx2") => SimdLevel::Avx2,
