@@ -157,7 +157,7 @@ mod x86_entry {
         scratch: &mut Vec<f32>,
     ) {
         // SAFETY: only installed after detecting avx2 and fma.
-        unsafe { crate::x86::avx2_attention::avx2::attend_rows(out, q, spans, kv, scale, scratch) }
+        unsafe { crate::x86::avx2_attention::attend_rows(out, q, spans, kv, scale, scratch) }
     }
     pub fn attend_rows_avx512(
         out: &mut [f32],
@@ -168,7 +168,7 @@ mod x86_entry {
         scratch: &mut Vec<f32>,
     ) {
         // SAFETY: only installed after detecting avx512f/vl, avx2 and fma.
-        unsafe { crate::x86::avx2_attention::avx512vl::attend_rows(out, q, spans, kv, scale, scratch) }
+        unsafe { crate::x86::avx512_attention::attend_rows(out, q, spans, kv, scale, scratch) }
     }
     pub fn scan_avx2(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
         // SAFETY: only installed after detecting avx2 and fma.

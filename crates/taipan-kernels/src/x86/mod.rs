@@ -6,4 +6,5 @@ pub mod avx2;
 pub mod avx2_attention;
 pub mod avx2_kquant;
 pub mod avx512;
+pub mod avx512_attention;
 pub mod avx512_kquant;
