@@ -165,6 +165,7 @@ pub fn bench_batched(
             blocks: &tables[i],
             state_slot: slot(i),
             logits: Logits::Last,
+            prompt: true,
         })
         .collect();
     model.forward_batch(compute, &items, &mut cache, &mut scratch)?;
@@ -182,6 +183,7 @@ pub fn bench_batched(
                 blocks: &tables[i],
                 state_slot: slot(i),
                 logits: Logits::Last,
+                prompt: false,
             })
             .collect();
         if step == 1 {

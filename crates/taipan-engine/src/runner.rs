@@ -64,6 +64,7 @@ impl ModelRunner {
                 blocks: &it.blocks,
                 state_slot: it.state_slot,
                 logits: it.logits,
+                prompt: it.prompt,
             });
         }
         if items.is_empty() {

@@ -121,6 +121,8 @@ pub struct ScheduledSeq {
     pub blocks: Vec<u32>,
     pub state_slot: Option<u32>,
     pub logits: Logits,
+    /// The tokens are the prompt's (chunks never straddle its end, so a chunk has one role).
+    pub prompt: bool,
 }
 
 /// What the next step runs.
@@ -547,6 +549,12 @@ impl Scheduler {
                 continue;
             }
             let mut len = left.min(budget);
+            if e.computed < e.prompt_len {
+                // A chunk is all prompt or all sampled tokens (a preempted sequence recomputes
+                // both): the model computes the two kinds of row with different kernels, and a
+                // row's kernel must not depend on how its sequence was chunked.
+                len = len.min(e.prompt_len - e.computed);
+            }
             if self.config.recurrent {
                 // Chunks stop where a state is to be saved.
                 if let Some(&b) = e.snapshot_at.iter().find(|&&b| b > e.computed) {
@@ -573,6 +581,7 @@ impl Scheduler {
                 blocks: e.blocks.clone(),
                 state_slot: e.slot,
                 logits,
+                prompt: e.computed < e.prompt_len,
             });
         }
         out

@@ -1,11 +1,15 @@
 //! Gemma 3 270M Q4_K_M (the optional second model, `scripts/get-gemma3.sh`): perplexity on the
-//! fixture text within 1% of `llama-perplexity`'s on the same GGUF (recorded by
-//! `bench/gemma3_greedy.py`), at a context where the sliding window is wider than the chunk and
-//! at one where it is exactly the chunk.
+//! fixture text near `llama-perplexity`'s on the same GGUF (recorded by `bench/gemma3_greedy.py`),
+//! at a context where the sliding window is wider than the chunk and at one where it is exactly
+//! the chunk; and near the exact maths of the same weights (f32 activations, dequantized weights).
+//!
+//! The bound against llama.cpp is 1.5%: its figure comes from its own 8-bit activations and, at
+//! context 512, lies 1.1% above the exact maths' 28.11 (measured 2026-12-02); our integer kernels
+//! gave 28.18 and our bf16 prompt tiles (AMX CPUs) 28.11. The exact maths bound ours within 0.5%.
 
 use std::path::PathBuf;
 use taipan_engine::eval::perplexity;
-use taipan_kernels::Compute;
+use taipan_kernels::{Compute, MatmulMode};
 use taipan_model::{LoadOptions, Model};
 
 #[test]
@@ -16,6 +20,8 @@ fn gemma3_perplexity_within_one_percent_of_llama_cpp() {
     let path = dir.join("gemma-3-270m-q4_k_m.gguf");
     assert!(path.exists(), "{} is missing: run scripts/get-gemma3.sh (scripts/test.sh does)", path.display());
     let model = Model::load(&path, LoadOptions::default()).expect("Gemma 3 loads");
+    let exact_model =
+        Model::load(&path, LoadOptions { mode: MatmulMode::Exact, ..LoadOptions::default() }).expect("Gemma 3 loads");
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures.join("gemma3-llamacpp/perplexity.json")).expect("fixture"),
@@ -30,10 +36,16 @@ fn gemma3_perplexity_within_one_percent_of_llama_cpp() {
         let got = perplexity(&model, &compute, &tokens, ctx).expect("perplexity").ppl;
         let off = (got / want - 1.0).abs();
         assert!(
-            off < 0.01,
+            off < 0.015,
             "context {ctx}: perplexity {got:.4} vs llama-perplexity's {want:.4} ({:.2}% apart)",
             off * 100.0
         );
         println!("context {ctx}: {got:.4} vs {want:.4} ({:.2}%)", off * 100.0);
+        if ctx == 512 {
+            let exact = perplexity(&exact_model, &compute, &tokens, ctx).expect("perplexity").ppl;
+            let off = (got / exact - 1.0).abs();
+            assert!(off < 0.005, "context {ctx}: perplexity {got:.4} vs the exact maths' {exact:.4}");
+            println!("context {ctx}: {got:.4} vs exact maths {exact:.4} ({:.2}%)", off * 100.0);
+        }
     }
 }

@@ -25,9 +25,7 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512Vnni,
-    /// AVX-512 VNNI plus Intel AMX int8 tiles for 16 or more activation rows at a time. Opt-in
-    /// (`TAIPAN_ISA=amx`): bit-identical to the VNNI kernels but measured slower, because both
-    /// are bound by the per-block scaling that the tiles cannot take over.
+    /// AVX-512 VNNI plus Intel AMX bf16 tiles for the rows of prompt tokens.
     Amx,
 }
 
@@ -54,6 +52,31 @@ pub struct Kernels {
     pub f32_tile: F32TileFn,
     pub attend_rows: AttendRowsFn,
     pub selective_scan: ScanFn,
+    /// bf16 tile kernels for prompt rows, where the CPU has them (see [`TileKernels`]).
+    pub tiles: Option<TileKernels>,
+}
+
+/// Builds a group's bf16 panel (`crate::tiles`).
+pub type PanelFn = fn(&PackedGroup<'_>, &mut [u16]);
+/// `(acts, kp, tokens, panels, out)`: see `crate::tiles` for the layouts.
+pub type TileGemmFn = fn(&[u16], usize, usize, &[&[u16]], &mut [f32]);
+/// Attention of several query rows against one KV head's panels:
+/// `(out, q, spans, panels, scale, scratch)`, as [`AttendRowsFn`] (see `crate::tiles::KvPanels`).
+pub type AttendTilesFn =
+    fn(&mut [f32], &[f32], &[(usize, usize)], &crate::tiles::KvPanels, f32, &mut crate::tiles::AttnTileScratch);
+
+/// bf16 tile kernels (Intel AMX) for the rows of prompt tokens.
+///
+/// Which kernel computes a row depends on the row's role alone: prompt rows always go through
+/// tiles (where the CPU has them), sampled rows never, whatever else shares the step. Tiles round
+/// to bf16 and the integer kernels quantize to 8 bits, so a row's result depends on its kernel;
+/// choosing by role rather than by how many rows a step holds keeps a sequence batched with
+/// others equal to itself alone.
+#[derive(Clone, Copy)]
+pub struct TileKernels {
+    pub panel_from_group: PanelFn,
+    pub gemm: TileGemmFn,
+    pub attend: AttendTilesFn,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -106,7 +129,6 @@ pub(crate) fn tile_in_runs<const N: usize>(
 #[cfg(target_arch = "x86_64")]
 mod x86_entry {
     use super::*;
-    use crate::packed::GROUP;
     use crate::x86::{amx, avx2, avx2_kquant, avx512, avx512_kquant};
 
     pub fn packed_avx512(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
@@ -118,18 +140,24 @@ mod x86_entry {
             }
         }
     }
-    pub fn packed_amx(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
-        // Whole tiles of activation rows through AMX, the rest through the VNNI kernels; both
-        // give bit-identical results (see `crate::x86::amx`).
-        let tiled = acts.len() / amx::TILE_ROWS * amx::TILE_ROWS;
-        if tiled > 0 {
-            // SAFETY: only installed after `amx::usable` granted the tile state (AVX-512 F/BW/
-            // VNNI included).
-            unsafe { amx::dot_group_packed(w, &acts[..tiled], &mut out[..tiled * GROUP]) };
-        }
-        if tiled < acts.len() {
-            packed_avx512(w, &acts[tiled..], &mut out[tiled * GROUP..]);
-        }
+    pub fn panel_amx(w: &PackedGroup<'_>, panel: &mut [u16]) {
+        // SAFETY: only installed after `amx::usable`, which checks AVX-512 F/BW/BF16.
+        unsafe { amx::panel_from_group(w, panel) }
+    }
+    pub fn gemm_amx(acts: &[u16], kp: usize, tokens: usize, panels: &[&[u16]], out: &mut [f32]) {
+        // SAFETY: only installed after `amx::usable` granted the tile state.
+        unsafe { amx::gemm(acts, kp, tokens, panels, out) }
+    }
+    pub fn attend_amx(
+        out: &mut [f32],
+        q: &[f32],
+        spans: &[(usize, usize)],
+        kv: &crate::tiles::KvPanels,
+        scale: f32,
+        scratch: &mut crate::tiles::AttnTileScratch,
+    ) {
+        // SAFETY: only installed after `amx::usable` granted the tile state.
+        unsafe { amx::attend_tiles(out, q, spans, kv, scale, scratch) }
     }
     pub fn scan_avx512(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
         // SAFETY: only installed after detecting avx512f.
@@ -189,6 +217,7 @@ impl Kernels {
             f32_tile: f32_tile_ref,
             attend_rows: crate::ops::attend_rows_ref,
             selective_scan: crate::ssm::selective_scan_ref,
+            tiles: None,
         }
     }
 
@@ -206,6 +235,7 @@ impl Kernels {
                 f32_tile: x86_entry::f32_avx2,
                 attend_rows: x86_entry::attend_rows_avx2,
                 selective_scan: x86_entry::scan_avx2,
+                tiles: None,
             }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (is_x86_feature_detected!("avx512f")
@@ -221,11 +251,16 @@ impl Kernels {
                 f32_tile: x86_entry::f32_avx512,
                 attend_rows: x86_entry::attend_rows_avx512,
                 selective_scan: x86_entry::scan_avx512,
+                tiles: None,
             }),
             #[cfg(target_arch = "x86_64")]
             Isa::Amx => Self::for_isa(Isa::Avx512Vnni).filter(|_| crate::x86::amx::usable()).map(|k| Kernels {
                 isa,
-                packed_tile: x86_entry::packed_amx,
+                tiles: Some(TileKernels {
+                    panel_from_group: x86_entry::panel_amx,
+                    gemm: x86_entry::gemm_amx,
+                    attend: x86_entry::attend_amx,
+                }),
                 ..k
             }),
             #[cfg(not(target_arch = "x86_64"))]
@@ -256,8 +291,8 @@ impl Kernels {
         false
     }
 
-    /// The fastest table for this CPU (detected once): the widest level it has, AMX aside.
-    /// `TAIPAN_ISA=scalar|avx2|avx512|amx` overrides.
+    /// The fastest table for this CPU (detected once). `TAIPAN_ISA=scalar|avx2|avx512|amx`
+    /// overrides.
     pub fn best() -> Kernels {
         static BEST: OnceLock<Kernels> = OnceLock::new();
         *BEST.get_or_init(|| {
@@ -271,8 +306,7 @@ impl Kernels {
             if let Some(k) = wanted.and_then(Self::for_isa) {
                 return k;
             }
-            // AMX tiles only when asked for: measured slower than the VNNI kernels (BENCHMARKS.md).
-            Self::available().into_iter().rfind(|k| k.isa != Isa::Amx).unwrap_or_else(Self::scalar)
+            Self::available().pop().unwrap_or_else(Self::scalar)
         })
     }
 }

@@ -19,6 +19,7 @@ pub mod packed;
 pub mod pool;
 pub mod quant;
 pub mod ssm;
+pub mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -5,11 +5,13 @@
 //! several products. Work is split by weight rows; within a task, activation rows go in blocks
 //! small enough to stay in cache while the task's rows pass over them.
 
-use crate::dispatch::{Isa, Kernels};
+use crate::dispatch::{Kernels, TileKernels};
 use crate::formats::{dequantize, DType, SizeMismatch};
 use crate::packed::{ActRow, PackedMatrix, GROUP};
 use crate::pool::ThreadPool;
 use crate::quant::QuantizedActs;
+use crate::tiles;
+use std::cell::RefCell;
 
 /// How weights are kept in memory and multiplied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -145,6 +147,17 @@ pub struct MatmulScratch {
     acts: QuantizedActs,
     /// One part's output, for stacked matrices whose parts are not all packed.
     part_out: Vec<f32>,
+    /// Activations rounded to bf16 for tile products.
+    acts_bf16: Vec<u16>,
+    /// Which activation rows of the next products are prompt rows (`true`), which go through
+    /// tile kernels where the CPU has them (see [`TileKernels`]). Models set it for their token
+    /// rows and clear it for products over other rows; empty means no prompt rows.
+    pub prompt_rows: Vec<bool>,
+}
+
+thread_local! {
+    /// A pool thread's bf16 panels and tile output, kept between products.
+    static TILE_SCRATCH: RefCell<(Vec<u16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Shared context of the compute kernels: which table, which pool.
@@ -167,6 +180,13 @@ impl Compute {
         let (n, k) = (w.rows(), w.cols());
         assert_eq!(x.len(), tokens * k, "matmul input shape");
         assert_eq!(out.len(), tokens * n, "matmul output shape");
+        if let Some(t) = self.kernels.tiles {
+            if scratch.prompt_rows.iter().take(tokens).any(|&p| p) {
+                if let Some(parts) = packed_parts(w) {
+                    return self.matmul_by_role(out, x, tokens, &parts, scratch, t);
+                }
+            }
+        }
         let sink = OutPtr(out.as_mut_ptr());
         match w {
             Matrix::Packed(m) => self.matmul_packed(&sink, n, x, tokens, &[(0, m)], scratch),
@@ -222,7 +242,123 @@ impl Compute {
     }
 }
 
+/// A matrix's packed parts as `(first output row, part)`, if every part is packed.
+fn packed_parts(w: &Matrix) -> Option<Vec<(usize, &PackedMatrix)>> {
+    match w {
+        Matrix::Packed(m) => Some(vec![(0, m)]),
+        Matrix::Stacked(st) => {
+            let mut first = 0;
+            st.parts
+                .iter()
+                .map(|p| {
+                    let at = first;
+                    first += p.rows();
+                    match p {
+                        Matrix::Packed(m) => Some((at, m)),
+                        _ => None,
+                    }
+                })
+                .collect()
+        }
+        Matrix::Dense(_) => None,
+    }
+}
+
 impl Compute {
+    /// A packed product whose rows include prompt rows: those through tiles, the others through
+    /// the integer kernels. When both kinds share a step, each kind's rows are gathered,
+    /// multiplied and scattered back.
+    fn matmul_by_role(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        tokens: usize,
+        parts: &[(usize, &PackedMatrix)],
+        scratch: &mut MatmulScratch,
+        t: TileKernels,
+    ) {
+        let (n, k) = (out.len() / tokens, x.len() / tokens);
+        let roles = std::mem::take(&mut scratch.prompt_rows);
+        let prompt = |r: usize| roles.get(r).copied().unwrap_or(false);
+        if (0..tokens).all(prompt) {
+            self.matmul_packed_tiles(&OutPtr(out.as_mut_ptr()), n, x, tokens, parts, scratch, t);
+        } else {
+            let (given, sampled): (Vec<usize>, Vec<usize>) = (0..tokens).partition(|&r| prompt(r));
+            for (rows, tiled) in [(given, true), (sampled, false)] {
+                let mut xs = Vec::with_capacity(rows.len() * k);
+                for &r in &rows {
+                    xs.extend_from_slice(&x[r * k..(r + 1) * k]);
+                }
+                let mut ys = vec![0f32; rows.len() * n];
+                let sink = OutPtr(ys.as_mut_ptr());
+                if tiled {
+                    self.matmul_packed_tiles(&sink, n, &xs, rows.len(), parts, scratch, t);
+                } else {
+                    self.matmul_packed(&sink, n, &xs, rows.len(), parts, scratch);
+                }
+                for (i, &r) in rows.iter().enumerate() {
+                    out[r * n..(r + 1) * n].copy_from_slice(&ys[i * n..(i + 1) * n]);
+                }
+            }
+        }
+        scratch.prompt_rows = roles;
+    }
+
+    /// [`Compute::matmul_packed`] through bf16 tiles: each task dequantizes two row groups into
+    /// panels, then one tile call multiplies them with every activation row.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_packed_tiles(
+        &self,
+        sink: &OutPtr,
+        n: usize,
+        x: &[f32],
+        tokens: usize,
+        parts: &[(usize, &PackedMatrix)],
+        scratch: &mut MatmulScratch,
+        t: TileKernels,
+    ) {
+        let (k, kp) = (parts[0].1.cols, parts[0].1.stride);
+        debug_assert!(parts.iter().all(|(_, m)| m.stride == kp));
+        let padded = tiles::acts_to_bf16(x, tokens, k, kp, &mut scratch.acts_bf16);
+        let acts = &scratch.acts_bf16;
+        let mut starts = Vec::with_capacity(parts.len() + 1);
+        starts.push(0);
+        for (_, m) in parts {
+            starts.push(starts.last().copied().unwrap_or(0) + m.groups());
+        }
+        let total = starts[parts.len()];
+        let panel_len = tiles::panel_len(kp);
+        self.pool.for_chunks(total.div_ceil(2), 1, &|pairs| {
+            TILE_SCRATCH.with_borrow_mut(|(panels, tile_out)| {
+                panels.resize(2 * panel_len, 0);
+                tile_out.resize(padded * 2 * GROUP, 0.0);
+                for pair in pairs {
+                    let groups = 2 * pair..(2 * pair + 2).min(total);
+                    let np = groups.len();
+                    let mut dest = [(0usize, 0usize); 2];
+                    for (i, gg) in groups.enumerate() {
+                        let p = starts.partition_point(|&s| s <= gg) - 1;
+                        let (first, m) = parts[p];
+                        let g = gg - starts[p];
+                        (t.panel_from_group)(&m.group(g), &mut panels[i * panel_len..(i + 1) * panel_len]);
+                        dest[i] = (first + g * GROUP, (m.rows - g * GROUP).min(GROUP));
+                    }
+                    let (p0, p1) = panels.split_at(panel_len);
+                    let both = [p0, &p1[..panel_len]];
+                    (t.gemm)(acts, kp, padded, &both[..np], tile_out);
+                    for tok in 0..tokens {
+                        for (i, &(col, rows)) in dest[..np].iter().enumerate() {
+                            let run = &tile_out[(tok * np + i) * GROUP..][..rows];
+                            // SAFETY: output columns col..col+rows belong to this group alone
+                            // and tok < tokens, so the cells are in bounds and ours.
+                            unsafe { sink.write(tok * n + col, run) };
+                        }
+                    }
+                }
+            })
+        });
+    }
+
     /// Packed matrices stacked by rows (`(first output row, matrix)`), all of input size `k`, in
     /// one parallel region over every row group of every part.
     fn matmul_packed(
@@ -248,15 +384,13 @@ impl Compute {
             starts.push(starts.last().copied().unwrap_or(0) + m.groups());
         }
         let total = starts[parts.len()];
-        // AMX tiles take longer runs of rows: each call unpacks its group's levels once.
-        let token_block = if self.kernels.isa == Isa::Amx { AMX_TOKEN_BLOCK } else { TOKEN_BLOCK };
         self.pool.for_chunks(total, 1, &|groups| {
             // One kernel call per group and block of activation rows: the kernel walks the
             // rows four at a time itself, so the call costs little beside the products.
-            let mut buf = vec![0f32; GROUP * token_block.min(tokens)];
-            let mut xs: Vec<ActRow<'_>> = Vec::with_capacity(token_block);
-            for tb in (0..tokens).step_by(token_block) {
-                let tb_end = (tb + token_block).min(tokens);
+            let mut buf = [0f32; GROUP * TOKEN_BLOCK];
+            let mut xs: Vec<ActRow<'_>> = Vec::with_capacity(TOKEN_BLOCK);
+            for tb in (0..tokens).step_by(TOKEN_BLOCK) {
+                let tb_end = (tb + TOKEN_BLOCK).min(tokens);
                 let nt = tb_end - tb;
                 xs.clear();
                 xs.extend((tb..tb_end).map(|t| ActRow::of(acts, t)));
@@ -331,6 +465,25 @@ impl Compute {
         let mut spans: Vec<(usize, usize)> = products.iter().map(|p| (p.out_first, p.rows.len())).collect();
         spans.sort_unstable();
         assert!(spans.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0), "matmul_rows: output rows overlap");
+        // Each product's rows as (activation row, output row), prompt rows apart where tiles
+        // take them.
+        let tiled = self.kernels.tiles.filter(|_| scratch.prompt_rows.iter().any(|&p| p));
+        let mut given: Vec<Vec<(usize, usize)>> = vec![Vec::new(); products.len()];
+        let mut sampled: Vec<Vec<(usize, usize)>> = vec![Vec::new(); products.len()];
+        for (pi, p) in products.iter().enumerate() {
+            for (i, &r) in p.rows.iter().enumerate() {
+                let prompt = tiled.is_some() && scratch.prompt_rows.get(r) == Some(&true);
+                if prompt { &mut given[pi] } else { &mut sampled[pi] }.push((r, p.out_first + i));
+            }
+        }
+        if let Some(t) = tiled {
+            if given.iter().any(|g| !g.is_empty()) {
+                self.matmul_rows_tiles(out, x, k, &packed, &given, scratch, t);
+            }
+        }
+        if sampled.iter().all(Vec::is_empty) {
+            return;
+        }
         scratch.acts.quantize(x, x_rows, k);
         if packed.iter().any(|m| m.needs_half_sums()) {
             scratch.acts.compute_half_sums();
@@ -345,23 +498,86 @@ impl Compute {
         self.pool.run(units.div_ceil(chunk), &|task| {
             let mut buf = [0f32; GROUP * 4];
             for u in task * chunk..((task + 1) * chunk).min(units) {
-                let (p, g) = (&products[u / groups], u % groups);
+                let (rows, g) = (&sampled[u / groups], u % groups);
                 let group = packed[u / groups].group(g);
                 let live = (n - g * GROUP).min(GROUP);
-                for t0 in (0..p.rows.len()).step_by(4) {
-                    let nt = (p.rows.len() - t0).min(4);
-                    let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, p.rows[t0 + i.min(nt - 1)]));
+                for run in rows.chunks(4) {
+                    let nt = run.len();
+                    let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, run[i.min(nt - 1)].0));
                     tile(&group, &xs[..nt], &mut buf[..GROUP * nt]);
-                    for j in 0..nt {
-                        // SAFETY: output row out_first+t0+j belongs to this product alone
-                        // (spans checked disjoint and in bounds) and columns g·GROUP..+live to
-                        // this unit alone.
-                        unsafe {
-                            sink.write((p.out_first + t0 + j) * n + g * GROUP, &buf[j * GROUP..j * GROUP + live])
-                        };
+                    for (j, &(_, out_row)) in run.iter().enumerate() {
+                        // SAFETY: the output row belongs to this product alone (spans checked
+                        // disjoint and in bounds) and columns g·GROUP..+live to this unit alone.
+                        unsafe { sink.write(out_row * n + g * GROUP, &buf[j * GROUP..j * GROUP + live]) };
                     }
                 }
             }
+        });
+    }
+
+    /// The prompt rows of [`Compute::matmul_rows`] through bf16 tiles: each product's rows are
+    /// gathered (padded to whole tiles), and a task takes one product's pair of row groups
+    /// against all of them. `rows[p]` lists product `p`'s (activation row, output row) pairs.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_rows_tiles(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        k: usize,
+        packed: &[&PackedMatrix],
+        rows: &[Vec<(usize, usize)>],
+        scratch: &mut MatmulScratch,
+        t: TileKernels,
+    ) {
+        let (n, kp) = (packed[0].rows, packed[0].stride);
+        let padded_of = |len: usize| len.div_ceil(tiles::TILE_TOKENS) * tiles::TILE_TOKENS;
+        let chosen: Vec<usize> = (0..rows.len()).filter(|&p| !rows[p].is_empty()).collect();
+        // Each product's rows start at a whole tile, so its bf16 rows are one aligned run.
+        let mut first_row = vec![0; rows.len()];
+        let mut gathered = std::mem::take(&mut scratch.part_out);
+        gathered.clear();
+        for &p in &chosen {
+            first_row[p] = gathered.len() / k;
+            for &(r, _) in &rows[p] {
+                gathered.extend_from_slice(&x[r * k..(r + 1) * k]);
+            }
+            gathered.resize(gathered.len() + (padded_of(rows[p].len()) - rows[p].len()) * k, 0.0);
+        }
+        let total_rows = gathered.len() / k;
+        tiles::acts_to_bf16(&gathered, total_rows, k, kp, &mut scratch.acts_bf16);
+        scratch.part_out = gathered;
+        let acts = &scratch.acts_bf16;
+        let pairs = packed[0].groups().div_ceil(2);
+        let panel_len = tiles::panel_len(kp);
+        let sink = OutPtr(out.as_mut_ptr());
+        self.pool.for_chunks(chosen.len() * pairs, 1, &|units| {
+            TILE_SCRATCH.with_borrow_mut(|(panels, tile_out)| {
+                panels.resize(2 * panel_len, 0);
+                for u in units {
+                    let (p, pair) = (chosen[u / pairs], u % pairs);
+                    let (m, list) = (packed[p], &rows[p]);
+                    let padded = padded_of(list.len());
+                    tile_out.resize(padded * 2 * GROUP, 0.0);
+                    let groups = 2 * pair..(2 * pair + 2).min(m.groups());
+                    let np = groups.len();
+                    for (i, g) in groups.clone().enumerate() {
+                        (t.panel_from_group)(&m.group(g), &mut panels[i * panel_len..(i + 1) * panel_len]);
+                    }
+                    let (p0, p1) = panels.split_at(panel_len);
+                    let both = [p0, &p1[..panel_len]];
+                    let span = &acts[first_row[p] * kp..(first_row[p] + padded) * kp];
+                    (t.gemm)(span, kp, padded, &both[..np], tile_out);
+                    for (j, &(_, out_row)) in list.iter().enumerate() {
+                        for (i, g) in groups.clone().enumerate() {
+                            let live = (n - g * GROUP).min(GROUP);
+                            let run = &tile_out[(j * np + i) * GROUP..][..live];
+                            // SAFETY: the output row belongs to this product alone (spans checked
+                            // disjoint and in bounds), columns g·GROUP..+live to this unit.
+                            unsafe { sink.write(out_row * n + g * GROUP, run) };
+                        }
+                    }
+                }
+            })
         });
     }
 }
@@ -397,8 +613,6 @@ impl OutPtr {
 
 /// Activation rows per cache block inside one task.
 const TOKEN_BLOCK: usize = 32;
-/// The same for AMX tiles.
-const AMX_TOKEN_BLOCK: usize = 256;
 
 /// Walks the `(rows × tokens)` region in tiles and scatters each tile into `out[t * n + r]`.
 fn run_tiles(

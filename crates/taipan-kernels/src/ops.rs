@@ -2,6 +2,7 @@
 
 use crate::dispatch::Kernels;
 use crate::pool::ThreadPool;
+use crate::tiles;
 use std::cell::RefCell;
 
 /// `out = x / rms(x) · weight` over each row of `weight.len()` values, in place.
@@ -381,6 +382,9 @@ pub struct AttnSeq<'a> {
     pub start: usize,
     /// Its block table (keys and values of the new tokens already written).
     pub blocks: &'a [u32],
+    /// Its tokens are prompt tokens: attended in bf16 tiles where the CPU has them (see
+    /// `crate::dispatch::TileKernels`).
+    pub prompt: bool,
 }
 
 /// Paged pool storage of one layer.
@@ -396,6 +400,7 @@ type TileRows = (Vec<f32>, Vec<f32>, Vec<(usize, usize)>);
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static TILE_SCRATCH: RefCell<tiles::AttnTileScratch> = RefCell::new(tiles::AttnTileScratch::default());
     /// A tiled job's gathered query rows, its output rows and the positions each row sees.
     static TILE: RefCell<TileRows> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
@@ -428,11 +433,44 @@ pub fn attention(
     let group = s.heads / s.kv_heads;
     let sink = SharedOut(out.as_mut_ptr());
     let attend_rows = kernels.attend_rows;
+    // Prompt sequences go through tiles where the CPU has them: their keys and values are laid
+    // out as tile operands once, for all their jobs.
+    let attend_tiles = kernels.tiles.map(|t| t.attend).filter(|_| s.head_dim.is_multiple_of(tiles::K_STEP));
+    let tiled = |x: &AttnSeq<'_>| attend_tiles.is_some() && x.prompt;
+    let mut panel_at = Vec::with_capacity(seqs.len());
+    let mut owners: Vec<(usize, usize)> = Vec::new();
+    for (i, x) in seqs.iter().enumerate() {
+        panel_at.push(owners.len());
+        if tiled(x) {
+            owners.extend((0..s.kv_heads).map(|h| (i, h)));
+        }
+    }
+    let mut panels: Vec<tiles::KvPanels> = Vec::new();
+    panels.resize_with(owners.len(), Default::default);
+    if !owners.is_empty() {
+        let slots: Vec<std::sync::Mutex<&mut tiles::KvPanels>> = panels.iter_mut().map(std::sync::Mutex::new).collect();
+        pool.run(owners.len(), &|j| {
+            let (i, kvh) = owners[j];
+            let x = &seqs[i];
+            let view = KvView {
+                k: kv.k,
+                v: kv.v,
+                blocks: x.blocks,
+                block_size: kv.block_size,
+                stride: kvdim,
+                offset: kvh * s.head_dim,
+            };
+            if let Ok(mut slot) = slots[j].lock() {
+                slot.fill(&view, x.start + x.tokens, s.head_dim);
+            }
+        });
+    }
+    let block_of = |x: &AttnSeq<'_>| if tiled(x) { tiles::TILE_TOKENS } else { TILE_TOKENS };
     // A job is one KV head of one sequence and a block of up to TILE_TOKENS of its query tokens,
-    // with all the query heads that share the KV head. Decode rows take the same path as prefill
-    // rows: a row's arithmetic never depends on which rows share its job, so a token's output is
-    // the same whether it was computed in a prefill chunk, as a decode step or after a prefix hit.
-    let jobs_of = |x: &AttnSeq<'_>| s.kv_heads * x.tokens.div_ceil(TILE_TOKENS);
+    // with all the query heads that share the KV head. A row's arithmetic never depends on which
+    // rows share its job, only on its role (prompt rows in tiles where the CPU has them), so a
+    // token's output is the same whatever else the step holds and however the prompt is chunked.
+    let jobs_of = |x: &AttnSeq<'_>| s.kv_heads * x.tokens.div_ceil(block_of(x));
     let mut starts = Vec::with_capacity(seqs.len() + 1);
     let mut total = 0;
     for x in seqs {
@@ -453,7 +491,8 @@ pub fn attention(
             offset: kvh * hd,
         };
         let (kvh, block) = (local % s.kv_heads, local / s.kv_heads);
-        let tokens = block * TILE_TOKENS..((block + 1) * TILE_TOKENS).min(x.tokens);
+        let size = block_of(x);
+        let tokens = block * size..((block + 1) * size).min(x.tokens);
         TILE.with(|tile| {
             let (q_rows, out_rows, spans) = &mut *tile.borrow_mut();
             q_rows.clear();
@@ -464,7 +503,13 @@ pub fn attention(
                 spans.extend(std::iter::repeat_n(s.span(x.start + t), group));
             }
             out_rows.resize(q_rows.len(), 0.0);
-            SCORES.with(|cell| attend_rows(out_rows, q_rows, spans, &view(kvh), s.scale, &mut cell.borrow_mut()));
+            match attend_tiles.filter(|_| tiled(x)) {
+                Some(attend) => TILE_SCRATCH.with_borrow_mut(|scratch| {
+                    attend(out_rows, q_rows, spans, &panels[panel_at[si] + kvh], s.scale, scratch)
+                }),
+                None => SCORES
+                    .with(|cell| attend_rows(out_rows, q_rows, spans, &view(kvh), s.scale, &mut cell.borrow_mut())),
+            }
             for (i, t) in tokens.enumerate() {
                 let at = (x.first_row + t) * qdim + kvh * group * hd;
                 // SAFETY: the query heads of KV head kvh for token t belong to this job alone.
@@ -681,18 +726,20 @@ mod tests {
             let tables: [Vec<u32>; 3] = [(0..6).rev().collect(), vec![11, 6, 7, 8], vec![9, 10]];
             let cap = |t: &Vec<u32>| t.len() * bs;
             let seqs = [
-                AttnSeq { first_row: 0, tokens: cap(&tables[0]).min(37), start: 0, blocks: &tables[0] },
+                AttnSeq { first_row: 0, tokens: cap(&tables[0]).min(37), start: 0, blocks: &tables[0], prompt: false },
                 AttnSeq {
                     first_row: 37.min(cap(&tables[0])),
                     tokens: 1,
                     start: cap(&tables[1]) - 1,
                     blocks: &tables[1],
+                    prompt: false,
                 },
                 AttnSeq {
                     first_row: 38.min(cap(&tables[0]) + 1),
                     tokens: 5,
                     start: cap(&tables[2]) - 5,
                     blocks: &tables[2],
+                    prompt: false,
                 },
             ];
             let rows: usize = seqs.iter().map(|x| x.tokens).sum();
@@ -700,17 +747,25 @@ mod tests {
             for window in [None, Some(1), Some(5), Some(20), Some(1000)] {
                 let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt(), window };
                 for kern in Kernels::available() {
-                    let mut out = vec![0f32; q.len()];
-                    attention(&kern, &mut out, &q, KvLayer { k: &k, v: &v, block_size: bs }, &seqs, shape, &pool);
-                    let label = format!("{:?} hd {hd} window {window:?}", kern.isa);
-                    assert_matches_naive(&out, &q, (&k, &v), &seqs, shape, bs, 1e-5, &label);
+                    // As prompt rows (tiles where the CPU has them: bf16 operands) and as sampled rows.
+                    for prompt in [false, true] {
+                        let roles = [prompt, false, prompt];
+                        let seqs: Vec<AttnSeq<'_>> =
+                            seqs.iter().zip(roles).map(|(x, prompt)| AttnSeq { prompt, ..*x }).collect();
+                        let mut out = vec![0f32; q.len()];
+                        attention(&kern, &mut out, &q, KvLayer { k: &k, v: &v, block_size: bs }, &seqs, shape, &pool);
+                        let label = format!("{:?} hd {hd} window {window:?} prompt {prompt}", kern.isa);
+                        let tol = if prompt && kern.tiles.is_some() && hd.is_multiple_of(32) { 8e-3 } else { 1e-5 };
+                        assert_matches_naive(&out, &q, (&k, &v), &seqs, shape, bs, tol, &label);
+                    }
                 }
             }
         }
     }
 
     /// A row's output does not depend on the rows computed beside it: a sequence's tokens give
-    /// bit-identical outputs as one prefill chunk, as chunks of other sizes, and one at a time.
+    /// bit-identical outputs as one prefill chunk, as chunks of other sizes, and one at a time,
+    /// as prompt rows (tiles where the CPU has them) and as sampled rows.
     #[test]
     fn attention_rows_are_batch_invariant() {
         let pool = ThreadPool::new(2);
@@ -723,28 +778,28 @@ mod tests {
         let q: Vec<f32> = (0..n * heads * hd).map(|i| (i * 31 % 127) as f32 / 127.0 - 0.5).collect();
         let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 0.125, window: None };
         let kvl = KvLayer { k: &k, v: &v, block_size: bs };
-        for kern in Kernels::available() {
+        for (kern, prompt) in Kernels::available().into_iter().flat_map(|k| [(k, false), (k, true)]) {
             let mut whole = vec![0f32; q.len()];
             attention(
                 &kern,
                 &mut whole,
                 &q,
                 kvl,
-                &[AttnSeq { first_row: 0, tokens: n, start: 0, blocks: &blocks }],
+                &[AttnSeq { first_row: 0, tokens: n, start: 0, blocks: &blocks, prompt }],
                 shape,
                 &pool,
             );
-            for chunk in [1, 3, 7, 13] {
+            for chunk in [1, 3, 7, 13, 20] {
                 let mut parts = vec![0f32; q.len()];
                 let mut t = 0;
                 while t < n {
                     let len = chunk.min(n - t);
                     let rows = t * heads * hd..(t + len) * heads * hd;
-                    let seq = [AttnSeq { first_row: 0, tokens: len, start: t, blocks: &blocks }];
+                    let seq = [AttnSeq { first_row: 0, tokens: len, start: t, blocks: &blocks, prompt }];
                     attention(&kern, &mut parts[rows.clone()], &q[rows], kvl, &seq, shape, &pool);
                     t += len;
                 }
-                assert!(whole == parts, "{:?}: chunks of {chunk} differ from one chunk", kern.isa);
+                assert!(whole == parts, "{:?} prompt {prompt}: chunks of {chunk} differ from one chunk", kern.isa);
             }
         }
     }
@@ -760,8 +815,8 @@ mod tests {
         // Two sequences with scattered blocks: 2 queries at positions 5,6 and 1 query at position 9.
         let tables: [Vec<u32>; 2] = [vec![6, 1], vec![3, 0, 7]];
         let seqs = [
-            AttnSeq { first_row: 0, tokens: 2, start: 5, blocks: &tables[0] },
-            AttnSeq { first_row: 2, tokens: 1, start: 9, blocks: &tables[1] },
+            AttnSeq { first_row: 0, tokens: 2, start: 5, blocks: &tables[0], prompt: false },
+            AttnSeq { first_row: 2, tokens: 1, start: 9, blocks: &tables[1], prompt: false },
         ];
         let q: Vec<f32> = (0..3 * heads * hd).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
         let shape = AttentionShape { heads, kv_heads, head_dim: hd, scale: 0.35, window: None };
@@ -780,8 +835,8 @@ mod tests {
         let table = [0u32];
         // Rows 0..2 and 1..3 overlap: both jobs would write row 1 unsynchronised.
         let seqs = [
-            AttnSeq { first_row: 0, tokens: 2, start: 0, blocks: &table },
-            AttnSeq { first_row: 1, tokens: 2, start: 0, blocks: &table },
+            AttnSeq { first_row: 0, tokens: 2, start: 0, blocks: &table, prompt: false },
+            AttnSeq { first_row: 1, tokens: 2, start: 0, blocks: &table, prompt: false },
         ];
         let q = vec![0f32; 4 * 32];
         let mut out = vec![0f32; q.len()];

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use taipan_kernels::formats::{dequantize, dot_ref, kquants, legacy, DType};
 use taipan_kernels::packed::{dot_packed_ref, ActRow, LegacyForm, PackedMatrix, GROUP};
 use taipan_kernels::quant::QuantizedActs;
-use taipan_kernels::{Compute, Isa, Kernels, MatmulMode, MatmulScratch, Matrix, RowsProduct};
+use taipan_kernels::{tiles, Compute, Isa, Kernels, MatmulMode, MatmulScratch, Matrix, RowsProduct};
 
 const ALL: [DType; 13] = [
     DType::F32,
@@ -315,43 +315,90 @@ proptest! {
         }
     }
 
-    /// AMX tiles give the VNNI kernels' results to the bit for every packed format, whether the
-    /// activation rows lie at one stride or are gathered from anywhere (a MoE expert's rows); and
-    /// both stay within the scalar reference's tolerance.
+    /// AMX panels are bit-identical to their scalar twin for every packed format, and the tile
+    /// product equals the scalar one over the same bf16 values.
     #[test]
-    fn amx_tiles_equal_vnni_to_the_bit(seed in any::<u64>(), rows in 1usize..20, kblocks in 1usize..10, tiles in 1usize..4) {
+    fn amx_tiles_equal_their_scalar_twins(seed in any::<u64>(), rows in 1usize..40, kblocks in 1usize..12, tiles in 1usize..4) {
         if !Kernels::testable(Isa::Amx) {
             return Ok(());
         }
-        let amx = Kernels::for_isa(Isa::Amx).expect("testable");
-        let vnni = Kernels::for_isa(Isa::Avx512Vnni).expect("AMX implies AVX-512 VNNI");
+        let amx = Kernels::for_isa(Isa::Amx).and_then(|k| k.tiles).expect("the AMX table has tile kernels");
         let mut rng = Lcg(seed);
-        let tokens = tiles * 16 + (seed % 5) as usize;
         for (dtype, form) in ALL.into_iter().filter(|d| d.block_elems() > 1).flat_map(|d| FORMS.map(|f| (d, f))) {
             let cols = if dtype.block_elems() == 256 { 256 * kblocks.div_ceil(4) } else { 32 * kblocks };
             let data = random_stored(dtype, rows * cols, &mut rng);
             let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, form).unwrap().unwrap();
+            let kp = m.stride;
+            let plen = tiles::panel_len(kp);
+            let mut panels = vec![0u16; 2 * plen];
+            for g in 0..m.groups() {
+                let mut want = vec![0u16; plen];
+                tiles::panel_from_group_ref(&m.group(g), &mut want);
+                (amx.panel_from_group)(&m.group(g), &mut panels[..plen]);
+                prop_assert!(panels[..plen] == want[..], "{dtype} {form:?}: AMX panel differs from the scalar one");
+            }
+            let tokens = tiles * tiles::TILE_TOKENS - (seed % 7) as usize;
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit() * 3.0).collect();
-            let mut acts = QuantizedActs::new();
-            acts.quantize(&x, tokens, cols);
-            acts.compute_half_sums();
-            let in_order: Vec<_> = (0..tokens).map(|t| ActRow::of(&acts, t)).collect();
-            let shuffled: Vec<_> = (0..tokens).map(|t| ActRow::of(&acts, (t * 7 + 3) % tokens)).collect();
-            for (label, xs) in [("strided", &in_order), ("gathered", &shuffled)] {
-                for g in 0..m.groups() {
-                    let mut want = vec![0f32; GROUP * tokens];
-                    let mut got = vec![f32::NAN; GROUP * tokens];
-                    (vnni.packed_tile)(&m.group(g), xs, &mut want);
-                    (amx.packed_tile)(&m.group(g), xs, &mut got);
-                    let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
-                    prop_assert!(same, "{dtype} {form:?} {label}: AMX differs from VNNI");
-                    for r in 0..GROUP.min(rows - g * GROUP) {
-                        for (t, a) in xs.iter().enumerate() {
-                            let w = dot_packed_ref(&m.group(g), r, a);
-                            let v = got[t * GROUP + r];
-                            prop_assert!((v - w).abs() <= 1e-4 * (1.0 + w.abs()), "{dtype} {form:?}: {v} vs {w}");
-                        }
-                    }
+            let mut acts = Vec::new();
+            let padded = tiles::acts_to_bf16(&x, tokens, cols, kp, &mut acts);
+            prop_assert_eq!(padded, tiles * tiles::TILE_TOKENS);
+            (amx.panel_from_group)(&m.group(m.groups() - 1), &mut panels[plen..]);
+            for np in 1..=2 {
+                let ps: Vec<&[u16]> = (0..np).map(|i| &panels[i * plen..(i + 1) * plen]).collect();
+                let mut want = vec![0f32; padded * np * GROUP];
+                tiles::gemm_ref(&acts, kp, padded, &ps, &mut want);
+                let abs: Vec<u16> = acts.iter().map(|a| a & 0x7FFF).collect();
+                let abs_panels: Vec<Vec<u16>> = ps.iter().map(|p| p.iter().map(|v| v & 0x7FFF).collect()).collect();
+                let abs_refs: Vec<&[u16]> = abs_panels.iter().map(|p| &p[..]).collect();
+                let mut terms = vec![0f32; padded * np * GROUP];
+                tiles::gemm_ref(&abs, kp, padded, &abs_refs, &mut terms);
+                let mut got = vec![f32::NAN; padded * np * GROUP];
+                (amx.gemm)(&acts, kp, padded, &ps, &mut got);
+                for i in 0..got.len() {
+                    prop_assert!((got[i] - want[i]).abs() <= 1e-5 * terms[i] + 1e-6, "{dtype} np={np} [{i}]: {} vs {}", got[i], want[i]);
+                }
+            }
+        }
+    }
+
+    /// Prompt rows go through tiles where the CPU has them, sampled rows through the integer
+    /// kernels, in one product or in steps that mix them: prompt rows give the stored weights'
+    /// f32 product within bf16 rounding (2⁻⁹ per operand), and every row gives to the bit what
+    /// it gives in a product of its role alone.
+    #[test]
+    fn tile_matmul_by_role(seed in any::<u64>(), n in 1usize..50, tokens in 1usize..40, mixed in any::<bool>()) {
+        let Some(kern) = Kernels::available().into_iter().find(|k| k.tiles.is_some()) else {
+            Kernels::testable(Isa::Amx);
+            return Ok(());
+        };
+        let mut rng = Lcg(seed);
+        for dtype in ALL.into_iter().filter(|d| d.block_elems() > 1) {
+            let cols = if dtype.block_elems() == 256 { 512 } else { 160 };
+            let data = random_stored(dtype, n * cols, &mut rng);
+            let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit()).collect();
+            let mut w32 = vec![0f32; n * cols];
+            dequantize(dtype, &data, &mut w32).unwrap();
+            let m = Matrix::from_stored(dtype, &data, n, cols, MatmulMode::Fast).unwrap();
+            let c = Compute::with_kernels(2, kern);
+            let roles: Vec<bool> = (0..tokens).map(|t| !mixed || !(t * 7 + seed as usize).is_multiple_of(3)).collect();
+            let mut scratch = MatmulScratch::default();
+            scratch.prompt_rows = roles.clone();
+            let mut out = vec![f32::NAN; tokens * n];
+            c.matmul(&mut out, &x, tokens, &m, &mut scratch);
+            for t in 0..tokens {
+                // The same row alone, in a product of its own role.
+                let mut alone = vec![f32::NAN; n];
+                let mut one = MatmulScratch::default();
+                one.prompt_rows = vec![roles[t]];
+                c.matmul(&mut alone, &x[t * cols..(t + 1) * cols], 1, &m, &mut one);
+                prop_assert!(alone.iter().zip(&out[t * n..(t + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype} row {t} (prompt {}) differs from itself alone", roles[t]);
+                for r in 0..n {
+                    let exact: f32 = (0..cols).map(|j| w32[r * cols + j] * x[t * cols + j]).sum();
+                    let scale: f32 = (0..cols).map(|j| (w32[r * cols + j] * x[t * cols + j]).abs()).sum();
+                    let got = out[t * n + r];
+                    let tol = if roles[t] { 0.005 } else { 0.01 };
+                    prop_assert!((got - exact).abs() <= tol * scale + 1e-5, "{dtype} t={t} r={r}: {got} vs {exact}");
                 }
             }
         }
@@ -385,10 +432,15 @@ proptest! {
         let products: Vec<RowsProduct<'_>> = (0..counts.len())
             .map(|i| RowsProduct { w: &mats[i], rows: &row_sets[i], out_first: out_first[i] })
             .collect();
-        for kern in Kernels::available() {
+        // Without prompt rows, and with half the activation rows prompt rows (tiles where the CPU
+        // has them).
+        let halves: Vec<bool> = (0..x_rows).map(|r| (r + seed as usize).is_multiple_of(2)).collect();
+        for (kern, roles) in Kernels::available().into_iter().flat_map(|k| [(k, Vec::new()), (k, halves.clone())]) {
             let c = Compute::with_kernels(2, kern);
             let mut out = vec![f32::NAN; total * n];
-            c.matmul_rows(&mut out, &x, x_rows, &products, &mut MatmulScratch::default());
+            let mut scratch = MatmulScratch::default();
+            scratch.prompt_rows = roles;
+            c.matmul_rows(&mut out, &x, x_rows, &products, &mut scratch);
             for (i, rows) in row_sets.iter().enumerate() {
                 for (j, &xr) in rows.iter().enumerate() {
                     for r in 0..n {

@@ -264,6 +264,10 @@ pub struct BatchItem<'a> {
     /// The sequence's recurrent-state slot (models with recurrent layers need one).
     pub state_slot: Option<u32>,
     pub logits: Logits,
+    /// The tokens are given (a prompt), not sampled: on CPUs with tile units (Intel AMX) their
+    /// rows are computed in bf16 tiles, sampled rows by the integer kernels. A row's kernel
+    /// depends on this role alone, never on what else shares the step.
+    pub prompt: bool,
 }
 
 /// Refuses a batch no architecture can run: a pool made for another shape, an empty item,

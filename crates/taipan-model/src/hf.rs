@@ -110,5 +110,5 @@ pub(crate) fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model, ModelErro
         None => None,
     };
     let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    Ok(Model { name, path: dir.into(), arch: Arch::Jamba(jamba), tokenizer, template })
+    Ok(Model { name, path: dir.into(), arch: Arch::Jamba(jamba), tokenizer, template, mode: opts.mode })
 }

@@ -180,6 +180,8 @@ pub struct Model {
     pub arch: Arch,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
+    /// How its weights multiply: in exact mode no row goes through tile kernels either.
+    pub mode: MatmulMode,
 }
 
 impl Model {
@@ -223,7 +225,7 @@ impl Model {
         };
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let name = file.get("general.name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or(stem);
-        Ok(Model { name, path: path.into(), arch, tokenizer, template })
+        Ok(Model { name, path: path.into(), arch, tokenizer, template, mode: opts.mode })
     }
 
     /// Replaces the chat template (e.g. a model whose file carries none, or an outdated one).
@@ -284,7 +286,8 @@ impl Model {
     }
 
     /// Runs `tokens` after the state's current position. Logits land in `scratch.logits()`:
-    /// one row per token when `all_logits`, else the last token's only.
+    /// one row per token when `all_logits`, else the last token's only. Several tokens are taken
+    /// for a prompt, one for a sampled token (see [`BatchItem::prompt`]).
     pub fn forward(
         &self,
         compute: &Compute,
@@ -310,6 +313,7 @@ impl Model {
             blocks: &state.table,
             state_slot: state.recurrent.then_some(0),
             logits: if all_logits { Logits::All } else { Logits::Last },
+            prompt: tokens.len() > 1,
         };
         self.forward_batch(compute, &[item], &mut state.cache, scratch)?;
         state.len = needed;
@@ -327,6 +331,14 @@ impl Model {
         cache: &mut Cache,
         scratch: &mut Scratch,
     ) -> Result<(), ModelError> {
+        // Exact maths means f32 throughout: prompt rows too stay off the bf16 tiles.
+        let exact: Vec<BatchItem<'_>>;
+        let items = if self.mode == MatmulMode::Exact {
+            exact = items.iter().map(|it| BatchItem { prompt: false, ..*it }).collect();
+            &exact[..]
+        } else {
+            items
+        };
         match &self.arch {
             Arch::Llama(m) => {
                 scratch.last_jamba = false;

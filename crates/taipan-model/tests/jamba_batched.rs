@@ -55,6 +55,7 @@ fn batched(m: &Model, compute: &Compute, work: &[(Vec<u32>, usize)]) -> Vec<Vec<
             blocks: &tables[i],
             state_slot: Some(slots[i]),
             logits: Logits::None,
+            prompt: *split > 1,
         })
         .collect();
     m.forward_batch(compute, &first, &mut cache, &mut sc).unwrap();
@@ -67,6 +68,7 @@ fn batched(m: &Model, compute: &Compute, work: &[(Vec<u32>, usize)]) -> Vec<Vec<
             blocks: &tables[i],
             state_slot: Some(slots[i]),
             logits: Logits::All,
+            prompt: tokens.len() - split > 1,
         })
         .collect();
     m.forward_batch(compute, &rest, &mut cache, &mut sc).unwrap();
@@ -128,6 +130,7 @@ fn bad_batches_are_refused_not_run() {
         blocks: &table,
         state_slot: slot,
         logits: Logits::Last,
+        prompt: true,
     };
     let err = |items: &[BatchItem<'_>], cache: &mut Cache| {
         m.forward_batch(&compute, items, cache, &mut Scratch::default()).unwrap_err().to_string()
@@ -135,7 +138,14 @@ fn bad_batches_are_refused_not_run() {
     assert!(err(&[item(None)], &mut cache).contains("state slot"));
     assert!(err(&[item(Some(7))], &mut cache).contains("outside the pool"));
     assert!(err(&[item(Some(1)), item(Some(1))], &mut cache).contains("share a state slot"));
-    let short = BatchItem { tokens: &[5; 40], start: 0, blocks: &table, state_slot: Some(0), logits: Logits::Last };
+    let short = BatchItem {
+        tokens: &[5; 40],
+        start: 0,
+        blocks: &table,
+        state_slot: Some(0),
+        logits: Logits::Last,
+        prompt: true,
+    };
     assert!(err(&[short], &mut cache).contains("block table"));
     let other = [2u32, 3];
     let second = BatchItem { blocks: &other, ..item(Some(1)) };

@@ -245,13 +245,7 @@ fn summary(
                 "{}, {} kernels{}, continuous batching",
                 state.config.threads,
                 taipan_kernels::Kernels::best().isa.name(),
-                if taipan_kernels::Kernels::best().isa != taipan_kernels::Isa::Amx
-                    && taipan_kernels::Kernels::for_isa(taipan_kernels::Isa::Amx).is_some()
-                {
-                    " (AMX tiles present, unused: slower here; TAIPAN_ISA=amx uses them)"
-                } else {
-                    ""
-                }
+                if taipan_kernels::Kernels::best().tiles.is_some() { " (prompts in AMX bf16 tiles)" } else { "" }
             ),
         ),
         ("served as", format!("{}{aliases}", names.join(", "))),

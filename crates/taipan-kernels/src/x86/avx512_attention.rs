@@ -95,7 +95,7 @@ pub unsafe fn attend_rows(
 /// Turns `row[first..end]` into softmax weights and zeroes the rest of the row, 16 lanes at a
 /// time (the tail masked).
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-fn softmax_span(row: &mut [f32], first: usize, end: usize) {
+pub(crate) fn softmax_span(row: &mut [f32], first: usize, end: usize) {
     row[..first].fill(0.0);
     row[end..].fill(0.0);
     let seen = &mut row[first..end];

@@ -637,8 +637,16 @@ impl Llama {
         }
         let mut attn_seqs = Vec::with_capacity(items.len());
         let mut row = 0;
+        s.mm.prompt_rows.clear();
         for it in items {
-            attn_seqs.push(AttnSeq { first_row: row, tokens: it.tokens.len(), start: it.start, blocks: it.blocks });
+            attn_seqs.push(AttnSeq {
+                first_row: row,
+                tokens: it.tokens.len(),
+                start: it.start,
+                blocks: it.blocks,
+                prompt: it.prompt,
+            });
+            s.mm.prompt_rows.extend(std::iter::repeat_n(it.prompt, it.tokens.len()));
             row += it.tokens.len();
         }
         for (li, layer) in self.layers.iter().enumerate() {
@@ -736,6 +744,8 @@ impl Llama {
         for (i, &t) in s.logit_rows.iter().enumerate() {
             ops::rms_norm_into(&mut h[i * d..(i + 1) * d], &x[t * d..(t + 1) * d], &self.out_norm, c.rms_eps);
         }
+        // Logits rows are not token rows: the integer kernels take them all.
+        s.mm.prompt_rows.clear();
         compute.matmul(&mut s.logits, h, rows, &self.output, &mut s.mm);
         if let Some(cap) = c.logit_softcap {
             s.logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());

@@ -139,7 +139,13 @@ impl Ffn {
             })
             .collect();
         let y = resize(&mut s.rows_out, total * h);
+        // The down products' activation rows are the routed rows: each takes its token's role.
+        let token_roles = std::mem::take(&mut mm.prompt_rows);
+        if !token_roles.is_empty() {
+            mm.prompt_rows.extend(ids.iter().flatten().map(|&t| token_roles.get(t).copied().unwrap_or(false)));
+        }
         compute.matmul_rows(y, act, total, &down, mm);
+        mm.prompt_rows = token_roles;
         out.fill(0.0);
         for (route, &first) in routes.iter().zip(&offsets) {
             for (i, &(t, w)) in route.iter().enumerate() {

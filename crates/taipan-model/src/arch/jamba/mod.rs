@@ -140,8 +140,16 @@ impl Jamba {
         let mut seqs = Vec::with_capacity(items.len());
         let mut rows = 0;
         s.logit_rows.clear();
+        s.mm.prompt_rows.clear();
         for it in items {
-            seqs.push(AttnSeq { first_row: rows, tokens: it.tokens.len(), start: it.start, blocks: it.blocks });
+            seqs.push(AttnSeq {
+                first_row: rows,
+                tokens: it.tokens.len(),
+                start: it.start,
+                blocks: it.blocks,
+                prompt: it.prompt,
+            });
+            s.mm.prompt_rows.extend(std::iter::repeat_n(it.prompt, it.tokens.len()));
             match it.logits {
                 Logits::None => {}
                 Logits::Last => s.logit_rows.push(rows + it.tokens.len() - 1),
@@ -207,6 +215,8 @@ impl Jamba {
             s.logits.resize(wanted * c.vocab, 0.0);
         }
         if wanted > 0 {
+            // Logits rows are not token rows: the integer kernels take them all.
+            s.mm.prompt_rows.clear();
             compute.matmul(&mut s.logits, normed, wanted, &self.output, &mut s.mm);
         }
         if let Some(p) = s.profile.as_mut() {
