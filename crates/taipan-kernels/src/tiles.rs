@@ -118,6 +118,19 @@ pub fn gemm_ref(acts: &[u16], kp: usize, tokens: usize, panels: &[&[u16]], out: 
     }
 }
 
+/// Most bytes a sequence's attention panels ([`KvPanels`], all KV heads of a layer) may take:
+/// they are built for each prompt chunk beside the KV cache, outside its budget.
+pub const ATTENTION_PANELS_MAX_BYTES: usize = 64 << 20;
+
+/// Whether prompt attention may go through tiles for a model of this shape: its panels at the
+/// full context must fit [`ATTENTION_PANELS_MAX_BYTES`] (SmolLM2 at 8,192 positions takes 9 MiB,
+/// Gemma 3 270M at 32,768 takes 48 MiB; a 256K-context Jamba would take gigabytes, and its
+/// panels would be rebuilt for every chunk).
+/// A per-model answer, so a row's kernel never depends on how far its sequence has come.
+pub fn attention_panels_fit(kv_heads: usize, head_dim: usize, context: usize) -> bool {
+    kv_heads.saturating_mul(head_dim).saturating_mul(context).saturating_mul(6) <= ATTENTION_PANELS_MAX_BYTES
+}
+
 /// Keys and values of one KV head, positions `0..len` (`len` a multiple of [`K_STEP`], padding
 /// zero), as tile operands for attention. Keys are split into a bf16 high part and a bf16 low
 /// part (`k ≈ hi + lo` to ~16 significant bits), as queries are: scores are exponentiated, so

@@ -637,6 +637,7 @@ impl Llama {
         }
         let mut attn_seqs = Vec::with_capacity(items.len());
         let mut row = 0;
+        let tile_attention = taipan_kernels::tiles::attention_panels_fit(c.kv_heads, c.head_dim, c.context);
         s.mm.prompt_rows.clear();
         for it in items {
             attn_seqs.push(AttnSeq {
@@ -644,7 +645,7 @@ impl Llama {
                 tokens: it.tokens.len(),
                 start: it.start,
                 blocks: it.blocks,
-                prompt: it.prompt,
+                prompt: it.prompt && tile_attention,
             });
             s.mm.prompt_rows.extend(std::iter::repeat_n(it.prompt, it.tokens.len()));
             row += it.tokens.len();

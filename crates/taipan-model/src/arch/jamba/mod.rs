@@ -141,13 +141,14 @@ impl Jamba {
         let mut rows = 0;
         s.logit_rows.clear();
         s.mm.prompt_rows.clear();
+        let tile_attention = taipan_kernels::tiles::attention_panels_fit(c.kv_heads, c.head_dim, c.context);
         for it in items {
             seqs.push(AttnSeq {
                 first_row: rows,
                 tokens: it.tokens.len(),
                 start: it.start,
                 blocks: it.blocks,
-                prompt: it.prompt,
+                prompt: it.prompt && tile_attention,
             });
             s.mm.prompt_rows.extend(std::iter::repeat_n(it.prompt, it.tokens.len()));
             match it.logits {
