@@ -242,6 +242,16 @@ impl Compute {
     }
 }
 
+/// Index of each part's first row group in the stack of `parts`, then the total.
+fn group_starts(parts: &[(usize, &PackedMatrix)]) -> Vec<usize> {
+    let mut starts = Vec::with_capacity(parts.len() + 1);
+    starts.push(0);
+    for (_, m) in parts {
+        starts.push(starts.last().copied().unwrap_or(0) + m.groups());
+    }
+    starts
+}
+
 /// A matrix's packed parts as `(first output row, part)`, if every part is packed.
 fn packed_parts(w: &Matrix) -> Option<Vec<(usize, &PackedMatrix)>> {
     match w {
@@ -321,11 +331,7 @@ impl Compute {
         debug_assert!(parts.iter().all(|(_, m)| m.stride == kp));
         let padded = tiles::acts_to_bf16(x, tokens, k, kp, &mut scratch.acts_bf16);
         let acts = &scratch.acts_bf16;
-        let mut starts = Vec::with_capacity(parts.len() + 1);
-        starts.push(0);
-        for (_, m) in parts {
-            starts.push(starts.last().copied().unwrap_or(0) + m.groups());
-        }
+        let starts = group_starts(parts);
         let total = starts[parts.len()];
         let panel_len = tiles::panel_len(kp);
         self.pool.for_chunks(total.div_ceil(2), 1, &|pairs| {
@@ -378,11 +384,7 @@ impl Compute {
         let acts = &scratch.acts;
         let tile = self.kernels.packed_tile;
         // Group g of the whole stack: part `p` where `starts[p] <= g < starts[p + 1]`.
-        let mut starts = Vec::with_capacity(parts.len() + 1);
-        starts.push(0);
-        for (_, m) in parts {
-            starts.push(starts.last().copied().unwrap_or(0) + m.groups());
-        }
+        let starts = group_starts(parts);
         let total = starts[parts.len()];
         self.pool.for_chunks(total, 1, &|groups| {
             // One kernel call per group and block of activation rows: the kernel walks the
