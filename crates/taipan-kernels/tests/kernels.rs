@@ -330,7 +330,7 @@ proptest! {
             let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, form).unwrap().unwrap();
             let kp = m.stride;
             let plen = tiles::panel_len(kp);
-            let mut panels = vec![0u16; 2 * plen];
+            let mut panels = vec![0u16; 3 * plen];
             for g in 0..m.groups() {
                 let mut want = vec![0u16; plen];
                 tiles::panel_from_group_ref(&m.group(g), &mut want);
@@ -339,11 +339,12 @@ proptest! {
             }
             let tokens = tiles * tiles::TILE_TOKENS - (seed % 7) as usize;
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit() * 3.0).collect();
-            let mut acts = Vec::new();
+            let mut acts = tiles::TileBuf::new();
             let padded = tiles::acts_to_bf16(&x, tokens, cols, kp, &mut acts);
             prop_assert_eq!(padded, tiles * tiles::TILE_TOKENS);
-            (amx.panel_from_group)(&m.group(m.groups() - 1), &mut panels[plen..]);
-            for np in 1..=2 {
+            (amx.panel_from_group)(&m.group(m.groups() - 1), &mut panels[plen..2 * plen]);
+            (amx.panel_from_group)(&m.group(m.groups() / 2), &mut panels[2 * plen..]);
+            for np in 1..=3 {
                 let ps: Vec<&[u16]> = (0..np).map(|i| &panels[i * plen..(i + 1) * plen]).collect();
                 let mut want = vec![0f32; padded * np * GROUP];
                 tiles::gemm_ref(&acts, kp, padded, &ps, &mut want);
@@ -522,6 +523,67 @@ fn stacked_parts_of_different_formats_multiply_like_their_parts() {
                 }
                 first += pn;
             }
+        }
+    }
+}
+
+/// A wide stacked projection's prompt rows through tiles, where a task takes up to eight row
+/// groups and parts end inside a group: every output is within bf16 rounding of the f32
+/// product, and equals to the bit that of its part alone and of its row alone.
+#[test]
+fn tile_products_in_wide_blocks_match_their_parts_and_rows() {
+    let Some(kern) = Kernels::available().into_iter().find(|k| k.tiles.is_some()) else {
+        Kernels::testable(Isa::Amx);
+        return;
+    };
+    let mut rng = Lcg(11);
+    let cols = 256;
+    for dtype in [DType::Q4_1, DType::Q4K] {
+        let stored: Vec<(usize, Vec<u8>)> =
+            [37, 1100, 20].iter().map(|&r| (r, random_stored(dtype, r * cols, &mut rng))).collect();
+        let parts: Vec<Matrix> = stored
+            .iter()
+            .map(|(r, data)| Matrix::from_stored(dtype, data, *r, cols, MatmulMode::Fast).unwrap())
+            .collect();
+        let stacked = Matrix::stack(parts.clone());
+        let n: usize = stored.iter().map(|(r, _)| r).sum();
+        let tokens = 45;
+        let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit()).collect();
+        let prompt = |rows: usize| {
+            let mut s = MatmulScratch::default();
+            s.prompt_rows = vec![true; rows];
+            s
+        };
+        let c = Compute::with_kernels(2, kern);
+        let mut out = vec![f32::NAN; tokens * n];
+        c.matmul(&mut out, &x, tokens, &stacked, &mut prompt(tokens));
+        let mut first = 0;
+        for ((pn, data), p) in stored.iter().zip(&parts) {
+            let mut w32 = vec![0f32; pn * cols];
+            dequantize(dtype, data, &mut w32).unwrap();
+            let mut alone = vec![f32::NAN; tokens * pn];
+            c.matmul(&mut alone, &x, tokens, p, &mut prompt(tokens));
+            for t in 0..tokens {
+                let got = &out[t * n + first..t * n + first + pn];
+                assert!(
+                    got.iter().zip(&alone[t * pn..(t + 1) * pn]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype} token {t}: stacked differs from its part alone"
+                );
+                for (r, &g) in got.iter().enumerate() {
+                    let terms = (0..cols).map(|j| (w32[r * cols + j] as f64) * x[t * cols + j] as f64);
+                    let (exact, scale) = terms.fold((0f64, 0f64), |(e, s), v| (e + v, s + v.abs()));
+                    assert!((g as f64 - exact).abs() <= 0.005 * scale + 1e-5, "{dtype} t={t} r={r}: {g} vs {exact}");
+                }
+            }
+            first += pn;
+        }
+        for t in [0, 31, 32, 44] {
+            let mut row = vec![f32::NAN; n];
+            c.matmul(&mut row, &x[t * cols..(t + 1) * cols], 1, &stacked, &mut prompt(1));
+            assert!(
+                row.iter().zip(&out[t * n..(t + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dtype} row {t} differs from itself alone"
+            );
         }
     }
 }

@@ -308,24 +308,26 @@ macro_rules! tile_zero {
 }
 
 /// `out[t · 16·P + 16p + r] = panels[p] row r · acts[t]` for `tokens` activation rows of `kp`
-/// bf16 values and P = `panels.len()` (1 or 2) panels of `kp` columns.
+/// bf16 values and P = `panels.len()` panels of `kp` columns.
 ///
-/// Tiles: C in tmm0–3 (two panels × two token tiles), activations in tmm4–5, panels in tmm6–7.
+/// Two token tiles at a time against two panels at a time (C in tmm0–3, activations in tmm4–5,
+/// panels in tmm6–7), the token tiles outermost: a caller that hands several panels gets each
+/// pair of activation tiles loaded from L1 for every panel pair after the first.
 ///
 /// # Safety
 /// [`usable`] must have returned true. Shapes are asserted.
 pub unsafe fn gemm(acts: &[u16], kp: usize, tokens: usize, panels: &[&[u16]], out: &mut [f32]) {
     let np = panels.len();
-    assert!((1..=2).contains(&np), "one or two panels");
+    assert!(np >= 1, "at least one panel");
     assert!(kp.is_multiple_of(K_STEP) && tokens.is_multiple_of(TILE_TOKENS), "gemm shape");
     assert!(acts.len() >= tokens * kp && out.len() >= tokens * np * GROUP, "gemm lengths");
     assert!(panels.iter().all(|p| p.len() >= panel_len(kp)), "panel too short");
     let cfg = TileConfig::uniform();
     let a_stride = kp * 2;
-    let c_stride = np * GROUP * 4;
+    let stride = np * GROUP;
+    let c_stride = stride * 4;
     let b_stride = 64usize;
     let tiles = tokens / TILE_TOKENS;
-    let (b0, b1) = (panels[0].as_ptr(), panels[np - 1].as_ptr());
     // SAFETY: tile use was granted (`usable`); every load reads 16 rows of 64 bytes inside the
     // asserted `acts` and panel lengths, and every store writes 16 rows of 64 bytes inside `out`.
     unsafe {
@@ -335,38 +337,45 @@ pub unsafe fn gemm(acts: &[u16], kp: usize, tokens: usize, panels: &[&[u16]], ou
             let two_tokens = tt + 1 < tiles;
             let a0 = acts.as_ptr().add(tt * TILE_TOKENS * kp);
             let a1 = a0.add(TILE_TOKENS * kp);
-            let c0 = out.as_mut_ptr().add(tt * TILE_TOKENS * np * GROUP);
-            let c1 = c0.add(TILE_TOKENS * np * GROUP);
-            tile_zero!(0);
-            tile_zero!(1);
-            tile_zero!(2);
-            tile_zero!(3);
-            for kc in 0..kp / K_STEP {
-                let (ka, kb) = (kc * K_STEP, kc * K_STEP * GROUP);
-                tile_load!(4, a0.add(ka), a_stride);
-                tile_load!(6, b0.add(kb), b_stride);
-                tile_dot!(0, 4, 6);
-                if np == 2 {
-                    tile_load!(7, b1.add(kb), b_stride);
-                    tile_dot!(1, 4, 7);
-                }
-                if two_tokens {
-                    tile_load!(5, a1.add(ka), a_stride);
-                    tile_dot!(2, 5, 6);
-                    if np == 2 {
-                        tile_dot!(3, 5, 7);
+            let mut pp = 0;
+            while pp < np {
+                let two_panels = pp + 1 < np;
+                let b0 = panels[pp].as_ptr();
+                let b1 = panels[if two_panels { pp + 1 } else { pp }].as_ptr();
+                let c0 = out.as_mut_ptr().add(tt * TILE_TOKENS * stride + pp * GROUP);
+                let c1 = c0.add(TILE_TOKENS * stride);
+                tile_zero!(0);
+                tile_zero!(1);
+                tile_zero!(2);
+                tile_zero!(3);
+                for kc in 0..kp / K_STEP {
+                    let (ka, kb) = (kc * K_STEP, kc * K_STEP * GROUP);
+                    tile_load!(4, a0.add(ka), a_stride);
+                    tile_load!(6, b0.add(kb), b_stride);
+                    tile_dot!(0, 4, 6);
+                    if two_panels {
+                        tile_load!(7, b1.add(kb), b_stride);
+                        tile_dot!(1, 4, 7);
+                    }
+                    if two_tokens {
+                        tile_load!(5, a1.add(ka), a_stride);
+                        tile_dot!(2, 5, 6);
+                        if two_panels {
+                            tile_dot!(3, 5, 7);
+                        }
                     }
                 }
-            }
-            tile_store!(0, c0, c_stride);
-            if np == 2 {
-                tile_store!(1, c0.add(GROUP), c_stride);
-            }
-            if two_tokens {
-                tile_store!(2, c1, c_stride);
-                if np == 2 {
-                    tile_store!(3, c1.add(GROUP), c_stride);
+                tile_store!(0, c0, c_stride);
+                if two_panels {
+                    tile_store!(1, c0.add(GROUP), c_stride);
                 }
+                if two_tokens {
+                    tile_store!(2, c1, c_stride);
+                    if two_panels {
+                        tile_store!(3, c1.add(GROUP), c_stride);
+                    }
+                }
+                pp += 2;
             }
             tt += 2;
         }
@@ -424,14 +433,11 @@ pub unsafe fn attend_tiles(
     assert!(kend <= kv.len, "positions past the panels");
     let nk = kend - base;
     let padded = rows.div_ceil(TILE_TOKENS) * TILE_TOKENS;
-    for buf in [&mut s.q_hi, &mut s.q_lo, &mut s.weights] {
-        buf.clear();
-    }
-    s.q_hi.resize(padded * hd, 0);
-    s.q_lo.resize(padded * hd, 0);
-    s.weights.resize(padded * nk, 0);
-    s.scores.resize(padded * nk, 0.0);
-    s.out.resize(padded * hd, 0.0);
+    s.q_hi.zeroed(padded * hd);
+    s.q_lo.zeroed(padded * hd);
+    s.weights.zeroed(padded * nk);
+    s.scores.resize(padded * nk);
+    s.out.resize(padded * hd);
     let (steps, dim_tiles) = (hd / K_STEP, hd / 16);
     // SAFETY: tile use was granted; every tile load and store below covers 16 rows of 64 bytes
     // inside the buffers sized above (rows `padded`, keys `base..kend` ⊆ the panels' `0..len`).
