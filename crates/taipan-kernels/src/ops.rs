@@ -5,20 +5,59 @@ use crate::pool::ThreadPool;
 use crate::tiles;
 use std::cell::RefCell;
 
+/// Runs `f` — an elementwise loop — compiled for the widest vectors of this CPU (AVX-512, else
+/// AVX2); the crate itself is built for baseline x86-64, whose loops go four lanes at a time.
+/// The loops have no reductions across lanes the compiler could reorder, so every width gives
+/// the same bits.
+#[inline(always)]
+fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { with_avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
 /// `out = x / rms(x) · weight` over each row of `weight.len()` values, in place.
 ///
-/// The sum of squares is accumulated in f64, as ggml does, so exact-mode outputs agree.
+/// The sum of squares is accumulated in f64, as ggml does, so exact-mode outputs agree; in eight
+/// lanes, so that it vectorizes (the lanes change the sum by f64 rounding only).
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     let n = weight.len();
     assert!(n > 0 && x.len().is_multiple_of(n), "rms_norm shape");
-    for row in x.chunks_exact_mut(n) {
-        let sum: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let mean = (sum / n as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for (v, w) in row.iter_mut().zip(weight) {
-            *v = *v * scale * w;
+    wide(|| {
+        for row in x.chunks_exact_mut(n) {
+            let mut lanes = [0f64; 8];
+            let mut chunks = row.chunks_exact(8);
+            for c in chunks.by_ref() {
+                for (l, &v) in lanes.iter_mut().zip(c) {
+                    *l += (v as f64) * (v as f64);
+                }
+            }
+            let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let sum = lanes.iter().sum::<f64>() + tail;
+            let mean = (sum / n as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for (v, w) in row.iter_mut().zip(weight) {
+                *v = *v * scale * w;
+            }
         }
-    }
+    })
 }
 
 /// `out = rms_norm(x)` into a separate buffer.
@@ -104,17 +143,21 @@ pub fn fast_ln(x: f32) -> f32 {
 
 /// `x = silu(x)` over a slice (the vectorisable form of [`silu`]).
 pub fn silu_in_place(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v /= 1.0 + fast_exp(-*v);
-    }
+    wide(|| {
+        for v in x.iter_mut() {
+            *v /= 1.0 + fast_exp(-*v);
+        }
+    })
 }
 
 /// `out = silu(gate) ⊙ up` over slices (the vectorisable form).
 pub fn swiglu_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
     assert!(out.len() == gate.len() && gate.len() == up.len());
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + fast_exp(-g)) * u;
-    }
+    wide(|| {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + fast_exp(-g)) * u;
+        }
+    })
 }
 
 /// `gate = silu(gate) ⊙ up`, in place.
@@ -137,18 +180,22 @@ pub fn gelu_tanh(x: f32) -> f32 {
 pub fn geglu_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     assert!(out.len() == gate.len() && gate.len() == up.len());
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        let two_u = 2.0 * SQRT_2_OVER_PI * g * (1.0 + 0.044_715 * g * g);
-        *o = g / (1.0 + fast_exp(-two_u)) * u;
-    }
+    wide(|| {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            let two_u = 2.0 * SQRT_2_OVER_PI * g * (1.0 + 0.044_715 * g * g);
+            *o = g / (1.0 + fast_exp(-two_u)) * u;
+        }
+    })
 }
 
 /// `x += y`.
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len());
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+    wide(|| {
+        for (a, &b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
+    })
 }
 
 /// Which dimensions RoPE rotates together.
@@ -601,6 +648,39 @@ mod tests {
         let rms = (12.5f32 + 1e-6).sqrt();
         assert!((x[0] - 3.0 / rms).abs() < 1e-6 && (x[1] - 4.0 / rms).abs() < 1e-6);
         assert_eq!(&x[2..], &[0.0, 0.0]);
+    }
+
+    /// The elementwise loops run in the CPU's widest vectors and give the bits of the same
+    /// arithmetic one value at a time; rms_norm's eight f64 lanes stay within f64 rounding of a
+    /// plain sum (it is not tested bit for bit).
+    #[test]
+    fn wide_loops_give_the_bits_of_scalar_arithmetic() {
+        let n = 1003;
+        let g: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 97.0).collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 211.0).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut out = vec![0f32; n];
+        swiglu_into(&mut out, &g, &u);
+        let want: Vec<f32> =
+            g.iter().zip(&u).map(|(&g, &u)| std::hint::black_box(g / (1.0 + fast_exp(-g))) * u).collect();
+        assert_eq!(bits(&out), bits(&want));
+        let mut x = g.clone();
+        silu_in_place(&mut x);
+        let want: Vec<f32> = g.iter().map(|&g| std::hint::black_box(g) / (1.0 + fast_exp(-g))).collect();
+        assert_eq!(bits(&x), bits(&want));
+        let mut x = g.clone();
+        add_in_place(&mut x, &u);
+        let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| std::hint::black_box(g) + u).collect();
+        assert_eq!(bits(&x), bits(&want));
+        let weight: Vec<f32> = (0..n).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
+        let mut x = g.clone();
+        rms_norm(&mut x, &weight, 1e-6);
+        let sum: f64 = g.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((sum / n as f64) as f32 + 1e-6).sqrt();
+        for i in 0..n {
+            let want = g[i] * scale * weight[i];
+            assert!((x[i] - want).abs() <= 1e-6 * want.abs(), "rms_norm[{i}]: {} vs {want}", x[i]);
+        }
     }
 
     #[test]
