@@ -330,7 +330,7 @@ impl Compute {
     ) {
         let (k, kp) = (parts[0].1.cols, parts[0].1.stride);
         debug_assert!(parts.iter().all(|(_, m)| m.stride == kp));
-        let padded = tiles::acts_to_bf16(x, tokens, k, kp, &mut scratch.acts_bf16);
+        let padded = tiles::acts_to_bf16(&self.pool, x, tokens, k, kp, &mut scratch.acts_bf16);
         let acts = &scratch.acts_bf16[..padded * kp];
         let starts = group_starts(parts);
         let total = starts[parts.len()];
@@ -533,7 +533,7 @@ impl Compute {
             gathered.resize(gathered.len() + (padded_of(rows[p].len()) - rows[p].len()) * k, 0.0);
         }
         let total_rows = gathered.len() / k;
-        tiles::acts_to_bf16(&gathered, total_rows, k, kp, &mut scratch.acts_bf16);
+        tiles::acts_to_bf16(&self.pool, &gathered, total_rows, k, kp, &mut scratch.acts_bf16);
         scratch.part_out = gathered;
         let acts = &scratch.acts_bf16;
         let groups = packed[0].groups();

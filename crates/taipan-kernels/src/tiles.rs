@@ -155,27 +155,52 @@ pub fn panel_from_rows(rows: &[&[f32]], kp: usize, panel: &mut [u16]) {
 }
 
 /// Rounds `tokens` rows of `k` values to bf16 rows of `kp` (zero-padded), and pads the row
-/// count to whole tiles with zero rows. Returns the padded row count.
-pub fn acts_to_bf16(x: &[f32], tokens: usize, k: usize, kp: usize, out: &mut TileBuf<u16>) -> usize {
+/// count to whole tiles with zero rows; returns the padded count. Rows are rounded in parallel.
+pub fn acts_to_bf16(
+    pool: &crate::pool::ThreadPool,
+    x: &[f32],
+    tokens: usize,
+    k: usize,
+    kp: usize,
+    out: &mut TileBuf<u16>,
+) -> usize {
     assert!(x.len() == tokens * k && kp >= k, "activation shape");
     let padded = tokens.div_ceil(TILE_TOKENS) * TILE_TOKENS;
-    out.zeroed(padded * kp);
-    for t in 0..tokens {
-        let (src, dst) = (&x[t * k..(t + 1) * k], &mut out[t * kp..t * kp + k]);
-        #[allow(unused_mut)]
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if crate::x86::amx::usable() {
-            done = k / 16 * 16;
-            // SAFETY: AMX use implies AVX-512 BF16 (checked by `usable`); both slices hold
-            // `done` values.
-            unsafe { crate::x86::amx::round_to_bf16(&src[..done], &mut dst[..done]) };
+    out.resize(padded * kp);
+    out[tokens * kp..].fill(0);
+    let rows = RowsOut(out.as_mut_ptr());
+    pool.for_chunks(tokens, 8, &|range| {
+        for t in range {
+            // SAFETY: row `t` of `out` (`kp` values, in bounds as sized above) is this task's alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(rows.at(t * kp), kp) };
+            let src = &x[t * k..(t + 1) * k];
+            dst[k..].fill(0);
+            #[allow(unused_mut)]
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if crate::x86::amx::usable() {
+                done = k / 16 * 16;
+                // SAFETY: AMX use implies AVX-512 BF16 (checked by `usable`); both slices hold
+                // `done` values.
+                unsafe { crate::x86::amx::round_to_bf16(&src[..done], &mut dst[..done]) };
+            }
+            for (d, &v) in dst[done..k].iter_mut().zip(&src[done..]) {
+                *d = bf16_bits(v);
+            }
         }
-        for (d, &v) in dst[done..].iter_mut().zip(&src[done..]) {
-            *d = bf16_bits(v);
-        }
-    }
+    });
     padded
+}
+
+/// Rows of a bf16 buffer that tasks of one region fill, each row by one task.
+struct RowsOut(*mut u16);
+// SAFETY: tasks write disjoint rows; the region ends before the buffer's borrow does.
+unsafe impl Sync for RowsOut {}
+
+impl RowsOut {
+    fn at(&self, offset: usize) -> *mut u16 {
+        self.0.wrapping_add(offset)
+    }
 }
 
 /// Scalar twin of the AMX tile product (same layouts; sums in f64).

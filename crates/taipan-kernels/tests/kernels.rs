@@ -340,7 +340,7 @@ proptest! {
             let tokens = tiles * tiles::TILE_TOKENS - (seed % 7) as usize;
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit() * 3.0).collect();
             let mut acts = tiles::TileBuf::new();
-            let padded = tiles::acts_to_bf16(&x, tokens, cols, kp, &mut acts);
+            let padded = tiles::acts_to_bf16(&taipan_kernels::ThreadPool::new(2), &x, tokens, cols, kp, &mut acts);
             prop_assert_eq!(padded, tiles * tiles::TILE_TOKENS);
             (amx.panel_from_group)(&m.group(m.groups() - 1), &mut panels[plen..2 * plen]);
             (amx.panel_from_group)(&m.group(m.groups() / 2), &mut panels[2 * plen..]);
