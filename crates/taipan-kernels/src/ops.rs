@@ -198,6 +198,20 @@ pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     })
 }
 
+/// `x += y` over rows of `row_len` values, spread over the pool (a whole batch's residual add
+/// is megabytes).
+pub fn add_rows(pool: &ThreadPool, x: &mut [f32], y: &[f32], row_len: usize) {
+    assert_eq!(x.len(), y.len());
+    pool.for_rows_mut(x, row_len, &|t, row| add_in_place(row, &y[t * row_len..(t + 1) * row_len]));
+}
+
+/// `out = rms_norm(x)` over rows of `weight.len()` values, spread over the pool.
+pub fn rms_norm_rows(pool: &ThreadPool, out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+    let n = weight.len();
+    assert_eq!(out.len(), x.len());
+    pool.for_rows_mut(out, n, &|t, row| rms_norm_into(row, &x[t * n..(t + 1) * n], weight, eps));
+}
+
 /// Which dimensions RoPE rotates together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeStyle {

@@ -712,7 +712,7 @@ impl Llama {
             if let Some(w) = &layer.post_attn_norm {
                 compute.pool.for_rows_mut(proj, d, &|_, r| ops::rms_norm(r, w, c.rms_eps));
             }
-            ops::add_in_place(x, proj);
+            ops::add_rows(&compute.pool, x, proj, d);
             let h = &mut s.h[..t_n * d];
             compute.pool.for_rows_mut(h, d, &|t, row| {
                 ops::rms_norm_into(row, &x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps)
@@ -732,7 +732,7 @@ impl Llama {
             if let Some(w) = &layer.post_ffn_norm {
                 compute.pool.for_rows_mut(proj, d, &|_, r| ops::rms_norm(r, w, c.rms_eps));
             }
-            ops::add_in_place(x, proj);
+            ops::add_rows(&compute.pool, x, proj, d);
         }
         let rows = s.logit_rows.len();
         if s.logits.len() != rows * c.vocab {

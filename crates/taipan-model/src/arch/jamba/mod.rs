@@ -176,7 +176,7 @@ impl Jamba {
         for (li, layer) in self.layers.iter().enumerate() {
             // 2. Mixer: x += mixer(norm(x)).
             let normed = resize(&mut s.normed, rows * h);
-            ops::rms_norm_into(normed, x, &layer.attn_norm, c.rms_eps);
+            ops::rms_norm_rows(&compute.pool, normed, x, &layer.attn_norm, c.rms_eps);
             let out = resize(&mut s.out, rows * h);
             let t0 = Instant::now();
             match &layer.mixer {
@@ -193,13 +193,13 @@ impl Jamba {
                 t.push((format!("layers.{li}.input_layernorm_out"), normed.to_vec()));
                 t.push((format!("layers.{li}.mixer_out"), out.to_vec()));
             }
-            ops::add_in_place(x, out);
+            ops::add_rows(&compute.pool, x, out, h);
             // 3. FFN: x += ffn(norm(x)).
-            ops::rms_norm_into(normed, x, &layer.ffn_norm, c.rms_eps);
+            ops::rms_norm_rows(&compute.pool, normed, x, &layer.ffn_norm, c.rms_eps);
             let t0 = Instant::now();
             layer.ffn.forward(compute, h, normed, rows, out, &mut s.ffn, &mut s.mm);
             parts[if matches!(layer.ffn, Ffn::Moe { .. }) { 2 } else { 3 }] += t0.elapsed().as_secs_f64();
-            ops::add_in_place(x, out);
+            ops::add_rows(&compute.pool, x, out, h);
             if let Some(t) = s.trace.as_mut() {
                 t.push((format!("layers.{li}.pre_ff_layernorm_out"), normed.to_vec()));
                 t.push((format!("layers.{li}.ffn_out"), out.to_vec()));
