@@ -106,10 +106,17 @@ pub fn padded_k(k: usize) -> usize {
     k.div_ceil(K_STEP) * K_STEP
 }
 
-fn bf16_bits(v: f32) -> u16 {
-    half::bf16::from_f32(v).to_bits()
+/// `v` rounded to bf16 (to nearest, ties to even; a NaN stays a quiet NaN), as `half` rounds,
+/// written without branches so that loops over rows vectorize.
+#[inline(always)]
+pub fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    let quiet_nan = (b >> 16) | 0x40;
+    (if v.is_nan() { quiet_nan } else { rounded }) as u16
 }
 
+#[inline(always)]
 fn bf16_value(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
@@ -261,30 +268,60 @@ impl KvPanels {
         self.len = len;
         self.head_dim = hd;
         for buf in [&mut self.k_hi, &mut self.k_lo, &mut self.v] {
-            buf.zeroed(len * hd);
+            buf.resize(len * hd);
         }
-        let (steps, dim_tiles) = (hd / K_STEP, hd / 16);
-        for p in 0..n {
-            let at = kv.at(p);
-            let (key, value) = (&kv.k[at..at + hd], &kv.v[at..at + hd]);
-            let (c, i) = (p / 16, p % 16);
-            for (d, &x) in key.iter().enumerate() {
-                let (s, j, e) = (d / 32, (d % 32) / 2, d % 2);
-                let idx = ((c * steps + s) * 16 + j) * 32 + 2 * i + e;
-                let (hi, lo) = split_bf16(x);
-                self.k_hi[idx] = hi;
-                self.k_lo[idx] = lo;
+        let steps = hd / K_STEP;
+        let (mut hi, mut lo, mut second) = (vec![0u16; hd], vec![0u16; hd], vec![0u16; hd]);
+        // Keys: dimensions 2m and 2m+1 of position 16c + i sit side by side at pair
+        // (c·hd/2 + m)·16 + i, so a position's row is converted whole, then spread.
+        for p in 0..len {
+            if p < n {
+                let at = kv.at(p);
+                for ((h, l), &x) in hi.iter_mut().zip(lo.iter_mut()).zip(&kv.k[at..at + hd]) {
+                    (*h, *l) = split_bf16(x);
+                }
+            } else {
+                hi.fill(0);
+                lo.fill(0);
             }
-            let (s, j, e) = (p / 32, (p % 32) / 2, p % 2);
-            for (d, &x) in value.iter().enumerate() {
-                let (c, i) = (d / 16, d % 16);
-                self.v[((s * dim_tiles + c) * 16 + j) * 32 + 2 * i + e] = bf16_bits(x);
+            let (c, i) = (p / 16, p % 16);
+            for m in 0..hd / 2 {
+                let pair = 2 * ((c * steps * 16 + m) * 16 + i);
+                self.k_hi[pair..pair + 2].copy_from_slice(&hi[2 * m..2 * m + 2]);
+                self.k_lo[pair..pair + 2].copy_from_slice(&lo[2 * m..2 * m + 2]);
+            }
+        }
+        // Values: positions 2q and 2q+1 of dimension 16c + i sit side by side at pair
+        // ((q/16 · hd/16 + c)·16 + q%16)·16 + i, so two rows are interleaved 16 dimensions at a time.
+        let dim_tiles = hd / 16;
+        for q in 0..len / 2 {
+            for (row, p) in [&mut hi, &mut second].into_iter().zip([2 * q, 2 * q + 1]) {
+                if p < n {
+                    let at = kv.at(p);
+                    for (b, &x) in row.iter_mut().zip(&kv.v[at..at + hd]) {
+                        *b = bf16_bits(x);
+                    }
+                } else {
+                    row.fill(0);
+                }
+            }
+            let (s, j) = (q / 16, q % 16);
+            for c in 0..dim_tiles {
+                let base = 2 * (((s * dim_tiles + c) * 16 + j) * 16);
+                let out = &mut self.v[base..base + 32];
+                for ((o, &a), &b) in
+                    out.chunks_exact_mut(2).zip(&hi[16 * c..16 * c + 16]).zip(&second[16 * c..16 * c + 16])
+                {
+                    o[0] = a;
+                    o[1] = b;
+                }
             }
         }
     }
 }
 
 /// `x ≈ hi + lo` as two bf16 values.
+#[inline(always)]
 pub fn split_bf16(x: f32) -> (u16, u16) {
     let hi = bf16_bits(x);
     (hi, bf16_bits(x - bf16_value(hi)))
@@ -298,4 +335,67 @@ pub struct AttnTileScratch {
     pub scores: TileBuf<f32>,
     pub weights: TileBuf<u16>,
     pub out: TileBuf<f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_matches_half_everywhere_that_matters() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -3e-39,
+        ];
+        let mut seed = 7u64;
+        let randoms = (0..100_000).map(|_| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            f32::from_bits((seed >> 32) as u32)
+        });
+        // Ties: the 16 bits below a bf16 are exactly half a step.
+        let ties = (0..1000u32).map(|i| f32::from_bits(0x3F80_8000 + (i << 16)));
+        for x in specials.into_iter().chain(randoms).chain(ties) {
+            assert_eq!(bf16_bits(x), half::bf16::from_f32(x).to_bits(), "{x:e} ({:#010x})", x.to_bits());
+        }
+    }
+
+    /// The panels hold each key and value where the layout documented on [`KvPanels`] puts it,
+    /// padding positions zero, for a sequence whose positions lie in scattered blocks.
+    #[test]
+    fn kv_panels_follow_their_documented_layout() {
+        let (hd, bs, stride, offset) = (64, 16, 3 * 64, 64);
+        let blocks = [5u32, 0, 3, 1, 4];
+        let cells = 6 * bs * stride;
+        let k: Vec<f32> = (0..cells).map(|i| ((i * 7919 % 4001) as f32 - 2000.0) / 333.0).collect();
+        let v: Vec<f32> = (0..cells).map(|i| ((i * 104_729 % 3001) as f32 - 1500.0) / 77.0).collect();
+        let view = crate::ops::KvView { k: &k, v: &v, blocks: &blocks, block_size: bs, stride, offset };
+        let mut panels = KvPanels::default();
+        for n in [77, 1, 31, 32, 33] {
+            panels.fill(&view, n, hd);
+            let len = n.div_ceil(K_STEP) * K_STEP;
+            assert_eq!((panels.len, panels.k_hi.len(), panels.v.len()), (len, len * hd, len * hd));
+            let (steps, dim_tiles) = (hd / K_STEP, hd / 16);
+            for p in 0..len {
+                for d in 0..hd {
+                    let (key, value) = if p < n { (k[view.at(p) + d], v[view.at(p) + d]) } else { (0.0, 0.0) };
+                    let (c, i, s, j, e) = (p / 16, p % 16, d / 32, (d % 32) / 2, d % 2);
+                    let at = ((c * steps + s) * 16 + j) * 32 + 2 * i + e;
+                    assert_eq!((panels.k_hi[at], panels.k_lo[at]), split_bf16(key), "key {p}.{d} of {n}");
+                    let (s, j, e, c, i) = (p / 32, (p % 32) / 2, p % 2, d / 16, d % 16);
+                    let at = ((s * dim_tiles + c) * 16 + j) * 32 + 2 * i + e;
+                    assert_eq!(panels.v[at], bf16_bits(value), "value {p}.{d} of {n}");
+                }
+            }
+        }
+    }
 }
