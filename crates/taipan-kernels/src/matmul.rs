@@ -7,7 +7,7 @@
 
 use crate::dispatch::{Kernels, TileKernels};
 use crate::formats::{dequantize, DType, SizeMismatch};
-use crate::packed::{ActRow, PackedGroup, PackedMatrix, GROUP};
+use crate::packed::{ActRow, PackedMatrix, GROUP};
 use crate::pool::ThreadPool;
 use crate::quant::QuantizedActs;
 use crate::tiles;
@@ -183,8 +183,12 @@ impl Compute {
         assert_eq!(out.len(), tokens * n, "matmul output shape");
         if let Some(t) = self.kernels.tiles {
             if scratch.prompt_rows.iter().take(tokens).any(|&p| p) {
-                if let Some(parts) = packed_parts(w) {
-                    return self.matmul_by_role(out, x, tokens, &parts, scratch, t);
+                let tiled = match w {
+                    Matrix::Dense(m) => Some(Tiled::Dense(m)),
+                    _ => packed_parts(w).map(Tiled::Packed),
+                };
+                if let Some(w) = tiled {
+                    return self.matmul_by_role(out, x, tokens, &w, scratch, t);
                 }
             }
         }
@@ -223,24 +227,17 @@ impl Compute {
                     }
                 }
             }
-            Matrix::Dense(m) => {
-                let tile = self.kernels.f32_tile;
-                self.pool.for_chunks(n, 16, &|rows| {
-                    run_tiles(rows, tokens, n, &sink, |r0, r1, t0, t1, buf| {
-                        let ws: [&[f32]; 4] = std::array::from_fn(|i| {
-                            let r = (r0 + i).min(r1 - 1);
-                            &m.data[r * k..(r + 1) * k]
-                        });
-                        let xs: [&[f32]; 4] = std::array::from_fn(|i| {
-                            let t = (t0 + i).min(t1 - 1);
-                            &x[t * k..(t + 1) * k]
-                        });
-                        tile(&ws[..r1 - r0], &xs[..t1 - t0], buf);
-                    })
-                });
-            }
+            Matrix::Dense(m) => self.matmul_dense(&sink, x, tokens, m),
         }
     }
+}
+
+/// The weights of a product that tiles can take.
+enum Tiled<'a> {
+    /// Packed parts stacked by rows: `(first output row, part)`.
+    Packed(Vec<(usize, &'a PackedMatrix)>),
+    /// f32 rows (a checkpoint's f32, f16 or bf16 weights), rounded to bf16 for the tiles.
+    Dense(&'a DenseMatrix),
 }
 
 /// Index of each part's first row group in the stack of `parts`, then the total.
@@ -276,23 +273,29 @@ fn packed_parts(w: &Matrix) -> Option<Vec<(usize, &PackedMatrix)>> {
 }
 
 impl Compute {
-    /// A packed product whose rows include prompt rows: those through tiles, the others through
-    /// the integer kernels. When both kinds share a step, each kind's rows are gathered,
-    /// multiplied and scattered back.
+    /// A product whose rows include prompt rows: those through tiles, the others through the
+    /// integer (packed) or f32 (dense) kernels. When both kinds share a step, each kind's rows
+    /// are gathered, multiplied and scattered back.
     fn matmul_by_role(
         &self,
         out: &mut [f32],
         x: &[f32],
         tokens: usize,
-        parts: &[(usize, &PackedMatrix)],
+        w: &Tiled<'_>,
         scratch: &mut MatmulScratch,
         t: TileKernels,
     ) {
         let (n, k) = (out.len() / tokens, x.len() / tokens);
         let roles = std::mem::take(&mut scratch.prompt_rows);
         let prompt = |r: usize| roles.get(r).copied().unwrap_or(false);
+        let run = |sink: &OutPtr, xs: &[f32], rows: usize, tiled: bool, scratch: &mut MatmulScratch| match (w, tiled) {
+            (Tiled::Packed(parts), true) => self.matmul_packed_tiles(sink, n, xs, rows, parts, scratch, t),
+            (Tiled::Packed(parts), false) => self.matmul_packed(sink, n, xs, rows, parts, scratch),
+            (Tiled::Dense(m), true) => self.matmul_dense_tiles(sink, xs, rows, m, scratch, t),
+            (Tiled::Dense(m), false) => self.matmul_dense(sink, xs, rows, m),
+        };
         if (0..tokens).all(prompt) {
-            self.matmul_packed_tiles(&OutPtr(out.as_mut_ptr()), n, x, tokens, parts, scratch, t);
+            run(&OutPtr(out.as_mut_ptr()), x, tokens, true, scratch);
         } else {
             let (given, sampled): (Vec<usize>, Vec<usize>) = (0..tokens).partition(|&r| prompt(r));
             for (rows, tiled) in [(given, true), (sampled, false)] {
@@ -301,12 +304,7 @@ impl Compute {
                     xs.extend_from_slice(&x[r * k..(r + 1) * k]);
                 }
                 let mut ys = vec![0f32; rows.len() * n];
-                let sink = OutPtr(ys.as_mut_ptr());
-                if tiled {
-                    self.matmul_packed_tiles(&sink, n, &xs, rows.len(), parts, scratch, t);
-                } else {
-                    self.matmul_packed(&sink, n, &xs, rows.len(), parts, scratch);
-                }
+                run(&OutPtr(ys.as_mut_ptr()), &xs, rows.len(), tiled, scratch);
                 for (i, &r) in rows.iter().enumerate() {
                     out[r * n..(r + 1) * n].copy_from_slice(&ys[i * n..(i + 1) * n]);
                 }
@@ -342,13 +340,66 @@ impl Compute {
                         let p = starts.partition_point(|&s| s <= gg) - 1;
                         let (first, m) = parts[p];
                         let g = gg - starts[p];
-                        (m.group(g), first + g * GROUP, (m.rows - g * GROUP).min(GROUP))
+                        (m.group(g), (first + g * GROUP, (m.rows - g * GROUP).min(GROUP)))
                     })
                     .collect();
-                // SAFETY: output columns col..col+run.len() belong to this block's groups
-                // alone and tok < tokens, so the cells are in bounds and ours.
-                unsafe { tile_block(t, acts, kp, tokens, &block, sink, &|tok| tok * n) };
+                let cols: Vec<_> = block.iter().map(|b| b.1).collect();
+                let panel = |i: usize, dst: &mut [u16]| (t.panel_from_group)(&block[i].0, dst);
+                // SAFETY: the block's output columns belong to it alone and tok < tokens, so
+                // the cells are in bounds and ours.
+                unsafe { tile_block(t, acts, kp, tokens, &cols, &panel, sink, &|tok| tok * n) };
             }
+        });
+    }
+
+    /// A dense matrix's product through bf16 tiles: each task rounds up to eight groups of 16
+    /// rows into panels, then multiplies them with every activation row.
+    fn matmul_dense_tiles(
+        &self,
+        sink: &OutPtr,
+        x: &[f32],
+        tokens: usize,
+        m: &DenseMatrix,
+        scratch: &mut MatmulScratch,
+        t: TileKernels,
+    ) {
+        let (n, k) = (m.rows, m.cols);
+        let kp = tiles::padded_k(k);
+        let padded = tiles::acts_to_bf16(&self.pool, x, tokens, k, kp, &mut scratch.acts_bf16);
+        let acts = &scratch.acts_bf16[..padded * kp];
+        let groups = n.div_ceil(GROUP);
+        let per_task = tile_block_groups(groups, self.pool.threads());
+        self.pool.for_chunks(groups.div_ceil(per_task), 1, &|blocks| {
+            for b in blocks {
+                let block = b * per_task..((b + 1) * per_task).min(groups);
+                let cols: Vec<_> = block.clone().map(|g| (g * GROUP, (n - g * GROUP).min(GROUP))).collect();
+                let panel = |i: usize, dst: &mut [u16]| {
+                    let (first, live) = cols[i];
+                    let rows: Vec<&[f32]> = (first..first + live).map(|r| &m.data[r * k..(r + 1) * k]).collect();
+                    tiles::panel_from_rows(&rows, kp, dst);
+                };
+                // SAFETY: the block's output columns belong to it alone and tok < tokens.
+                unsafe { tile_block(t, acts, kp, tokens, &cols, &panel, sink, &|tok| tok * n) };
+            }
+        });
+    }
+
+    /// A dense matrix's product in f32.
+    fn matmul_dense(&self, sink: &OutPtr, x: &[f32], tokens: usize, m: &DenseMatrix) {
+        let (n, k) = (m.rows, m.cols);
+        let tile = self.kernels.f32_tile;
+        self.pool.for_chunks(n, 16, &|rows| {
+            run_tiles(rows, tokens, n, sink, |r0, r1, t0, t1, buf| {
+                let ws: [&[f32]; 4] = std::array::from_fn(|i| {
+                    let r = (r0 + i).min(r1 - 1);
+                    &m.data[r * k..(r + 1) * k]
+                });
+                let xs: [&[f32]; 4] = std::array::from_fn(|i| {
+                    let t = (t0 + i).min(t1 - 1);
+                    &x[t * k..(t + 1) * k]
+                });
+                tile(&ws[..r1 - r0], &xs[..t1 - t0], buf);
+            })
         });
     }
 
@@ -438,16 +489,21 @@ impl Compute {
             })
             .collect();
         let Some(packed) = packed else {
-            // Exact mode or stacked parts: products one after another.
+            // Dense or stacked matrices: products one after another, each over its gathered
+            // rows with those rows' roles.
+            let roles = std::mem::take(&mut scratch.prompt_rows);
             let mut rows_in = Vec::new();
             for p in products {
                 rows_in.clear();
+                scratch.prompt_rows.clear();
                 for &r in p.rows {
                     rows_in.extend_from_slice(&x[r * k..(r + 1) * k]);
+                    scratch.prompt_rows.push(roles.get(r).copied().unwrap_or(false));
                 }
                 let span = p.out_first * n..(p.out_first + p.rows.len()) * n;
                 self.matmul(&mut out[span], &rows_in, p.rows.len(), p.w, scratch);
             }
+            scratch.prompt_rows = roles;
             return;
         };
         // Output rows of different products must not overlap: tasks write them unsynchronised.
@@ -544,13 +600,13 @@ impl Compute {
             for u in units {
                 let (p, b) = (chosen[u / blocks], u % blocks);
                 let (m, list) = (packed[p], &rows[p]);
-                let block: Vec<_> = (b * per_task..((b + 1) * per_task).min(groups))
-                    .map(|g| (m.group(g), g * GROUP, (n - g * GROUP).min(GROUP)))
-                    .collect();
+                let block = b * per_task..((b + 1) * per_task).min(groups);
+                let cols: Vec<_> = block.clone().map(|g| (g * GROUP, (n - g * GROUP).min(GROUP))).collect();
+                let panel = |i: usize, dst: &mut [u16]| (t.panel_from_group)(&m.group(block.start + i), dst);
                 let span = &acts[first_row[p] * kp..(first_row[p] + padded_of(list.len())) * kp];
                 // SAFETY: the output row belongs to this product alone (spans checked
                 // disjoint and in bounds), the block's columns to this unit.
-                unsafe { tile_block(t, span, kp, list.len(), &block, &sink, &|j| list[j].1 * n) };
+                unsafe { tile_block(t, span, kp, list.len(), &cols, &panel, &sink, &|j| list[j].1 * n) };
             }
         });
     }
@@ -566,30 +622,33 @@ fn tile_block_groups(total: usize, threads: usize) -> usize {
     (total / (threads * 4)).clamp(2, TILE_BLOCK_MAX) & !1
 }
 
-/// Tile product of a few row groups (`(group, output column, live rows)`) against the bf16
-/// activation rows `acts` (padded to whole tiles; the first `rows` real), 32 rows at a time
-/// through a small staging buffer: real row `j`'s results go to `sink` at `row_at(j)`
-/// plus each group's column, copied out while still in L1. (Storing tiles straight into the
-/// output measured no faster, nor did prefetching its lines.)
+/// Tile product of a few row groups against the bf16 activation rows `acts` (padded to whole
+/// tiles; the first `rows` real), 32 rows at a time through a small staging buffer. Group `i`
+/// of the block has its panel built by `panel(i, ..)` and its results go to output columns
+/// `cols[i].0..+cols[i].1`; real row `j`'s to `sink` at `row_at(j)` plus the column, copied out
+/// while still in L1. (Storing tiles straight into the output measured no faster, nor did
+/// prefetching its lines.)
 ///
 /// # Safety
 /// Those output cells must be in bounds and written by this task alone.
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_block(
     t: TileKernels,
     acts: &[u16],
     kp: usize,
     rows: usize,
-    groups: &[(PackedGroup<'_>, usize, usize)],
+    cols: &[(usize, usize)],
+    panel: &dyn Fn(usize, &mut [u16]),
     sink: &OutPtr,
     row_at: &dyn Fn(usize) -> usize,
 ) {
-    let np = groups.len();
+    let np = cols.len();
     let width = np * GROUP;
     let panel_len = tiles::panel_len(kp);
     // Staging offset, output column and length of each run of adjacent columns: a group
     // continues the run before it when that run ends at its column on a whole group.
     let mut runs: Vec<(usize, usize, usize)> = Vec::with_capacity(np);
-    for (i, &(_, col, live)) in groups.iter().enumerate() {
+    for (i, &(col, live)) in cols.iter().enumerate() {
         match runs.last_mut() {
             Some((_, c, len)) if *c + *len == col && len.is_multiple_of(GROUP) => *len += live,
             _ => runs.push((i * GROUP, col, live)),
@@ -598,8 +657,8 @@ unsafe fn tile_block(
     TILE_SCRATCH.with_borrow_mut(|(panels, staging)| {
         panels.resize(np * panel_len);
         staging.resize(2 * tiles::TILE_TOKENS * width);
-        for (i, (group, _, _)) in groups.iter().enumerate() {
-            (t.panel_from_group)(group, &mut panels[i * panel_len..(i + 1) * panel_len]);
+        for (i, dst) in panels.chunks_exact_mut(panel_len).enumerate() {
+            panel(i, dst);
         }
         let refs: Vec<&[u16]> = panels.chunks_exact(panel_len).collect();
         let padded = acts.len() / kp;
