@@ -4,7 +4,9 @@ Both servers get the same GGUF (`taipan synth-jamba`), 2 threads, and the same c
 workload: N streaming clients, each sending ROUNDS requests of ~40-token prompts for 128 tokens
 (`ignore_eos`) to `/v1/completions`. Reports aggregate generated tok/s, time to first token and
 inter-token latency, plus taipan's own single-stream decode (`taipan bench`, same run).
-Usage: bench/jamba_serve.py GGUF LLAMA_SERVER_BINARY [--clients 16] [--rounds 2]"""
+Usage: bench/jamba_serve.py GGUF LLAMA_SERVER_BINARY [--clients 16] [--rounds 2] [--peer-args=ARGS]
+(`--peer-args=--no-repack`: llama-server's AMX build crashed with 16 Jamba sequences at once on
+2026-12-02; without weight repacking it runs, on its AVX-512 kernels.)"""
 import argparse, json, os, statistics, subprocess, sys, threading, time
 import urllib.error
 import urllib.request
@@ -64,11 +66,11 @@ def load(base, clients, rounds, max_tokens=128):
 
 
 class LlamaServer:
-    def __init__(self, binary, model, slots, ctx=None):
+    def __init__(self, binary, model, slots, ctx=None, extra=()):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([binary, "-m", model, "-t", "2", "-tb", "2", "-np", str(slots), "-c", str(ctx or slots * 512),
-                                      "--cont-batching", "--port", str(self.port), "--host", "127.0.0.1"],
+                                      "--cont-batching", "--port", str(self.port), "--host", "127.0.0.1", *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(1200):
             try:
@@ -95,6 +97,7 @@ def main():
     ap.add_argument("llama_server")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--peer-args", default="", help="extra llama-server arguments")
     a = ap.parse_args()
     bench = json.loads(subprocess.run([BIN, "bench", "-m", a.model, "-t", "2", "--prompt", "64", "--gen", "128", "--reps", "2",
                                        "--json", "--batch", str(a.clients)], capture_output=True, text=True, check=True).stdout)[0]
@@ -107,7 +110,7 @@ def main():
         rows += [row("taipan", ours1), row("taipan", ours)]
     finally:
         s.stop()
-    p = LlamaServer(a.llama_server, a.model, a.clients)
+    p = LlamaServer(a.llama_server, a.model, a.clients, extra=a.peer_args.split())
     try:
         load(p.base, 1, 1, 8)
         peer1 = load(p.base, 1, 2)
@@ -115,7 +118,8 @@ def main():
         rows += [row("llama-server", peer1), row("llama-server", peer)]
     finally:
         p.stop()
-    print(f"model: {a.model}; {os.cpu_count()} cores; 2 threads each; {a.clients} clients x {a.rounds} requests x 128 tokens\n")
+    print(f"model: {a.model}; {os.cpu_count()} cores; 2 threads each; {a.clients} clients x {a.rounds} requests x 128 tokens"
+          + (f"; llama-server {a.peer_args}" if a.peer_args else "") + "\n")
     print("| server | clients | aggregate tok/s | TTFT p50 | TTFT p95 | inter-token p50 |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
