@@ -210,7 +210,11 @@ unsafe fn k_panel<const PLANES: usize, const MINS: bool>(w: &PackedGroup<'_>, k:
                     let mins = _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk.add(mins_at) as *const __m256i));
                     let mn_lo = _mm512_and_si512(mins, _mm512_set1_epi32(0xFFFF));
                     let mn_hi = _mm512_srli_epi32::<16>(mins);
-                    let neg_dmin = _mm512_sub_ps(_mm512_setzero_ps(), dmin);
+                    // Negated by its sign bit, as the scalar twin's `-dmin`: `0 − dmin` would
+                    // give +0 for a zero dmin where `-dmin` gives −0, and a zero weight's sign
+                    // would then differ (a −0 scale times a zero level plus the offset).
+                    let neg_dmin =
+                        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(dmin), _mm512_set1_epi32(i32::MIN)));
                     [
                         _mm512_mul_ps(neg_dmin, _mm512_cvtepi32_ps(mn_lo)),
                         _mm512_mul_ps(neg_dmin, _mm512_cvtepi32_ps(mn_hi)),
