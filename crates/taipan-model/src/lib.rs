@@ -265,6 +265,14 @@ impl Model {
         }
     }
 
+    /// Whether prompt attention may run through tiles (where the CPU has them): only when a
+    /// sequence's attention panels at the full context fit (`tiles::attention_panels_fit`; the
+    /// models ask the same question of their own shapes).
+    pub fn prompt_attention_in_tiles(&self) -> bool {
+        let spec = self.cache_spec();
+        spec.attention_layers > 0 && taipan_kernels::tiles::attention_panels_fit(1, spec.kv_dim, spec.context)
+    }
+
     /// What the model keeps per sequence: attention layers and their width, recurrent layers and
     /// their state sizes.
     pub fn cache_spec(&self) -> CacheSpec {

@@ -245,7 +245,14 @@ fn summary(
                 "{}, {} kernels{}, continuous batching",
                 state.config.threads,
                 taipan_kernels::Kernels::best().isa.name(),
-                if taipan_kernels::Kernels::best().tiles.is_some() { " (prompts in AMX bf16 tiles)" } else { "" }
+                match (taipan_kernels::Kernels::best().tiles.is_some(), model.prompt_attention_in_tiles()) {
+                    (false, _) => "",
+                    (true, true) => " (prompts in AMX bf16 tiles)",
+                    (true, false) => {
+                        " (prompt products in AMX bf16 tiles; prompt attention on the integer kernels, \
+                         since its tile operands at the full context would take over 64 MiB a sequence)"
+                    }
+                }
             ),
         ),
         ("served as", format!("{}{aliases}", names.join(", "))),
