@@ -29,6 +29,10 @@ pub struct DenseMatrix {
     pub rows: usize,
     pub cols: usize,
     pub data: Vec<f32>,
+    /// Whether the file stored these weights in half precision (f16/bf16): only those take
+    /// prompt rows through bf16 tiles. Weights a file keeps in f32 (converters keep Mamba's
+    /// small projections so on purpose) stay f32.
+    pub half_precision: bool,
 }
 
 /// A weight matrix in the form its kernels want.
@@ -65,7 +69,8 @@ impl Matrix {
         }
         let mut out = vec![0f32; rows * cols];
         dequantize(dtype, data, &mut out)?;
-        Ok(Matrix::Dense(DenseMatrix { rows, cols, data: out }))
+        let half_precision = matches!(dtype, DType::F16 | DType::BF16);
+        Ok(Matrix::Dense(DenseMatrix { rows, cols, data: out, half_precision }))
     }
 
     /// Stacks matrices of one input size by rows. Dense parts are joined into one dense matrix;
@@ -80,12 +85,14 @@ impl Matrix {
         let rows = parts.iter().map(Matrix::rows).sum();
         if parts.iter().all(|p| matches!(p, Matrix::Dense(_))) {
             let mut data = Vec::with_capacity(rows * cols);
+            let mut half_precision = true;
             for p in parts {
                 if let Matrix::Dense(d) = p {
                     data.extend(d.data);
+                    half_precision &= d.half_precision;
                 }
             }
-            return Matrix::from_f32(data, rows, cols);
+            return Matrix::Dense(DenseMatrix { rows, cols, data, half_precision });
         }
         Matrix::Stacked(StackedMatrix { parts, rows, cols })
     }
@@ -93,7 +100,7 @@ impl Matrix {
     /// A dense matrix from f32 values.
     pub fn from_f32(data: Vec<f32>, rows: usize, cols: usize) -> Matrix {
         assert_eq!(data.len(), rows * cols);
-        Matrix::Dense(DenseMatrix { rows, cols, data })
+        Matrix::Dense(DenseMatrix { rows, cols, data, half_precision: false })
     }
 
     pub fn rows(&self) -> usize {
@@ -184,7 +191,7 @@ impl Compute {
         if let Some(t) = self.kernels.tiles {
             if scratch.prompt_rows.iter().take(tokens).any(|&p| p) {
                 let tiled = match w {
-                    Matrix::Dense(m) => Some(Tiled::Dense(m)),
+                    Matrix::Dense(m) => Some(m).filter(|m| m.half_precision).map(Tiled::Dense),
                     _ => packed_parts(w).map(Tiled::Packed),
                 };
                 if let Some(w) = tiled {
@@ -236,7 +243,7 @@ impl Compute {
 enum Tiled<'a> {
     /// Packed parts stacked by rows: `(first output row, part)`.
     Packed(Vec<(usize, &'a PackedMatrix)>),
-    /// f32 rows (a checkpoint's f32, f16 or bf16 weights), rounded to bf16 for the tiles.
+    /// Rows a file stored as f16 or bf16, held as f32, rounded to bf16 for the tiles.
     Dense(&'a DenseMatrix),
 }
 
