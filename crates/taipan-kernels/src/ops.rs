@@ -10,7 +10,7 @@ use std::cell::RefCell;
 /// The loops have no reductions across lanes the compiler could reorder, so every width gives
 /// the same bits.
 #[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
@@ -40,24 +40,27 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     let n = weight.len();
     assert!(n > 0 && x.len().is_multiple_of(n), "rms_norm shape");
-    wide(|| {
-        for row in x.chunks_exact_mut(n) {
-            let mut lanes = [0f64; 8];
-            let mut chunks = row.chunks_exact(8);
-            for c in chunks.by_ref() {
-                for (l, &v) in lanes.iter_mut().zip(c) {
-                    *l += (v as f64) * (v as f64);
+    wide(
+        #[inline(always)]
+        || {
+            for row in x.chunks_exact_mut(n) {
+                let mut lanes = [0f64; 8];
+                let mut chunks = row.chunks_exact(8);
+                for c in chunks.by_ref() {
+                    for (l, &v) in lanes.iter_mut().zip(c) {
+                        *l += (v as f64) * (v as f64);
+                    }
+                }
+                let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
+                let sum = lanes.iter().sum::<f64>() + tail;
+                let mean = (sum / n as f64) as f32;
+                let scale = 1.0 / (mean + eps).sqrt();
+                for (v, w) in row.iter_mut().zip(weight) {
+                    *v = *v * scale * w;
                 }
             }
-            let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
-            let sum = lanes.iter().sum::<f64>() + tail;
-            let mean = (sum / n as f64) as f32;
-            let scale = 1.0 / (mean + eps).sqrt();
-            for (v, w) in row.iter_mut().zip(weight) {
-                *v = *v * scale * w;
-            }
-        }
-    })
+        },
+    )
 }
 
 /// `out = rms_norm(x)` into a separate buffer.
@@ -101,8 +104,11 @@ pub fn silu(x: f32) -> f32 {
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
-    // Round to nearest through the float mantissa (1.5·2^23 pushes the fraction out).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest through the float mantissa (1.5·2^23 pushes the fraction out); `t`'s
+    // low bits then hold the integer `n` itself (offset by 1.5·2^23's bits), so 2^n is built
+    // without a float-to-int conversion, whose saturating semantics LLVM scalarizes.
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -111,7 +117,7 @@ pub fn fast_exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     p = p * (r * r) + (r + 1.0);
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
 /// `ln x` for positive, finite, normal `x` (Cephes' polynomial on the mantissa in
@@ -143,21 +149,27 @@ pub fn fast_ln(x: f32) -> f32 {
 
 /// `x = silu(x)` over a slice (the vectorisable form of [`silu`]).
 pub fn silu_in_place(x: &mut [f32]) {
-    wide(|| {
-        for v in x.iter_mut() {
-            *v /= 1.0 + fast_exp(-*v);
-        }
-    })
+    wide(
+        #[inline(always)]
+        || {
+            for v in x.iter_mut() {
+                *v /= 1.0 + fast_exp(-*v);
+            }
+        },
+    )
 }
 
 /// `out = silu(gate) ⊙ up` over slices (the vectorisable form).
 pub fn swiglu_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
     assert!(out.len() == gate.len() && gate.len() == up.len());
-    wide(|| {
-        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + fast_exp(-g)) * u;
-        }
-    })
+    wide(
+        #[inline(always)]
+        || {
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + fast_exp(-g)) * u;
+            }
+        },
+    )
 }
 
 /// `gate = silu(gate) ⊙ up`, in place.
@@ -180,22 +192,28 @@ pub fn gelu_tanh(x: f32) -> f32 {
 pub fn geglu_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     assert!(out.len() == gate.len() && gate.len() == up.len());
-    wide(|| {
-        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            let two_u = 2.0 * SQRT_2_OVER_PI * g * (1.0 + 0.044_715 * g * g);
-            *o = g / (1.0 + fast_exp(-two_u)) * u;
-        }
-    })
+    wide(
+        #[inline(always)]
+        || {
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                let two_u = 2.0 * SQRT_2_OVER_PI * g * (1.0 + 0.044_715 * g * g);
+                *o = g / (1.0 + fast_exp(-two_u)) * u;
+            }
+        },
+    )
 }
 
 /// `x += y`.
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len());
-    wide(|| {
-        for (a, &b) in x.iter_mut().zip(y) {
-            *a += b;
-        }
-    })
+    wide(
+        #[inline(always)]
+        || {
+            for (a, &b) in x.iter_mut().zip(y) {
+                *a += b;
+            }
+        },
+    )
 }
 
 /// `x += y` over rows of `row_len` values, spread over the pool (a whole batch's residual add

@@ -19,29 +19,34 @@ pub fn causal_conv1d(out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>
     assert_eq!(x.len(), out.len());
     assert!(x.len().is_multiple_of(channels));
     assert!(bias.is_none_or(|b| b.len() == channels));
-    for (xt, ot) in x.chunks_exact(channels).zip(out.chunks_exact_mut(channels)) {
-        // Per channel the sum runs oldest tap first, then the bias, whatever the split.
-        ot.fill(0.0);
-        for (j, past) in state.chunks_exact(channels).enumerate() {
-            let wj = &w[j * channels..(j + 1) * channels];
-            for ((o, &wv), &sv) in ot.iter_mut().zip(wj).zip(past) {
-                *o += wv * sv;
+    crate::ops::wide(
+        #[inline(always)]
+        || {
+            for (xt, ot) in x.chunks_exact(channels).zip(out.chunks_exact_mut(channels)) {
+                // Per channel the sum runs oldest tap first, then the bias, whatever the split.
+                ot.fill(0.0);
+                for (j, past) in state.chunks_exact(channels).enumerate() {
+                    let wj = &w[j * channels..(j + 1) * channels];
+                    for ((o, &wv), &sv) in ot.iter_mut().zip(wj).zip(past) {
+                        *o += wv * sv;
+                    }
+                }
+                let newest = &w[(k - 1) * channels..];
+                for ((o, &wv), &xv) in ot.iter_mut().zip(newest).zip(xt) {
+                    *o += wv * xv;
+                }
+                if let Some(b) = bias {
+                    for (o, &bv) in ot.iter_mut().zip(b) {
+                        *o += bv;
+                    }
+                }
+                if k > 1 {
+                    state.copy_within(channels.., 0);
+                    state[(k - 2) * channels..].copy_from_slice(xt);
+                }
             }
-        }
-        let newest = &w[(k - 1) * channels..];
-        for ((o, &wv), &xv) in ot.iter_mut().zip(newest).zip(xt) {
-            *o += wv * xv;
-        }
-        if let Some(b) = bias {
-            for (o, &bv) in ot.iter_mut().zip(b) {
-                *o += bv;
-            }
-        }
-        if k > 1 {
-            state.copy_within(channels.., 0);
-            state[(k - 2) * channels..].copy_from_slice(xt);
-        }
-    }
+        },
+    )
 }
 
 /// A conv weight stored `[channels, K]` (as checkpoints hold it) in the tap-major form
@@ -73,15 +78,20 @@ pub fn softplus(x: f32) -> f32 {
 /// relative precision where `e` is far below 1 (and is `e` itself where `u` rounds to 1).
 pub fn softplus_bias_in_place(x: &mut [f32], bias: &[f32]) {
     assert!(!bias.is_empty() && x.len().is_multiple_of(bias.len()));
-    for row in x.chunks_exact_mut(bias.len()) {
-        for (v, &b) in row.iter_mut().zip(bias) {
-            let s = *v + b;
-            let e = crate::ops::fast_exp(s);
-            let u = 1.0 + e;
-            let ln1p = if u == 1.0 { e } else { crate::ops::fast_ln(u) * (e / (u - 1.0)) };
-            *v = if s > 20.0 { s } else { ln1p };
-        }
-    }
+    crate::ops::wide(
+        #[inline(always)]
+        || {
+            for row in x.chunks_exact_mut(bias.len()) {
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    let s = *v + b;
+                    let e = crate::ops::fast_exp(s);
+                    let u = 1.0 + e;
+                    let ln1p = if u == 1.0 { e } else { crate::ops::fast_ln(u) * (e / (u - 1.0)) };
+                    *v = if s > 20.0 { s } else { ln1p };
+                }
+            }
+        },
+    )
 }
 
 /// Shapes of one selective scan.
@@ -212,24 +222,26 @@ mod tests {
 
     #[test]
     fn simd_scans_match_the_reference() {
-        let (t_n, ch, n) = (3, 5, 32);
-        let f = |k: usize, s: f32| -> Vec<f32> { (0..k).map(|i| ((i as f32 + 1.0) * s).sin()).collect() };
-        let (x, z) = (f(t_n * ch, 0.3), f(t_n * ch, 1.1));
-        let dt: Vec<f32> = f(t_n * ch, 0.7).iter().map(|v| v.abs()).collect();
-        let (b, c) = (f(t_n * n, 0.5), f(t_n * n, 0.9));
-        let a: Vec<f32> = f(ch * n, 1.3).iter().map(|v| -v.abs() * 3.0).collect();
-        let d = f(ch, 2.0);
-        let shape = ScanShape { tokens: t_n, channels: ch, state: n };
-        let mut want = vec![0f32; t_n * ch];
-        let mut h0 = vec![0.1f32; ch * n];
-        let inputs = ScanInputs { x: &x, dt: &dt, z: &z, b: &b, c: &c, a: &a, d: &d };
-        selective_scan_ref(&mut want, &inputs, &mut h0, shape);
-        for k in crate::Kernels::available() {
-            let mut y = vec![0f32; t_n * ch];
-            let mut h = vec![0.1f32; ch * n];
-            (k.selective_scan)(&mut y, &inputs, &mut h, shape);
-            for (g, w) in y.iter().zip(&want).chain(h.iter().zip(&h0)) {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{:?}: {g} vs {w}", k.isa);
+        // Channels below, at and past the kernels' blocks of 8 and 16, with a remainder.
+        for (t_n, ch, n) in [(3, 5, 32), (3, 37, 16), (2, 48, 32)] {
+            let f = |k: usize, s: f32| -> Vec<f32> { (0..k).map(|i| ((i as f32 + 1.0) * s).sin()).collect() };
+            let (x, z) = (f(t_n * ch, 0.3), f(t_n * ch, 1.1));
+            let dt: Vec<f32> = f(t_n * ch, 0.7).iter().map(|v| v.abs()).collect();
+            let (b, c) = (f(t_n * n, 0.5), f(t_n * n, 0.9));
+            let a: Vec<f32> = f(ch * n, 1.3).iter().map(|v| -v.abs() * 3.0).collect();
+            let d = f(ch, 2.0);
+            let shape = ScanShape { tokens: t_n, channels: ch, state: n };
+            let mut want = vec![0f32; t_n * ch];
+            let mut h0 = vec![0.1f32; ch * n];
+            let inputs = ScanInputs { x: &x, dt: &dt, z: &z, b: &b, c: &c, a: &a, d: &d };
+            selective_scan_ref(&mut want, &inputs, &mut h0, shape);
+            for k in crate::Kernels::available() {
+                let mut y = vec![0f32; t_n * ch];
+                let mut h = vec![0.1f32; ch * n];
+                (k.selective_scan)(&mut y, &inputs, &mut h, shape);
+                for (g, w) in y.iter().zip(&want).chain(h.iter().zip(&h0)) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{:?} {ch}x{n}: {g} vs {w}", k.isa);
+                }
             }
         }
     }
