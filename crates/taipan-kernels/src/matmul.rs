@@ -160,6 +160,10 @@ pub struct MatmulScratch {
     /// tile kernels where the CPU has them (see [`TileKernels`]). Models set it for their token
     /// rows and clear it for products over other rows; empty means no prompt rows.
     pub prompt_rows: Vec<bool>,
+    /// A mixed-role product's rows of one role, gathered, and their outputs (kept: a prompt
+    /// chunk's are megabytes, which a fresh allocation would fault in page by page every time).
+    role_in: Vec<f32>,
+    role_out: Vec<f32>,
 }
 
 thread_local! {
@@ -305,17 +309,19 @@ impl Compute {
             run(&OutPtr(out.as_mut_ptr()), x, tokens, true, scratch);
         } else {
             let (given, sampled): (Vec<usize>, Vec<usize>) = (0..tokens).partition(|&r| prompt(r));
+            let (mut xs, mut ys) = (std::mem::take(&mut scratch.role_in), std::mem::take(&mut scratch.role_out));
             for (rows, tiled) in [(given, true), (sampled, false)] {
-                let mut xs = Vec::with_capacity(rows.len() * k);
+                xs.clear();
                 for &r in &rows {
                     xs.extend_from_slice(&x[r * k..(r + 1) * k]);
                 }
-                let mut ys = vec![0f32; rows.len() * n];
+                ys.resize(rows.len() * n, 0.0);
                 run(&OutPtr(ys.as_mut_ptr()), &xs, rows.len(), tiled, scratch);
                 for (i, &r) in rows.iter().enumerate() {
                     out[r * n..(r + 1) * n].copy_from_slice(&ys[i * n..(i + 1) * n]);
                 }
             }
+            (scratch.role_in, scratch.role_out) = (xs, ys);
         }
         scratch.prompt_rows = roles;
     }
