@@ -16,7 +16,7 @@ pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
 /// `(out, q, spans, kv, scale, scratch)` with `out` and `q` `[rows, head_dim]`.
 pub type AttendRowsFn = fn(&mut [f32], &[f32], &[(usize, usize)], &crate::ops::KvView<'_>, f32, &mut Vec<f32>);
 
-/// The gated selective scan; see [`crate::ssm::selective_scan_ref`].
+/// The gated selective scan over a span of channels; see [`crate::ssm::selective_scan_ref`].
 pub type ScanFn = fn(&mut [f32], &crate::ssm::ScanInputs<'_>, &mut [f32], crate::ssm::ScanShape);
 
 /// Instruction-set levels with kernels of their own.

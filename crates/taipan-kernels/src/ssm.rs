@@ -94,14 +94,30 @@ pub fn softplus_bias_in_place(x: &mut [f32], bias: &[f32]) {
     )
 }
 
-/// Shapes of one selective scan.
+/// Shapes of one selective scan, over channels `first..first + count` of its inputs.
 #[derive(Clone, Copy, Debug)]
 pub struct ScanShape {
     pub tokens: usize,
-    /// Channels (`d_inner`).
+    /// Channels of the inputs (`d_inner`).
     pub channels: usize,
     /// State size per channel (`d_state`).
     pub state: usize,
+    /// The channels this scan computes (channels are independent: a sequence's scan can be split
+    /// across threads by channel, and every channel's values are the same whatever the split).
+    pub first: usize,
+    pub count: usize,
+}
+
+impl ScanShape {
+    /// All `channels` channels.
+    pub fn whole(tokens: usize, channels: usize, state: usize) -> Self {
+        ScanShape { tokens, channels, state, first: 0, count: channels }
+    }
+
+    /// Channels `first..first + count` only.
+    pub fn part(self, first: usize, count: usize) -> Self {
+        ScanShape { first, count, ..self }
+    }
 }
 
 /// The per-token inputs and parameters of one selective scan.
@@ -120,37 +136,41 @@ pub struct ScanInputs<'a> {
 }
 
 impl ScanInputs<'_> {
-    /// Panics unless every input has the shape `s` asks for (and `y`, `h` too).
+    /// Panics unless every input has the shape `s` asks for, and `y` (`[tokens, count]`) and
+    /// `h` (`[count, state]`) too.
     pub fn check(&self, y: &[f32], h: &[f32], s: ScanShape) {
-        let (t, ch, n) = (s.tokens, s.channels, s.state);
-        assert!(self.x.len() == t * ch && self.dt.len() == t * ch && self.z.len() == t * ch && y.len() == t * ch);
+        let (t, ch, n, m) = (s.tokens, s.channels, s.state, s.count);
+        assert!(s.first + m <= ch, "scan channels {}..{} of {ch}", s.first, s.first + m);
+        assert!(self.x.len() == t * ch && self.dt.len() == t * ch && self.z.len() == t * ch && y.len() == t * m);
         assert!(self.b.len() == t * n && self.c.len() == t * n && self.a.len() == ch * n);
-        assert!(self.d.len() == ch && h.len() == ch * n);
+        assert!(self.d.len() == ch && h.len() == m * n);
     }
 }
 
 /// The selective scan, gated: for each token `t` and channel `c`,
 /// `h[c, n] = exp(dt[t,c]·A[c,n])·h[c,n] + (dt[t,c]·B[t,n])·x[t,c]`,
-/// `y[t,c] = (Σ_n h[c,n]·C[t,n] + D[c]·x[t,c]) · silu(z[t,c])`.
-/// `y` is `[tokens, channels]`; `h` (`[channels, state]`) is carried across calls.
+/// `y[t,c] = (Σ_n h[c,n]·C[t,n] + D[c]·x[t,c]) · silu(z[t,c])`,
+/// for the channels `s` names: `y` is `[tokens, count]`; `h` (`[count, state]`, those channels'
+/// states) is carried across calls.
 pub fn selective_scan_ref(y: &mut [f32], i: &ScanInputs<'_>, h: &mut [f32], s: ScanShape) {
     i.check(y, h, s);
-    let (t_n, ch, n) = (s.tokens, s.channels, s.state);
+    let (t_n, ch, n, m) = (s.tokens, s.channels, s.state, s.count);
     for t in 0..t_n {
         let (bt, ct) = (&i.b[t * n..(t + 1) * n], &i.c[t * n..(t + 1) * n]);
-        for k in 0..ch {
+        for j in 0..m {
+            let k = s.first + j;
             let (dtv, xv) = (i.dt[t * ch + k], i.x[t * ch + k]);
-            let hk = &mut h[k * n..(k + 1) * n];
+            let hk = &mut h[j * n..(j + 1) * n];
             let ak = &i.a[k * n..(k + 1) * n];
             let mut acc = 0f32;
-            for j in 0..n {
-                let da = (dtv * ak[j]).exp();
-                hk[j] = da * hk[j] + (dtv * bt[j]) * xv;
-                acc += hk[j] * ct[j];
+            for q in 0..n {
+                let da = (dtv * ak[q]).exp();
+                hk[q] = da * hk[q] + (dtv * bt[q]) * xv;
+                acc += hk[q] * ct[q];
             }
             let out = acc + i.d[k] * xv;
             let zv = i.z[t * ch + k];
-            y[t * ch + k] = out * (zv / (1.0 + (-zv).exp()));
+            y[t * m + j] = out * (zv / (1.0 + (-zv).exp()));
         }
     }
 }
@@ -192,7 +212,7 @@ mod tests {
         let (b, c) = (f(t_n * n, 0.5), f(t_n * n, 0.9));
         let a: Vec<f32> = f(ch * n, 1.3).iter().map(|v| -v.abs()).collect();
         let d = f(ch, 2.0);
-        let shape = |t| ScanShape { tokens: t, channels: ch, state: n };
+        let shape = |t| ScanShape::whole(t, ch, n);
         let mut y = vec![0f32; t_n * ch];
         let mut h = vec![0f32; ch * n];
         let all = ScanInputs { x: &x, dt: &dt, z: &z, b: &b, c: &c, a: &a, d: &d };
@@ -230,7 +250,7 @@ mod tests {
             let (b, c) = (f(t_n * n, 0.5), f(t_n * n, 0.9));
             let a: Vec<f32> = f(ch * n, 1.3).iter().map(|v| -v.abs() * 3.0).collect();
             let d = f(ch, 2.0);
-            let shape = ScanShape { tokens: t_n, channels: ch, state: n };
+            let shape = ScanShape::whole(t_n, ch, n);
             let mut want = vec![0f32; t_n * ch];
             let mut h0 = vec![0.1f32; ch * n];
             let inputs = ScanInputs { x: &x, dt: &dt, z: &z, b: &b, c: &c, a: &a, d: &d };
@@ -241,6 +261,24 @@ mod tests {
                 (k.selective_scan)(&mut y, &inputs, &mut h, shape);
                 for (g, w) in y.iter().zip(&want).chain(h.iter().zip(&h0)) {
                     assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{:?} {ch}x{n}: {g} vs {w}", k.isa);
+                }
+                // Split by channels (at and off the kernels' blocks), the same bits.
+                for cut in [1, 16, ch / 2].into_iter().filter(|&c| c < ch) {
+                    let mut h_parts = vec![0.1f32; ch * n];
+                    let (h_lo, h_hi) = h_parts.split_at_mut(cut * n);
+                    let mut y_lo = vec![0f32; t_n * cut];
+                    let mut y_hi = vec![0f32; t_n * (ch - cut)];
+                    (k.selective_scan)(&mut y_lo, &inputs, h_lo, shape.part(0, cut));
+                    (k.selective_scan)(&mut y_hi, &inputs, h_hi, shape.part(cut, ch - cut));
+                    assert_eq!(h_parts, h, "{:?} {ch}x{n} cut at {cut}", k.isa);
+                    for t in 0..t_n {
+                        let joined: Vec<f32> = y_lo[t * cut..(t + 1) * cut]
+                            .iter()
+                            .chain(&y_hi[t * (ch - cut)..(t + 1) * (ch - cut)])
+                            .copied()
+                            .collect();
+                        assert_eq!(joined, y[t * ch..(t + 1) * ch], "{:?} {ch}x{n} cut at {cut}", k.isa);
+                    }
                 }
             }
         }

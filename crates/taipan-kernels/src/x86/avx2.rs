@@ -306,14 +306,15 @@ pub(crate) fn exp8(x: __m256) -> __m256 {
 /// The CPU must support AVX2 and FMA. Shapes are asserted.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
-    let (t_n, ch, n) = (s.tokens, s.channels, s.state);
+    let (t_n, ch, n, m) = (s.tokens, s.channels, s.state, s.count);
     if !n.is_multiple_of(8) {
         crate::ssm::selective_scan_ref(y, i, h, s);
         return;
     }
     i.check(y, h, s);
     for t in 0..t_n {
-        for k in 0..ch {
+        for jj in 0..m {
+            let k = s.first + jj;
             let (dtv, xv) = (i.dt[t * ch + k], i.x[t * ch + k]);
             // SAFETY: all offsets are inside the checked lengths (n is a multiple of 8).
             unsafe {
@@ -321,7 +322,7 @@ pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &
                 let xx = _mm256_set1_ps(xv);
                 let mut acc = _mm256_setzero_ps();
                 for j in (0..n).step_by(8) {
-                    let hp = h.as_mut_ptr().add(k * n + j);
+                    let hp = h.as_mut_ptr().add(jj * n + j);
                     let da = exp8(_mm256_mul_ps(dtx, _mm256_loadu_ps(i.a.as_ptr().add(k * n + j))));
                     let db = _mm256_mul_ps(dtx, _mm256_loadu_ps(i.b.as_ptr().add(t * n + j)));
                     let hv = _mm256_fmadd_ps(da, _mm256_loadu_ps(hp), _mm256_mul_ps(db, xx));
@@ -330,7 +331,7 @@ pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &
                 }
                 let out = hsum256(acc) + i.d[k] * xv;
                 let zv = i.z[t * ch + k];
-                y[t * ch + k] = out * (zv / (1.0 + (-zv).exp()));
+                y[t * m + jj] = out * (zv / (1.0 + (-zv).exp()));
             }
         }
     }

@@ -232,14 +232,16 @@ pub(crate) fn exp16(x: __m512) -> __m512 {
 
 /// The selective scan for state sizes that are multiples of 16; see `crate::ssm::selective_scan_ref`.
 ///
-/// Channels go sixteen at a time: their sums over the state are reduced together into one
-/// vector (one lane per channel), so the output gate and its SiLU are vector work too.
+/// Channels go sixteen at a time (the last block masked): their sums over the state are reduced
+/// together into one vector (one lane per channel), so the output gate and its SiLU are vector
+/// work too. Every lane's arithmetic is its own channel's alone, so a channel's values do not
+/// depend on the block it falls in, nor on how a caller splits the channels.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F. Shapes are asserted.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &mut [f32], s: crate::ssm::ScanShape) {
-    let (t_n, ch, n) = (s.tokens, s.channels, s.state);
+    let (t_n, ch, n, m) = (s.tokens, s.channels, s.state, s.count);
     if !n.is_multiple_of(16) {
         crate::ssm::selective_scan_ref(y, i, h, s);
         return;
@@ -247,42 +249,41 @@ pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &
     i.check(y, h, s);
     let one = _mm512_set1_ps(1.0);
     for t in 0..t_n {
-        // Channel k's new state and its sum Σ_n h·C (one vector whose lanes still need adding).
-        let step = |k: usize| {
+        // Channel `first + j`'s new state and its sum Σ_n h·C (a vector whose lanes still need
+        // adding).
+        let step = |j: usize| {
+            let k = s.first + j;
             // SAFETY: all offsets are inside the checked lengths (n is a multiple of 16).
             unsafe {
                 let dtx = _mm512_set1_ps(i.dt[t * ch + k]);
                 let xx = _mm512_set1_ps(i.x[t * ch + k]);
                 let mut acc = _mm512_setzero_ps();
-                for j in (0..n).step_by(16) {
-                    let hp = h.as_ptr().add(k * n + j) as *mut f32;
-                    let da = exp16(_mm512_mul_ps(dtx, _mm512_loadu_ps(i.a.as_ptr().add(k * n + j))));
-                    let db = _mm512_mul_ps(dtx, _mm512_loadu_ps(i.b.as_ptr().add(t * n + j)));
+                for q in (0..n).step_by(16) {
+                    let hp = h.as_ptr().add(j * n + q) as *mut f32;
+                    let da = exp16(_mm512_mul_ps(dtx, _mm512_loadu_ps(i.a.as_ptr().add(k * n + q))));
+                    let db = _mm512_mul_ps(dtx, _mm512_loadu_ps(i.b.as_ptr().add(t * n + q)));
                     let hv = _mm512_fmadd_ps(da, _mm512_loadu_ps(hp), _mm512_mul_ps(db, xx));
                     _mm512_storeu_ps(hp, hv);
-                    acc = _mm512_fmadd_ps(hv, _mm512_loadu_ps(i.c.as_ptr().add(t * n + j)), acc);
+                    acc = _mm512_fmadd_ps(hv, _mm512_loadu_ps(i.c.as_ptr().add(t * n + q)), acc);
                 }
                 acc
             }
         };
-        let mut k = 0;
-        while k + 16 <= ch {
-            let sums = sum_lanes_of_16(std::array::from_fn(|c| step(k + c)));
-            // SAFETY: channels k..k + 16 are inside every [tokens, channels] input and `d`.
+        for j0 in (0..m).step_by(16) {
+            let live = (m - j0).min(16);
+            let mask: __mmask16 = if live == 16 { 0xFFFF } else { (1u16 << live) - 1 };
+            let sums =
+                sum_lanes_of_16(std::array::from_fn(|c| if c < live { step(j0 + c) } else { _mm512_setzero_ps() }));
+            // SAFETY: the mask keeps every load to channels first + j0 .. + live, inside the
+            // [tokens, channels] inputs and `d`, and the store inside y's row t of `count`.
             unsafe {
-                let at = t * ch + k;
-                let xv = _mm512_loadu_ps(i.x.as_ptr().add(at));
-                let zv = _mm512_loadu_ps(i.z.as_ptr().add(at));
-                let out = _mm512_fmadd_ps(_mm512_loadu_ps(i.d.as_ptr().add(k)), xv, sums);
+                let at = t * ch + s.first + j0;
+                let xv = _mm512_maskz_loadu_ps(mask, i.x.as_ptr().add(at));
+                let zv = _mm512_maskz_loadu_ps(mask, i.z.as_ptr().add(at));
+                let out = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, i.d.as_ptr().add(s.first + j0)), xv, sums);
                 let gate = _mm512_div_ps(zv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), zv))));
-                _mm512_storeu_ps(y.as_mut_ptr().add(at), _mm512_mul_ps(out, gate));
+                _mm512_mask_storeu_ps(y.as_mut_ptr().add(t * m + j0), mask, _mm512_mul_ps(out, gate));
             }
-            k += 16;
-        }
-        for k in k..ch {
-            let out = _mm512_reduce_add_ps(step(k)) + i.d[k] * i.x[t * ch + k];
-            let zv = i.z[t * ch + k];
-            y[t * ch + k] = out * (zv / (1.0 + (-zv).exp()));
         }
     }
 }

@@ -57,7 +57,12 @@ pub(super) struct MambaScratch {
     dt_low: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
+    /// `[rows, Di]`: a prompt's scan outputs by channel block, before they are put back in rows.
+    y_parts: Vec<f32>,
 }
+
+/// Channels per task of a prompt chunk's selective scan.
+const SCAN_CHANNELS: usize = 256;
 
 impl Mamba {
     pub fn weight_bytes(&self) -> usize {
@@ -91,19 +96,31 @@ impl Mamba {
                 ops::add_in_place(row, b);
             }
         }
+        // Element-wise steps below run over the pool: a prompt chunk's are megabytes.
         let (x, z) = (resize(&mut s.x, rows * di), resize(&mut s.z, rows * di));
-        for ((xr, zr), both) in x.chunks_exact_mut(di).zip(z.chunks_exact_mut(di)).zip(xz.chunks_exact(2 * di)) {
-            xr.copy_from_slice(&both[..di]);
-            zr.copy_from_slice(&both[di..]);
-        }
-        // 2. Causal conv per sequence, continuing from its saved inputs; then SiLU.
+        let xz = &*xz;
+        compute.pool.for_rows_mut(x, di, &|t, xr| xr.copy_from_slice(&xz[t * 2 * di..t * 2 * di + di]));
+        compute.pool.for_rows_mut(z, di, &|t, zr| zr.copy_from_slice(&xz[t * 2 * di + di..(t + 1) * 2 * di]));
+        // 2. Causal conv per sequence (sequences in parallel), continuing from its saved
+        //    inputs; then SiLU.
         let xc = resize(&mut s.xc, rows * di);
+        let mut convs = Vec::with_capacity(seqs.len());
+        let mut xc_rest = &mut xc[..];
         for (seq, slot) in seqs.iter().zip(slots.iter_mut()) {
-            let span = seq.first_row * di..(seq.first_row + seq.tokens) * di;
+            let (xc_seq, tail) = std::mem::take(&mut xc_rest).split_at_mut(seq.tokens * di);
+            xc_rest = tail;
             let (conv_state, _) = slot.layer(self.state_layer);
-            ssm::causal_conv1d(&mut xc[span.clone()], &x[span], &self.conv_w, self.conv_b.as_deref(), conv_state, di);
+            convs.push(Mutex::new((seq, xc_seq, conv_state)));
         }
-        ops::silu_in_place(xc);
+        let x = &*x;
+        compute.pool.run(convs.len(), &|i| {
+            let mut job = convs[i].lock().unwrap_or_else(|p| p.into_inner());
+            let (seq, xc_seq, conv_state) = &mut *job;
+            let span = seq.first_row * di..(seq.first_row + seq.tokens) * di;
+            ssm::causal_conv1d(xc_seq, &x[span], &self.conv_w, self.conv_b.as_deref(), conv_state, di);
+        });
+        drop(convs);
+        compute.pool.for_rows_mut(xc, di, &|_, row| ops::silu_in_place(row));
         // 3. dt, B and C from one product, each RMSNorm'd; dt through its own projection.
         let p_w = r + 2 * n;
         let dbc = resize(&mut s.dbc, rows * p_w);
@@ -119,22 +136,40 @@ impl Mamba {
         ops::rms_norm(cm, &self.c_norm, c.rms_eps);
         let dt = resize(&mut s.dt, rows * di);
         compute.matmul(dt, dt_low, rows, &self.dt_proj, mm);
-        ssm::softplus_bias_in_place(dt, &self.dt_bias);
-        // 4. The selective scan per sequence on its own state, sequences in parallel.
+        compute.pool.for_rows_mut(dt, di, &|_, row| ssm::softplus_bias_in_place(row, &self.dt_bias));
+        // 4. The selective scan per sequence on its own state: decode rows one task a sequence;
+        //    prompt chunks also split by channels (independent, and the same values whatever the
+        //    split), so that one long prompt's scan runs on every thread.
+        let decode_only = seqs.iter().all(|q| q.tokens <= 1);
+        let width = if decode_only { di } else { SCAN_CHANNELS.min(di) };
         let y = resize(&mut s.y, rows * di);
+        let parts = resize(&mut s.y_parts, if width < di { rows * di } else { 0 });
         let (x, z, dt, b, cm) = (&*xc, &*z, &*dt, &*b, &*cm);
-        let mut jobs = Vec::with_capacity(seqs.len());
-        let mut y_rest = &mut y[..];
+        let mut jobs = Vec::with_capacity(seqs.len() * di.div_ceil(width));
+        let (mut y_rest, mut parts_rest) = (&mut y[..], &mut parts[..]);
         for (seq, slot) in seqs.iter().zip(slots.iter_mut()) {
+            let (_, mut h_rest) = slot.layer(self.state_layer);
             let (y_seq, tail) = std::mem::take(&mut y_rest).split_at_mut(seq.tokens * di);
             y_rest = tail;
-            let (_, h) = slot.layer(self.state_layer);
-            jobs.push(Mutex::new((seq, y_seq, h)));
+            if width == di {
+                jobs.push(Mutex::new((seq, 0, y_seq, h_rest)));
+                continue;
+            }
+            // The sequence's channel blocks one after another, each `[tokens, count]`.
+            let (mut p_rest, tail) = std::mem::take(&mut parts_rest).split_at_mut(seq.tokens * di);
+            parts_rest = tail;
+            for first in (0..di).step_by(width) {
+                let count = width.min(di - first);
+                let (h_part, h_tail) = std::mem::take(&mut h_rest).split_at_mut(count * n);
+                let (y_part, p_tail) = std::mem::take(&mut p_rest).split_at_mut(seq.tokens * count);
+                (h_rest, p_rest) = (h_tail, p_tail);
+                jobs.push(Mutex::new((seq, first, y_part, h_part)));
+            }
         }
         let scan = compute.kernels.selective_scan;
         let run = |i: usize| {
             let mut job = jobs[i].lock().unwrap_or_else(|p| p.into_inner());
-            let (seq, y_seq, h) = &mut *job;
+            let (seq, first, y_part, h) = &mut *job;
             let (rows_c, rows_n) = (
                 seq.first_row * di..(seq.first_row + seq.tokens) * di,
                 seq.first_row * n..(seq.first_row + seq.tokens) * n,
@@ -148,7 +183,8 @@ impl Mamba {
                 a: &self.a,
                 d: &self.d,
             };
-            scan(y_seq, &inputs, h, ScanShape { tokens: seq.tokens, channels: di, state: n });
+            let count = h.len() / n;
+            scan(y_part, &inputs, h, ScanShape::whole(seq.tokens, di, n).part(*first, count));
         };
         if jobs.len() > 1 {
             compute.pool.run(jobs.len(), &run);
@@ -156,6 +192,18 @@ impl Mamba {
             run(0);
         }
         drop(jobs);
+        if width < di {
+            let parts = &*parts;
+            compute.pool.for_rows_mut(y, di, &|row, out| {
+                let seq = &seqs[seqs.partition_point(|q| q.first_row + q.tokens <= row)];
+                let (base, t) = (seq.first_row * di, row - seq.first_row);
+                for first in (0..di).step_by(width) {
+                    let count = width.min(di - first);
+                    let at = base + first * seq.tokens + t * count;
+                    out[first..first + count].copy_from_slice(&parts[at..at + count]);
+                }
+            });
+        }
         // 5. Back to the model width.
         compute.matmul(out, y, rows, &self.out_proj, mm);
         if let Some(bias) = &self.out_bias {
