@@ -82,11 +82,18 @@ def cluster(tmp_path_factory):
     # A fourth replica that stays loading for 8 s (test-only delay, fault injection on).
     loading = Server(threads=1, wait=False,
                      env={"TAIPAN_FAULT_INJECTION": "1", "TAIPAN_FAULT_LOAD_DELAY_MS": "8000"})
-    port, stats_port = free_port(), free_port()
     cfg = tmp_path_factory.mktemp("haproxy") / "haproxy.cfg"
-    cfg.write_text(haproxy_config(port, stats_port, replicas + [loading]))
     log = open(ROOT / "target" / "e2e-haproxy.log", "w")
-    lb = subprocess.Popen([haproxy, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    # A port free_port() found can be taken (by any client's ephemeral port) before HAProxy
+    # binds it; HAProxy then exits at once: pick new ports and start it again.
+    for _ in range(5):
+        port, stats_port = free_port(), free_port()
+        cfg.write_text(haproxy_config(port, stats_port, replicas + [loading]))
+        lb = subprocess.Popen([haproxy, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            lb.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            break  # still running: it bound its ports
     try:
         ready = {f"r{i}": "UP" for i in range(3)} | {"r3": "DOWN"}
         assert wait_for(lambda: server_states(stats_port) == ready), server_states(stats_port)
