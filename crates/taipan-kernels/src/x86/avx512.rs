@@ -248,6 +248,7 @@ pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &
     }
     i.check(y, h, s);
     let one = _mm512_set1_ps(1.0);
+    let h_at = h.as_mut_ptr();
     for t in 0..t_n {
         // Channel `first + j`'s new state and its sum Σ_n h·C (a vector whose lanes still need
         // adding).
@@ -259,7 +260,7 @@ pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &
                 let xx = _mm512_set1_ps(i.x[t * ch + k]);
                 let mut acc = _mm512_setzero_ps();
                 for q in (0..n).step_by(16) {
-                    let hp = h.as_ptr().add(j * n + q) as *mut f32;
+                    let hp = h_at.add(j * n + q);
                     let da = exp16(_mm512_mul_ps(dtx, _mm512_loadu_ps(i.a.as_ptr().add(k * n + q))));
                     let db = _mm512_mul_ps(dtx, _mm512_loadu_ps(i.b.as_ptr().add(t * n + q)));
                     let hv = _mm512_fmadd_ps(da, _mm512_loadu_ps(hp), _mm512_mul_ps(db, xx));
