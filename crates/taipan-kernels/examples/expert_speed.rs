@@ -52,7 +52,6 @@ fn main() {
         }
         routes.push(r);
     }
-    let _ = top_k;
     let routed = tokens * top_k;
     let mut out = vec![0f32; routed * 2 * f];
     let mut s = MatmulScratch::default();

@@ -186,11 +186,7 @@ impl Mamba {
             let count = h.len() / n;
             scan(y_part, &inputs, h, ScanShape::whole(seq.tokens, di, n).part(*first, count));
         };
-        if jobs.len() > 1 {
-            compute.pool.run(jobs.len(), &run);
-        } else if !jobs.is_empty() {
-            run(0);
-        }
+        compute.pool.run(jobs.len(), &run);
         drop(jobs);
         if width < di {
             let parts = &*parts;
