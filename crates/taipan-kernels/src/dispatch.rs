@@ -136,7 +136,7 @@ mod x86_entry {
         unsafe {
             match &w.layout {
                 Layout::K(k) => tile_in_fours(|w, a, o| avx512_kquant::dot_group_kpacked(w, k, a, o), w, acts, out),
-                _ => tile_in_runs::<{ avx512::MAX_ROWS }>(|w, a, o| avx512::dot_group_packed(w, a, o), w, acts, out),
+                _ => avx512::dot_group_packed(w, acts, out),
             }
         }
     }

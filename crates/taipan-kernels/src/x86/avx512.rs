@@ -3,48 +3,77 @@
 use crate::packed::{ActRow, Compact, Layout, LevelWidth, PackedGroup, GROUP};
 use std::arch::x86_64::*;
 
-/// Activation rows one call of [`dot_group_packed`] takes: eight share each unpacked weight
-/// vector, with their 16 accumulators still in registers.
+/// Activation rows one pass of the packed tile takes: eight share each unpacked weight vector,
+/// with their 16 accumulators still in registers.
 pub const MAX_ROWS: usize = 8;
 
 /// Packed-group × activation tile: `out[t * GROUP + r] = row r · acts[t]` for the group's
-/// 16 rows and 1 to [`MAX_ROWS`] activation rows (`crate::dispatch` feeds it more in runs), for
-/// the wide and compact forms of 32-element formats.
+/// 16 rows and any number of activation rows (passes of up to [`MAX_ROWS`]), for the wide and
+/// compact forms of 32-element formats.
+///
+/// How the weights reach the cache depends on the row count. Up to [`STREAMING_ROWS`] the tile
+/// is bound by memory and prefetches a few blocks ahead within the group. With more, it is bound
+/// by its arithmetic, and the group's lines arrive only while its first pass asks for them: the
+/// other passes then compute with the memory idle. So the last pass prefetches the *next* group
+/// (the following bytes: groups of a matrix lie end to end) into L2, which lets the next call's
+/// loads overlap this one's products.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI. Shapes are asserted.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn dot_group_packed(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
+    let n = acts.len();
+    assert!(n > 0 && out.len() >= GROUP * n, "packed tile: {n} rows, {} outputs", out.len());
     let form = match w.layout {
         Layout::Wide => None,
         Layout::Compact(c) => Some(c),
         Layout::K(_) => panic!("K-quant groups have their own kernel"),
     };
-    macro_rules! tile {
-        ($t:literal) => {
-            match (w.width, form) {
-                (LevelWidth::Nibble, None) => group_tile::<$t, true, false, false>(w, WIDE, acts, out),
-                (LevelWidth::Byte, None) => group_tile::<$t, false, false, false>(w, WIDE, acts, out),
-                (LevelWidth::Nibble, Some(c)) if c.plane => group_tile::<$t, true, true, true>(w, c, acts, out),
-                (LevelWidth::Nibble, Some(c)) => group_tile::<$t, true, true, false>(w, c, acts, out),
-                (LevelWidth::Byte, Some(c)) => group_tile::<$t, false, true, false>(w, c, acts, out),
+    let passes = n.div_ceil(MAX_ROWS);
+    for pass in 0..passes {
+        let t0 = pass * MAX_ROWS;
+        let nt = (n - t0).min(MAX_ROWS);
+        let prefetch = if n <= STREAMING_ROWS { Prefetch::Ahead } else { Prefetch::NextGroup { pass, passes } };
+        let (acts, out) = (&acts[t0..t0 + nt], &mut out[t0 * GROUP..(t0 + nt) * GROUP]);
+        macro_rules! tile {
+            ($t:literal) => {
+                match (w.width, form) {
+                    (LevelWidth::Nibble, None) => group_tile::<$t, true, false, false>(w, WIDE, acts, out, prefetch),
+                    (LevelWidth::Byte, None) => group_tile::<$t, false, false, false>(w, WIDE, acts, out, prefetch),
+                    (LevelWidth::Nibble, Some(c)) if c.plane => {
+                        group_tile::<$t, true, true, true>(w, c, acts, out, prefetch)
+                    }
+                    (LevelWidth::Nibble, Some(c)) => group_tile::<$t, true, true, false>(w, c, acts, out, prefetch),
+                    (LevelWidth::Byte, Some(c)) => group_tile::<$t, false, true, false>(w, c, acts, out, prefetch),
+                }
+            };
+        }
+        // SAFETY: forwarded contract; the match only picks a monomorphized size.
+        unsafe {
+            match nt {
+                1 => tile!(1),
+                2 => tile!(2),
+                3 => tile!(3),
+                4 => tile!(4),
+                5 => tile!(5),
+                6 => tile!(6),
+                7 => tile!(7),
+                _ => tile!(8),
             }
-        };
-    }
-    // SAFETY: forwarded contract; the match only picks a monomorphized size.
-    unsafe {
-        match acts.len() {
-            1 => tile!(1),
-            2 => tile!(2),
-            3 => tile!(3),
-            4 => tile!(4),
-            5 => tile!(5),
-            6 => tile!(6),
-            7 => tile!(7),
-            8 => tile!(8),
-            n => panic!("packed tile takes 1 to {MAX_ROWS} activation rows, got {n}"),
         }
     }
+}
+
+/// Row counts up to which a packed tile streams its weights (bound by memory, not arithmetic).
+pub(crate) const STREAMING_ROWS: usize = 4;
+
+/// What a pass of the packed tile prefetches (see [`dot_group_packed`]).
+#[derive(Clone, Copy, PartialEq)]
+enum Prefetch {
+    /// [`PREFETCH_BLOCKS`] blocks ahead, into L1.
+    Ahead,
+    /// This pass's share of the next group, into L2, spread evenly over its blocks.
+    NextGroup { pass: usize, passes: usize },
 }
 
 /// Stands in for the compact description in the wide form, where scales and offsets are f32.
@@ -56,7 +85,8 @@ const PREFETCH_BLOCKS: usize = 4;
 /// Prefetches the block [`PREFETCH_BLOCKS`] blocks of `block_bytes` after `blk`. Mat-vec (and the
 /// one to four rows an expert gets in a batched step) streams the weights once: this keeps ahead
 /// of the hardware prefetcher. The address may lie past the group, which is harmless. (With eight
-/// rows the tile is compute-bound, and the prefetches measured twice as slow there.)
+/// rows the tile is compute-bound, and prefetching ahead within the group measured twice as slow
+/// there.)
 #[inline(always)]
 pub(crate) fn prefetch_ahead(blk: *const u8, block_bytes: usize) {
     let ahead = blk.wrapping_add(PREFETCH_BLOCKS * block_bytes);
@@ -68,12 +98,23 @@ pub(crate) fn prefetch_ahead(blk: *const u8, block_bytes: usize) {
     }
 }
 
+/// Prefetches `count` lines from `at` into L2. The address may lie past the matrix, which is
+/// harmless.
+#[inline(always)]
+fn prefetch_lines_l2(at: *const u8, count: usize) {
+    for line in 0..count {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(line * 64) as *const i8) };
+    }
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, const PLANE: bool>(
     w: &PackedGroup<'_>,
     form: Compact,
     acts: &[ActRow<'_>],
     out: &mut [f32],
+    prefetch: Prefetch,
 ) {
     let nb = w.blocks;
     let lvl = w.width.block_level_bytes();
@@ -94,8 +135,17 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, co
         // them, which is harmless.
         unsafe {
             let blk = base.add(b * stride);
-            if T <= 4 {
-                prefetch_ahead(blk, stride);
+            match prefetch {
+                Prefetch::Ahead => prefetch_ahead(blk, stride),
+                Prefetch::NextGroup { pass, passes } => {
+                    let lines = (nb * stride).div_ceil(64);
+                    let per_block = lines.div_ceil(nb * passes);
+                    let first = (pass * nb + b) * per_block;
+                    prefetch_lines_l2(
+                        base.wrapping_add(nb * stride + first * 64),
+                        per_block.min(lines.saturating_sub(first)),
+                    );
+                }
             }
             let mut isum = [_mm512_setzero_si512(); T];
             if NIBBLE {
