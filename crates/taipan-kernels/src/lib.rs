@@ -12,6 +12,7 @@
 
 pub mod dispatch;
 pub mod formats;
+pub mod huge;
 pub mod kpacked;
 pub mod matmul;
 pub mod ops;

@@ -13,6 +13,7 @@
 //! closer to the file's bytes (see `crate::kpacked`); a group says which layout it holds.
 
 use crate::formats::{legacy, DType, SizeMismatch};
+use crate::huge::HugeBytes;
 use crate::kpacked::{self, KLayout, QK_K};
 use crate::quant::{padded_len, QBLOCK};
 use half::f16;
@@ -117,7 +118,7 @@ pub struct PackedMatrix {
     /// Padded row length (multiple of 64).
     pub stride: usize,
     pub width: LevelWidth,
-    pub data: Vec<u8>,
+    pub data: HugeBytes,
     /// The format it was packed from.
     pub source: DType,
     pub layout: Layout,
@@ -169,8 +170,8 @@ impl PackedMatrix {
             _ => LevelWidth::Nibble,
         };
         let stride = padded_len(cols);
-        let mut out = PackedMatrix { rows, cols, stride, width, data: Vec::new(), source: dtype, layout };
-        out.data = vec![0; out.groups() * out.group_bytes()];
+        let mut out = PackedMatrix { rows, cols, stride, width, data: HugeBytes::zeroed(0), source: dtype, layout };
+        out.data = HugeBytes::zeroed(out.groups() * out.group_bytes());
         if let Layout::K(k) = layout {
             debug_assert_eq!(stride, cols, "K rows are whole 256-element super-blocks");
             kpacked::pack_rows(k, data, rows, cols, &mut out.data);
