@@ -7,6 +7,8 @@
 //! conv and SSM states for every Mamba layer; a sequence owns one slot. Both are allocated once:
 //! memory does not grow with the number of requests.
 
+use taipan_kernels::huge::HugeBuf;
+
 /// Keys and values of every attention layer, in blocks.
 #[derive(Debug, Clone)]
 pub struct KvPool {
@@ -16,8 +18,8 @@ pub struct KvPool {
     pub block_size: usize,
     blocks: usize,
     /// Per layer `[blocks, block_size, kv_dim]`.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<HugeBuf<f32>>,
+    v: Vec<HugeBuf<f32>>,
 }
 
 impl KvPool {
@@ -50,7 +52,7 @@ impl KvPool {
         }
         let n = blocks * self.block_size * self.kv_dim;
         for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            l.resize(n, 0.0);
+            l.grow_zeroed(n);
         }
         self.blocks = blocks;
     }
@@ -119,7 +121,7 @@ pub struct StatePool {
     conv: usize,
     ssm: usize,
     slots: usize,
-    data: Vec<f32>,
+    data: HugeBuf<f32>,
 }
 
 impl StatePool {
@@ -177,7 +179,7 @@ impl StatePool {
             return None;
         }
         let mut out: Vec<Option<SlotMut<'_>>> = (0..wanted.len()).map(|_| None).collect();
-        let (mut rest, mut base) = (self.data.as_mut_slice(), 0usize);
+        let (mut rest, mut base) = (&mut self.data[..], 0usize);
         for (slot, at) in order {
             let skip = slot as usize * n - base;
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
@@ -209,8 +211,8 @@ impl SlotMut<'_> {
 /// `n` zeros with every page touched now. The memory budget is taken at start-up for real: a
 /// machine without room for it fails here rather than mid-request, no request pays the page
 /// faults, and the process's resident size stays flat while it serves.
-pub fn resident_zeros(n: usize) -> Vec<f32> {
-    let mut v = vec![0f32; n];
+pub fn resident_zeros(n: usize) -> HugeBuf<f32> {
+    let mut v = HugeBuf::<f32>::zeroed(n);
     const PAGE_FLOATS: usize = 4096 / std::mem::size_of::<f32>();
     for i in (0..n).step_by(PAGE_FLOATS) {
         // A volatile store: writing the zero already there must not be optimised away.
