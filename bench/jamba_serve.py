@@ -2,8 +2,11 @@
 
 Both servers get the same GGUF (`taipan synth-jamba`), 2 threads, and the same closed-loop
 workload: N streaming clients, each sending ROUNDS requests of ~40-token prompts for 128 tokens
-(`ignore_eos`) to `/v1/completions`. Reports aggregate generated tok/s, time to first token and
-inter-token latency, plus taipan's own single-stream decode (`taipan bench`, same run).
+(`ignore_eos`) to `/v1/completions`. Reports aggregate generated tok/s (tokens as each server's
+final `usage` counts them: a token whose text is held back, e.g. part of a UTF-8 character,
+streams no text of its own, so counting text chunks would undercount by a few percent, unequally
+between servers), time to first token and inter-token latency (between text chunks), plus
+taipan's own single-stream decode (`taipan bench`, same run).
 Usage: bench/jamba_serve.py GGUF LLAMA_SERVER_BINARY [--clients 16] [--rounds 2] [--peer-args=ARGS]
 (`--peer-args=--no-repack`: llama-server's AMX build crashed with 16 Jamba sequences at once on
 2026-12-02; without weight repacking it runs, on its AVX-512 kernels.)"""
@@ -24,17 +27,19 @@ def prompt(i):
 
 def stream(base, text, max_tokens):
     body = json.dumps({"model": "jamba-mini", "prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "ignore_eos": True}).encode()
+                       "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
     req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    times = []
+    times, generated = [], None
     with urllib.request.urlopen(req, timeout=900) as r:
         for line in r:
             if line.startswith(b"data: {"):
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     times.append(time.perf_counter())
-    return times, t0
+                if chunk.get("usage"):
+                    generated = chunk["usage"]["completion_tokens"]
+    return times, t0, len(times) if generated is None else generated
 
 
 def pct(xs, p):
@@ -48,11 +53,11 @@ def load(base, clients, rounds, max_tokens=128):
 
     def client(c):
         for k in range(rounds):
-            times, t0 = stream(base, prompt(c * 31 + k), max_tokens)
+            times, t0, generated = stream(base, prompt(c * 31 + k), max_tokens)
             with lock:
                 ttft.append(times[0] - t0)
                 itl.extend(b - a for a, b in zip(times, times[1:]))
-                tokens[0] += len(times)
+                tokens[0] += generated
 
     t = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
