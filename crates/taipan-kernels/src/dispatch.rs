@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 pub type PackedTileFn = fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]);
 /// `out[r * xs.len() + t] = ws[r] · xs[t]`, at most 4 × 4, all slices of one length.
 pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
+/// `out[j] = row j · x` for 16 rows of `x.len()` floats stored one after another in `ws`.
+pub type F32Rows16Fn = fn(&[f32], &[f32], &mut [f32]);
 
 /// Several query rows against one KV head, row `i` over positions `spans[i].0..spans[i].1`:
 /// `(out, q, spans, kv, scale, scratch)` with `out` and `q` `[rows, head_dim]`.
@@ -50,6 +52,9 @@ pub struct Kernels {
     pub isa: Isa,
     pub packed_tile: PackedTileFn,
     pub f32_tile: F32TileFn,
+    /// Short f32 rows (see `Compute::matmul_dense`) sixteen at a time, where the ISA has a
+    /// kernel for it.
+    pub f32_rows16: Option<F32Rows16Fn>,
     pub attend_rows: AttendRowsFn,
     pub selective_scan: ScanFn,
     /// bf16 tile kernels for prompt rows, where the CPU has them (see [`TileKernels`]).
@@ -167,6 +172,10 @@ mod x86_entry {
         // SAFETY: only installed after detecting avx512f.
         unsafe { avx512::dot_tile_f32(ws, xs, out) }
     }
+    pub fn f32_rows16_avx512(ws: &[f32], x: &[f32], out: &mut [f32]) {
+        // SAFETY: only installed after detecting avx512f.
+        unsafe { avx512::dot_rows16_f32(ws, x, out) }
+    }
     pub fn packed_avx2(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx2, fma and f16c.
         unsafe {
@@ -215,6 +224,7 @@ impl Kernels {
             isa: Isa::Scalar,
             packed_tile: packed_tile_ref,
             f32_tile: f32_tile_ref,
+            f32_rows16: None,
             attend_rows: crate::ops::attend_rows_ref,
             selective_scan: crate::ssm::selective_scan_ref,
             tiles: None,
@@ -233,6 +243,7 @@ impl Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx2,
                 f32_tile: x86_entry::f32_avx2,
+                f32_rows16: None,
                 attend_rows: x86_entry::attend_rows_avx2,
                 selective_scan: x86_entry::scan_avx2,
                 tiles: None,
@@ -249,6 +260,7 @@ impl Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx512,
                 f32_tile: x86_entry::f32_avx512,
+                f32_rows16: Some(x86_entry::f32_rows16_avx512),
                 attend_rows: x86_entry::attend_rows_avx512,
                 selective_scan: x86_entry::scan_avx512,
                 tiles: None,

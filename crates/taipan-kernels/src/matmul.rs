@@ -400,8 +400,43 @@ impl Compute {
     /// A dense matrix's product in f32.
     fn matmul_dense(&self, sink: &OutPtr, x: &[f32], tokens: usize, m: &DenseMatrix) {
         let (n, k) = (m.rows, m.cols);
+        if let (Some(rows16), true) = (self.kernels.f32_rows16, k <= SHORT_ROW) {
+            // Sixteen rows at a time against each token; rows past the last whole sixteen take
+            // the tile below. Either way a row's sums do not depend on the token count.
+            let whole = n / 16;
+            self.pool.for_chunks(whole, 1, &|blocks| {
+                let mut buf = [0f32; 16];
+                for blk in blocks {
+                    let ws = &m.data[blk * 16 * k..(blk + 1) * 16 * k];
+                    for t in 0..tokens {
+                        rows16(ws, &x[t * k..(t + 1) * k], &mut buf);
+                        // SAFETY: rows blk·16..+16 of token t belong to this task alone.
+                        unsafe { sink.write(t * n + blk * 16, &buf) };
+                    }
+                }
+            });
+            if whole * 16 < n {
+                self.matmul_dense_tiles_f32(sink, x, tokens, m, whole * 16..n);
+            }
+            return;
+        }
+        self.matmul_dense_tiles_f32(sink, x, tokens, m, 0..n);
+    }
+
+    /// Rows `rows` of a dense matrix's product through the f32 tiles.
+    fn matmul_dense_tiles_f32(
+        &self,
+        sink: &OutPtr,
+        x: &[f32],
+        tokens: usize,
+        m: &DenseMatrix,
+        rows: std::ops::Range<usize>,
+    ) {
+        let (n, k) = (m.rows, m.cols);
         let tile = self.kernels.f32_tile;
-        self.pool.for_chunks(n, 16, &|rows| {
+        let first = rows.start;
+        self.pool.for_chunks(rows.len(), 16, &|part| {
+            let rows = first + part.start..first + part.end;
             run_tiles(rows, tokens, n, sink, |r0, r1, t0, t1, buf| {
                 let ws: [&[f32]; 4] = std::array::from_fn(|i| {
                     let r = (r0 + i).min(r1 - 1);
@@ -720,6 +755,9 @@ impl OutPtr {
 
 /// Activation rows per cache block inside one task.
 const TOKEN_BLOCK: usize = 32;
+
+/// Dense rows up to this length take the 16-row f32 kernel where the ISA has one.
+const SHORT_ROW: usize = 256;
 
 /// Walks the `(rows × tokens)` region in tiles and scatters each tile into `out[t * n + r]`.
 fn run_tiles(

@@ -743,3 +743,33 @@ fn q8_0_quantizer_round_trips_within_half_a_step() {
         assert!((a - y).abs() <= 2.5 / 127.0 * 0.51 + 1e-3, "{a} vs {y}");
     }
 }
+
+/// Short f32 rows (Mamba's `dt_proj`) go sixteen rows at a time where the ISA has a kernel for
+/// it, the rest through the tiles: each row's sums equal the naive product and do not depend on
+/// how many tokens share the call (a batched step equals its sequences alone, bit for bit).
+#[test]
+fn short_dense_rows_equal_naive_and_each_token_alone() {
+    let mut rng = Lcg(11);
+    for (n, k) in [(37usize, 70usize), (48, 64), (5, 256), (33, 17)] {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.unit() * 2.0 - 1.0).collect();
+        let m = Matrix::from_f32(w.clone(), n, k);
+        let tokens = 6;
+        let x: Vec<f32> = (0..tokens * k).map(|_| rng.unit() * 2.0 - 1.0).collect();
+        for kern in Kernels::available() {
+            let c = Compute::with_kernels(2, kern);
+            let mut all = vec![0f32; tokens * n];
+            c.matmul(&mut all, &x, tokens, &m, &mut MatmulScratch::default());
+            for t in 0..tokens {
+                let mut one = vec![0f32; n];
+                c.matmul(&mut one, &x[t * k..(t + 1) * k], 1, &m, &mut MatmulScratch::default());
+                for r in 0..n {
+                    let got = all[t * n + r];
+                    assert_eq!(got.to_bits(), one[r].to_bits(), "{:?} n {n} k {k} row {r} token {t}", kern.isa);
+                    let exact: f32 = (0..k).map(|j| w[r * k + j] * x[t * k + j]).sum();
+                    let scale: f32 = (0..k).map(|j| (w[r * k + j] * x[t * k + j]).abs()).sum();
+                    assert!((got - exact).abs() <= 1e-5 * scale + 1e-6, "{:?}: {got} vs {exact}", kern.isa);
+                }
+            }
+        }
+    }
+}
