@@ -19,6 +19,7 @@ const HUGE_PAGE: usize = 2 << 20;
 pub trait Zeroed: Copy + Default + PartialEq + std::fmt::Debug + 'static {}
 impl Zeroed for u8 {}
 impl Zeroed for f32 {}
+impl Zeroed for u64 {}
 
 /// A zero-initialised buffer whose whole 2 MiB-aligned pages are advised as huge pages. The
 /// first element sits on a 2 MiB boundary (for buffers of at least 2 MiB), so no huge page is
