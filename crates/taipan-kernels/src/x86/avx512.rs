@@ -15,9 +15,9 @@ pub const MAX_ROWS: usize = 8;
 /// is bound by memory and prefetches a few blocks ahead within the group. With more, its
 /// arithmetic takes about as long as the loads, and the group's lines arrive only while it asks
 /// for them: the loads and the products take turns (and the other passes compute with the memory
-/// idle). So the last pass prefetches the *next* group
-/// (the following bytes: groups of a matrix lie end to end) into L2, which lets the next call's
-/// loads overlap this one's products.
+/// idle). So each pass prefetches its share of the *next* group into L2, spread over its blocks
+/// (the following bytes: groups of a matrix lie end to end), which lets the next call's loads
+/// overlap this one's products.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI. Shapes are asserted.
