@@ -55,15 +55,28 @@ impl Rng {
     }
 }
 
-/// Index of the largest value (the first one on ties).
+/// Index of the largest value (the first one on ties; NaNs never win over a number, and a NaN in
+/// first place wins: the result of a scan keeping the first strictly larger value).
+///
+/// Why two passes: that scan's compare depends on the previous step's choice, so it runs one
+/// value at a time (130 µs over Gemma 3's 262,144 logits, ~1% of a decode step); the largest
+/// value by lanes vectorises, and finding its first position is a plain search (41 µs).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+    match logits.first() {
+        None => return 0,
+        Some(v) if v.is_nan() => return 0,
+        _ => {}
+    }
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = logits.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l = if v > *l { v } else { *l };
         }
     }
-    best as u32
+    let best = lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    logits.iter().position(|&v| v == best).unwrap_or(0) as u32
 }
 
 /// Samples tokens for one sequence; owns its random state and scratch.
@@ -149,6 +162,42 @@ impl Sampler {
 
 #[cfg(test)]
 mod tests {
+
+    /// The vectorised argmax picks what a first-strictly-larger scan picks: ties, NaNs, infinities.
+    #[test]
+    fn argmax_equals_the_scan() {
+        fn scan(l: &[f32]) -> u32 {
+            let mut best = 0usize;
+            for (i, &v) in l.iter().enumerate() {
+                if v > l[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        }
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for len in [1usize, 2, 15, 16, 17, 33, 1000, 262_144] {
+            for case in 0..6 {
+                let mut l: Vec<f32> = (0..len).map(|_| (next() % 64) as f32 - 32.0).collect();
+                match case {
+                    1 => l.iter_mut().step_by(3).for_each(|v| *v = f32::NAN),
+                    2 => l[0] = f32::NAN,
+                    3 => l.iter_mut().for_each(|v| *v = f32::NEG_INFINITY),
+                    4 => l[len - 1] = f32::INFINITY,
+                    5 => l.iter_mut().for_each(|v| *v = 1.0),
+                    _ => {}
+                }
+                assert_eq!(argmax(&l), scan(&l), "len {len} case {case}");
+            }
+        }
+        assert_eq!(argmax(&[]), 0);
+    }
     use super::*;
 
     #[test]
