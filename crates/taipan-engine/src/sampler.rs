@@ -162,6 +162,7 @@ impl Sampler {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// The vectorised argmax picks what a first-strictly-larger scan picks: ties, NaNs, infinities.
     #[test]
@@ -198,7 +199,6 @@ mod tests {
         }
         assert_eq!(argmax(&[]), 0);
     }
-    use super::*;
 
     #[test]
     fn greedy_takes_argmax() {

@@ -110,16 +110,7 @@ pub(crate) fn tile_in_fours(
     acts: &[ActRow<'_>],
     out: &mut [f32],
 ) {
-    tile_in_runs::<4>(tile, w, acts, out)
-}
-
-/// Runs `tile`, which takes at most `N` activation rows, over any number of them.
-pub(crate) fn tile_in_runs<const N: usize>(
-    tile: impl Fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]),
-    w: &PackedGroup<'_>,
-    acts: &[ActRow<'_>],
-    out: &mut [f32],
-) {
+    const N: usize = 4;
     let n = acts.len();
     if n <= N {
         return tile(w, acts, out);

@@ -5,10 +5,11 @@
 //! page walk every 4 KiB, and the hardware prefetchers stop at each page's end; on 2 MiB pages
 //! both nearly vanish (synthetic Jamba, Intel Xeon: 16-sequence step −5–9%, single-stream decode
 //! −7%; the state and KV pools on huge pages too: another −6%, the Mamba scan's 2 MiB of states
-//! per layer no longer missing the TLB). Linux gives transparent huge pages to anonymous memory when its mode is `always`, or
-//! when it is `madvise` (a common default) and the range was advised: so each large buffer
-//! advises the 2 MiB-aligned pages it wholly covers before any byte is written. Where the system
-//! refuses, the buffer simply stays on small pages: same contents, same results.
+//! per layer no longer missing the TLB). Linux gives transparent huge pages to anonymous memory
+//! when its mode is `always`, or when it is `madvise` (a common default) and the range was
+//! advised: so each large buffer advises the 2 MiB-aligned pages it wholly covers before any byte
+//! is written. Where the system refuses, the buffer simply stays on small pages: same contents,
+//! same results.
 
 use std::ops::{Deref, DerefMut};
 

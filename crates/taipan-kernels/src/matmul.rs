@@ -404,6 +404,9 @@ impl Compute {
             // Sixteen rows at a time against each token; rows past the last whole sixteen take
             // the tile below. Either way a row's sums do not depend on the token count.
             let whole = n / 16;
+            if whole == 0 {
+                return self.matmul_dense_tiles_f32(sink, x, tokens, m, 0..n);
+            }
             self.pool.for_chunks(whole, 1, &|blocks| {
                 let mut buf = [0f32; 16];
                 for blk in blocks {
