@@ -5,6 +5,7 @@
 //! beside one row through one expert matrix after another (plain mat-vec, the decode bound).
 //! `cargo run --release -p taipan-kernels --example expert_speed -- [threads] [tokens]`.
 use std::time::Instant;
+use taipan_kernels::huge::WeightArena;
 use taipan_kernels::{Compute, DType, Kernels, MatmulMode, MatmulScratch, Matrix, RowsProduct};
 
 fn main() {
@@ -23,6 +24,8 @@ fn main() {
         (seed >> 33) as u32
     };
     let (h, f, experts, top_k, layers) = (1024usize, 2816usize, 16usize, 2usize, 4usize);
+    // One arena, as a model's loader lays out its matrices.
+    let arena = WeightArena::new();
     let mut matrix = |n: usize, k: usize| {
         let mut data = vec![0u8; n * k / 32 * 34];
         for (i, b) in data.iter_mut().enumerate() {
@@ -32,7 +35,7 @@ fn main() {
                 _ => next() as u8,
             };
         }
-        Matrix::from_stored(DType::Q8_0, &data, n, k, MatmulMode::Fast).expect("a Q8_0 matrix")
+        Matrix::from_stored_in(&arena, DType::Q8_0, &data, n, k, MatmulMode::Fast).expect("a Q8_0 matrix")
     };
     // Several layers, so that the weights do not stay in cache between steps.
     let gate_up: Vec<Vec<Matrix>> = (0..layers).map(|_| (0..experts).map(|_| matrix(2 * f, h)).collect()).collect();

@@ -7,6 +7,7 @@
 
 use crate::dispatch::{Kernels, TileKernels};
 use crate::formats::{dequantize, DType, SizeMismatch};
+use crate::huge::WeightArena;
 use crate::packed::{ActRow, PackedMatrix, GROUP};
 use crate::pool::ThreadPool;
 use crate::quant::QuantizedActs;
@@ -55,6 +56,8 @@ pub struct StackedMatrix {
 
 impl Matrix {
     /// Builds a matrix from `rows` rows of `cols` elements stored as `dtype`.
+    /// A packed matrix's bytes get a buffer of their own; a model's matrices take theirs from
+    /// one arena ([`Matrix::from_stored_in`]).
     pub fn from_stored(
         dtype: DType,
         data: &[u8],
@@ -62,8 +65,35 @@ impl Matrix {
         cols: usize,
         mode: MatmulMode,
     ) -> Result<Matrix, SizeMismatch> {
+        Self::build(None, dtype, data, rows, cols, mode)
+    }
+
+    /// [`Matrix::from_stored`], packed bytes taken from `arena`.
+    pub fn from_stored_in(
+        arena: &WeightArena,
+        dtype: DType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        mode: MatmulMode,
+    ) -> Result<Matrix, SizeMismatch> {
+        Self::build(Some(arena), dtype, data, rows, cols, mode)
+    }
+
+    fn build(
+        arena: Option<&WeightArena>,
+        dtype: DType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        mode: MatmulMode,
+    ) -> Result<Matrix, SizeMismatch> {
         if mode == MatmulMode::Fast {
-            if let Some(packed) = PackedMatrix::from_blocks(dtype, data, rows, cols) {
+            let packed = match arena {
+                Some(a) => PackedMatrix::from_blocks_in(a, dtype, data, rows, cols),
+                None => PackedMatrix::from_blocks(dtype, data, rows, cols),
+            };
+            if let Some(packed) = packed {
                 return packed.map(Matrix::Packed);
             }
         }

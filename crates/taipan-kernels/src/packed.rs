@@ -13,7 +13,7 @@
 //! closer to the file's bytes (see `crate::kpacked`); a group says which layout it holds.
 
 use crate::formats::{legacy, DType, SizeMismatch};
-use crate::huge::HugeBytes;
+use crate::huge::{WeightArena, WeightBytes};
 use crate::kpacked::{self, KLayout, QK_K};
 use crate::quant::{padded_len, QBLOCK};
 use half::f16;
@@ -118,7 +118,7 @@ pub struct PackedMatrix {
     /// Padded row length (multiple of 64).
     pub stride: usize,
     pub width: LevelWidth,
-    pub data: HugeBytes,
+    pub data: WeightBytes,
     /// The format it was packed from.
     pub source: DType,
     pub layout: Layout,
@@ -132,8 +132,21 @@ impl PackedMatrix {
 
     /// Packs a row-major matrix stored in `dtype`, in the form this CPU's kernels want.
     /// Returns `None` for formats that cannot be packed.
+    /// Its bytes get a buffer of their own; a model's matrices take theirs from one arena
+    /// ([`PackedMatrix::from_blocks_in`]).
     pub fn from_blocks(dtype: DType, data: &[u8], rows: usize, cols: usize) -> Option<Result<Self, SizeMismatch>> {
-        Self::from_blocks_as(dtype, data, rows, cols, LegacyForm::for_this_cpu())
+        Self::pack(dtype, data, rows, cols, LegacyForm::for_this_cpu(), None)
+    }
+
+    /// [`PackedMatrix::from_blocks`] with the packed bytes taken from `arena`.
+    pub fn from_blocks_in(
+        arena: &WeightArena,
+        dtype: DType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Option<Result<Self, SizeMismatch>> {
+        Self::pack(dtype, data, rows, cols, LegacyForm::for_this_cpu(), Some(arena))
     }
 
     /// [`PackedMatrix::from_blocks`] with the form of 32-element formats chosen by the caller.
@@ -143,6 +156,17 @@ impl PackedMatrix {
         rows: usize,
         cols: usize,
         form: LegacyForm,
+    ) -> Option<Result<Self, SizeMismatch>> {
+        Self::pack(dtype, data, rows, cols, form, None)
+    }
+
+    fn pack(
+        dtype: DType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        form: LegacyForm,
+        arena: Option<&WeightArena>,
     ) -> Option<Result<Self, SizeMismatch>> {
         if !Self::supports(dtype) {
             return None;
@@ -170,8 +194,12 @@ impl PackedMatrix {
             _ => LevelWidth::Nibble,
         };
         let stride = padded_len(cols);
-        let mut out = PackedMatrix { rows, cols, stride, width, data: HugeBytes::zeroed(0), source: dtype, layout };
-        out.data = HugeBytes::zeroed(out.groups() * out.group_bytes());
+        let mut out = PackedMatrix { rows, cols, stride, width, data: WeightBytes::zeroed(0), source: dtype, layout };
+        let bytes = out.groups() * out.group_bytes();
+        out.data = match arena {
+            Some(a) => a.zeroed(bytes),
+            None => WeightBytes::zeroed(bytes),
+        };
         if let Layout::K(k) = layout {
             debug_assert_eq!(stride, cols, "K rows are whole 256-element super-blocks");
             kpacked::pack_rows(k, data, rows, cols, &mut out.data);

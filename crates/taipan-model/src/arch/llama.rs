@@ -19,6 +19,7 @@
 use crate::cache::{BatchItem, KvPool, Logits};
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 use crate::ModelError;
+use taipan_kernels::huge::WeightArena;
 use taipan_kernels::matmul::MatmulScratch;
 use taipan_kernels::ops::{self, AttentionShape, AttnSeq, KvLayer, Rope, RopeScaling, RopeStyle};
 use taipan_kernels::{formats, Compute, DType, MatmulMode, Matrix};
@@ -399,7 +400,13 @@ fn load_f32(f: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, ModelError> 
 }
 
 /// Loads one or more matrices that share an input dimension, stacked by rows.
-fn load_stacked(f: &GgufFile, names: &[(&str, usize)], cols: usize, mode: MatmulMode) -> Result<Matrix, ModelError> {
+fn load_stacked(
+    f: &GgufFile,
+    names: &[(&str, usize)],
+    cols: usize,
+    mode: MatmulMode,
+    arena: &WeightArena,
+) -> Result<Matrix, ModelError> {
     let infos: Vec<&TensorInfo> =
         names.iter().map(|(n, rows)| f.tensor_shaped(n, &[cols as u64, *rows as u64])).collect::<Result<_, _>>()?;
     let rows: usize = names.iter().map(|(_, r)| r).sum();
@@ -409,12 +416,12 @@ fn load_stacked(f: &GgufFile, names: &[(&str, usize)], cols: usize, mode: Matmul
         for t in &infos {
             bytes.extend_from_slice(f.tensor_data(t));
         }
-        Matrix::from_stored(infos[0].dtype, &bytes, rows, cols, mode)
+        Matrix::from_stored_in(arena, infos[0].dtype, &bytes, rows, cols, mode)
     } else {
         // Parts in different formats stay apart, each in its own packed form.
         let mut parts = Vec::with_capacity(infos.len());
         for (t, (name, r)) in infos.iter().zip(names) {
-            let part = Matrix::from_stored(t.dtype, f.tensor_data(t), *r, cols, mode)
+            let part = Matrix::from_stored_in(arena, t.dtype, f.tensor_data(t), *r, cols, mode)
                 .map_err(|e| ModelError::tensor(f, name, e.to_string()))?;
             parts.push(part);
         }
@@ -482,6 +489,8 @@ impl Llama {
             .row_bytes(d)
             .ok_or_else(|| ModelError::tensor(f, "token_embd.weight", "row is not whole blocks".into()))?;
         let tied = !f.has_tensor("output.weight");
+        // Every packed matrix end to end on huge pages.
+        let arena = WeightArena::new();
         let embedding = if tied {
             Embedding::Tied
         } else {
@@ -536,20 +545,26 @@ impl Llama {
             }
             layers.push(Layer {
                 attn_norm: load_f32(f, &n("attn_norm"), d)?,
-                wqkv: load_stacked(f, &[(&n("attn_q"), qd), (&n("attn_k"), kvd), (&n("attn_v"), kvd)], d, mode)?,
+                wqkv: load_stacked(
+                    f,
+                    &[(&n("attn_q"), qd), (&n("attn_k"), kvd), (&n("attn_v"), kvd)],
+                    d,
+                    mode,
+                    &arena,
+                )?,
                 qkv_bias,
                 qk_norms,
-                wo: load_stacked(f, &[(&n("attn_output"), d)], qd, mode)?,
+                wo: load_stacked(f, &[(&n("attn_output"), d)], qd, mode, &arena)?,
                 post_attn_norm: load_opt_f32(f, &n("post_attention_norm"), d)?,
                 ffn_norm: load_f32(f, &n("ffn_norm"), d)?,
-                w_gate_up: load_stacked(f, &[(&n("ffn_gate"), c.d_ff), (&n("ffn_up"), c.d_ff)], d, mode)?,
-                w_down: load_stacked(f, &[(&n("ffn_down"), d)], c.d_ff, mode)?,
+                w_gate_up: load_stacked(f, &[(&n("ffn_gate"), c.d_ff), (&n("ffn_up"), c.d_ff)], d, mode, &arena)?,
+                w_down: load_stacked(f, &[(&n("ffn_down"), d)], c.d_ff, mode, &arena)?,
                 post_ffn_norm: load_opt_f32(f, &n("post_ffw_norm"), d)?,
                 local: c.sliding.as_ref().is_some_and(|s| s.local[i]),
             });
         }
         let out_name = if tied { "token_embd.weight" } else { "output.weight" };
-        let output = load_stacked(f, &[(out_name, c.vocab)], d, mode)?;
+        let output = load_stacked(f, &[(out_name, c.vocab)], d, mode, &arena)?;
         let factors = load_opt_f32(f, "rope_freqs.weight", c.rope_dims / 2)?;
         let rope = Rope::scaled(c.rope_dims, c.rope_base, c.rope_scaling, factors.as_deref());
         let local_rope = c.sliding.as_ref().map(|s| Rope::new(c.rope_dims, s.rope_base));

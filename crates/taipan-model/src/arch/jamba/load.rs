@@ -7,6 +7,7 @@ use super::mamba::Mamba;
 use super::{Jamba, JambaConfig, Layer, Mixer};
 use crate::weights::{RawTensor, WeightSource};
 use crate::ModelError;
+use taipan_kernels::huge::WeightArena;
 use taipan_kernels::{formats, ssm, DType, MatmulMode, Matrix};
 
 fn tensor_err(src: &dyn WeightSource, t: &str, message: String) -> ModelError {
@@ -35,14 +36,16 @@ fn optional_vector(src: &dyn WeightSource, name: &str, n: usize) -> Result<Optio
     }
 }
 
-/// How matrices are built: the matmul mode, and an optional on-load quantization.
+/// How matrices are built: the matmul mode, an optional on-load quantization, and the arena
+/// the packed ones are laid out in (every packed matrix end to end on huge pages).
 #[derive(Clone, Copy)]
-struct Build {
+struct Build<'a> {
     mode: MatmulMode,
     quantize: Option<DType>,
+    arena: &'a WeightArena,
 }
 
-impl Build {
+impl Build<'_> {
     /// A `[rows, cols]` matrix from stored bytes, quantized first when asked and possible.
     fn matrix(
         &self,
@@ -56,9 +59,9 @@ impl Build {
             let mut f = vec![0f32; rows * cols];
             formats::dequantize(dtype, data, &mut f)?;
             let q = formats::legacy::quantize_q8_0(&f);
-            return Matrix::from_stored(DType::Q8_0, &q, rows, cols, self.mode);
+            return Matrix::from_stored_in(self.arena, DType::Q8_0, &q, rows, cols, self.mode);
         }
-        Matrix::from_stored(dtype, data, rows, cols, self.mode)
+        Matrix::from_stored_in(self.arena, dtype, data, rows, cols, self.mode)
     }
 }
 
@@ -126,8 +129,9 @@ fn expert_part(
 impl Jamba {
     /// Loads the weights; `config` comes from the same source.
     pub fn load(src: &dyn WeightSource, config: JambaConfig, opts: crate::LoadOptions) -> Result<Self, ModelError> {
-        let mode = Build { mode: opts.mode, quantize: opts.quantize };
-        let exact = Build { mode: MatmulMode::Exact, quantize: None };
+        let arena = WeightArena::new();
+        let mode = Build { mode: opts.mode, quantize: opts.quantize, arena: &arena };
+        let exact = Build { mode: MatmulMode::Exact, quantize: None, arena: &arena };
         let c = &config;
         let (h, f, di, r, n, k) = (c.hidden, c.intermediate, c.d_inner, c.dt_rank, c.d_state, c.d_conv);
         let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
