@@ -22,6 +22,12 @@ PROMPTS = [
     ("raw", "1, 2, 3, 4, 5,"),
 ]
 GENERATE = 32
+# llama.cpp's figures move with its build (its kernels' activation rounding): say where they came
+# from (the peer built as bench/kquants.sh describes: clang-16, GGML_NATIVE).
+CPUINFO = open("/proc/cpuinfo").read()
+BUILD = ("llama.cpp from llama-cpp-python 0.3.36, clang-16, GGML_NATIVE; recorded on "
+         + next((l.split(":", 1)[1].strip() for l in CPUINFO.splitlines() if l.startswith("model name")), "an unknown CPU")
+         + (" with AMX" if " amx_int8" in CPUINFO else ""))
 
 
 def post(base, path, body):
@@ -86,7 +92,7 @@ def main():
     out = {
         "model": os.path.basename(model),
         "model_sha256": digest,
-        "generator": "llama-server /completion, temperature 0, n_probs 2, 2 threads; llama.cpp from llama-cpp-python 0.3.36",
+        "generator": "llama-server /completion, temperature 0, n_probs 2, 2 threads; " + BUILD,
         "generate": GENERATE,
         "cases": cases,
     }
@@ -99,7 +105,7 @@ def main():
         "model": os.path.basename(model),
         "model_sha256": digest,
         "text": "tests/fixtures/smollm2-llamacpp/ppl_text.txt",
-        "generator": "llama-perplexity -c CTX -b CTX -t 2 (defaults otherwise); llama.cpp from llama-cpp-python 0.3.36",
+        "generator": "llama-perplexity -c CTX -b CTX -t 2 (defaults otherwise); " + BUILD,
         "ppl_by_context": perplexities(bin_dir, model, env),
     }
     path = os.path.join(os.path.dirname(path), "perplexity.json")

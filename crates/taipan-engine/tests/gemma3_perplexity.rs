@@ -3,9 +3,12 @@
 //! at a context where the sliding window is wider than the chunk and at one where it is exactly
 //! the chunk; and near the exact maths of the same weights (f32 activations, dequantized weights).
 //!
-//! The bound against llama.cpp is 1.5%: its figure comes from its own 8-bit activations and, at
-//! context 512, lies 1.1% above the exact maths' 28.11 (measured 2026-12-02); our integer kernels
-//! gave 28.18 and our bf16 prompt tiles (AMX CPUs) 28.11. The exact maths bound ours within 0.5%.
+//! llama.cpp's own figure depends on its build, through the 8-bit activations of its kernels: at
+//! context 512 a build on another machine gave 28.43 (2026-12-01), the clang-16 AMX build `bench/`
+//! makes on AMX CPUs 28.28, without weight repacking 28.35 (2026-12-02); the exact maths give
+//! 28.10. The fixture holds the AMX build's (recorded with `bench/gemma3_greedy.py`); ours are
+//! 28.18 with the integer kernels and 28.11 with the bf16 prompt tiles of AMX CPUs, within 1% of
+//! it either way. The exact maths bound ours within 0.5%.
 
 use std::path::PathBuf;
 use taipan_engine::eval::perplexity;
@@ -36,7 +39,7 @@ fn gemma3_perplexity_within_one_percent_of_llama_cpp() {
         let got = perplexity(&model, &compute, &tokens, ctx).expect("perplexity").ppl;
         let off = (got / want - 1.0).abs();
         assert!(
-            off < 0.015,
+            off < 0.01,
             "context {ctx}: perplexity {got:.4} vs llama-perplexity's {want:.4} ({:.2}% apart)",
             off * 100.0
         );
