@@ -602,17 +602,21 @@ impl Compute {
                 if prompt { &mut given[pi] } else { &mut sampled[pi] }.push((r, p.out_first + i));
             }
         }
-        if let Some(t) = tiled {
-            if given.iter().any(|g| !g.is_empty()) {
-                self.matmul_rows_tiles(out, x, k, &packed, &given, scratch, t);
+        let any_sampled = sampled.iter().any(|s| !s.is_empty());
+        if any_sampled {
+            scratch.acts.quantize(x, x_rows, k);
+            if packed.iter().any(|m| m.needs_half_sums()) {
+                scratch.acts.compute_half_sums();
             }
         }
-        if sampled.iter().all(Vec::is_empty) {
-            return;
+        if let Some(t) = tiled {
+            if given.iter().any(|g| !g.is_empty()) {
+                // Sampled rows too, group by group behind the tiles, while the groups are in cache.
+                return self.matmul_rows_tiles(out, x, k, &packed, &given, &sampled, scratch, t);
+            }
         }
-        scratch.acts.quantize(x, x_rows, k);
-        if packed.iter().any(|m| m.needs_half_sums()) {
-            scratch.acts.compute_half_sums();
+        if !any_sampled {
+            return;
         }
         let acts = &scratch.acts;
         let tile = self.kernels.packed_tile;
@@ -622,28 +626,22 @@ impl Compute {
         let chunk = units.div_ceil(self.pool.threads() * 8).max(1);
         let sink = OutPtr(out.as_mut_ptr());
         self.pool.run(units.div_ceil(chunk), &|task| {
-            let mut buf = [0f32; GROUP * 4];
             for u in task * chunk..((task + 1) * chunk).min(units) {
-                let (rows, g) = (&sampled[u / groups], u % groups);
-                let group = packed[u / groups].group(g);
-                let live = (n - g * GROUP).min(GROUP);
-                for run in rows.chunks(4) {
-                    let nt = run.len();
-                    let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, run[i.min(nt - 1)].0));
-                    tile(&group, &xs[..nt], &mut buf[..GROUP * nt]);
-                    for (j, &(_, out_row)) in run.iter().enumerate() {
-                        // SAFETY: the output row belongs to this product alone (spans checked
-                        // disjoint and in bounds) and columns g·GROUP..+live to this unit alone.
-                        unsafe { sink.write(out_row * n + g * GROUP, &buf[j * GROUP..j * GROUP + live]) };
-                    }
-                }
+                // SAFETY: the product's output rows are its alone (spans checked disjoint and in
+                // bounds) and the group's columns this unit's.
+                unsafe {
+                    sampled_rows_of_group(tile, acts, packed[u / groups], u % groups, &sampled[u / groups], &sink)
+                };
             }
         });
     }
 
-    /// The prompt rows of [`Compute::matmul_rows`] through bf16 tiles: each product's rows are
-    /// gathered (padded to whole tiles), and a task takes one product's pair of row groups
-    /// against all of them. `rows[p]` lists product `p`'s (activation row, output row) pairs.
+    /// The prompt rows of [`Compute::matmul_rows`] through bf16 tiles, and its sampled rows
+    /// through the integer kernels right behind them, group by group: a step that mixes both
+    /// reads each weight from memory once. Each product's prompt rows are gathered (padded to
+    /// whole tiles), and a task takes a block of one product's row groups against all of them.
+    /// `given[p]` and `sampled[p]` list product `p`'s (activation row, output row) pairs; the
+    /// sampled rows' quantized activations are in `scratch.acts`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_rows_tiles(
         &self,
@@ -651,28 +649,30 @@ impl Compute {
         x: &[f32],
         k: usize,
         packed: &[&PackedMatrix],
-        rows: &[Vec<(usize, usize)>],
+        given: &[Vec<(usize, usize)>],
+        sampled: &[Vec<(usize, usize)>],
         scratch: &mut MatmulScratch,
         t: TileKernels,
     ) {
         let (n, kp) = (packed[0].rows, packed[0].stride);
         let padded_of = |len: usize| len.div_ceil(tiles::TILE_TOKENS) * tiles::TILE_TOKENS;
-        let chosen: Vec<usize> = (0..rows.len()).filter(|&p| !rows[p].is_empty()).collect();
+        let chosen: Vec<usize> = (0..given.len()).filter(|&p| !given[p].is_empty() || !sampled[p].is_empty()).collect();
         // Each product's rows start at a whole tile, so its bf16 rows are one aligned run.
-        let mut first_row = vec![0; rows.len()];
+        let mut first_row = vec![0; given.len()];
         let mut gathered = std::mem::take(&mut scratch.part_out);
         gathered.clear();
         for &p in &chosen {
             first_row[p] = gathered.len() / k;
-            for &(r, _) in &rows[p] {
+            for &(r, _) in &given[p] {
                 gathered.extend_from_slice(&x[r * k..(r + 1) * k]);
             }
-            gathered.resize(gathered.len() + (padded_of(rows[p].len()) - rows[p].len()) * k, 0.0);
+            gathered.resize(gathered.len() + (padded_of(given[p].len()) - given[p].len()) * k, 0.0);
         }
         let total_rows = gathered.len() / k;
         tiles::acts_to_bf16(&self.pool, &gathered, total_rows, k, kp, &mut scratch.acts_bf16);
         scratch.part_out = gathered;
-        let acts = &scratch.acts_bf16;
+        let (acts, acts_q) = (&scratch.acts_bf16, &scratch.acts);
+        let tile = self.kernels.packed_tile;
         let groups = packed[0].groups();
         let per_task = tile_block_groups(groups * chosen.len(), self.pool.threads());
         let blocks = groups.div_ceil(per_task);
@@ -680,16 +680,53 @@ impl Compute {
         self.pool.for_chunks(chosen.len() * blocks, 1, &|units| {
             for u in units {
                 let (p, b) = (chosen[u / blocks], u % blocks);
-                let (m, list) = (packed[p], &rows[p]);
+                let (m, list) = (packed[p], &given[p]);
                 let block = b * per_task..((b + 1) * per_task).min(groups);
-                let cols: Vec<_> = block.clone().map(|g| (g * GROUP, (n - g * GROUP).min(GROUP))).collect();
-                let panel = |i: usize, dst: &mut [u16]| (t.panel_from_group)(&m.group(block.start + i), dst);
-                let span = &acts[first_row[p] * kp..(first_row[p] + padded_of(list.len())) * kp];
-                // SAFETY: the output row belongs to this product alone (spans checked
-                // disjoint and in bounds), the block's columns to this unit.
-                unsafe { tile_block(t, span, kp, list.len(), &cols, &panel, &sink, &|j| list[j].1 * n) };
+                if !list.is_empty() {
+                    let cols: Vec<_> = block.clone().map(|g| (g * GROUP, (n - g * GROUP).min(GROUP))).collect();
+                    let panel = |i: usize, dst: &mut [u16]| (t.panel_from_group)(&m.group(block.start + i), dst);
+                    let span = &acts[first_row[p] * kp..(first_row[p] + padded_of(list.len())) * kp];
+                    // SAFETY: the output row belongs to this product alone (spans checked
+                    // disjoint and in bounds), the block's columns to this unit.
+                    unsafe { tile_block(t, span, kp, list.len(), &cols, &panel, &sink, &|j| list[j].1 * n) };
+                }
+                for g in block {
+                    // SAFETY: as above.
+                    unsafe { sampled_rows_of_group(tile, acts_q, m, g, &sampled[p], &sink) };
+                }
             }
         });
+    }
+}
+
+/// Sampled rows `rows` ((activation row, output row) pairs, quantized in `acts`) times row group
+/// `g` of `m`, four rows to a kernel call, written to the group's columns of the output rows.
+///
+/// # Safety
+/// Those output cells must be in bounds and written by this call alone.
+unsafe fn sampled_rows_of_group(
+    tile: crate::dispatch::PackedTileFn,
+    acts: &QuantizedActs,
+    m: &PackedMatrix,
+    g: usize,
+    rows: &[(usize, usize)],
+    sink: &OutPtr,
+) {
+    if rows.is_empty() {
+        return;
+    }
+    let n = m.rows;
+    let group = m.group(g);
+    let live = (n - g * GROUP).min(GROUP);
+    let mut buf = [0f32; GROUP * 4];
+    for run in rows.chunks(4) {
+        let nt = run.len();
+        let xs: [ActRow<'_>; 4] = std::array::from_fn(|i| ActRow::of(acts, run[i.min(nt - 1)].0));
+        tile(&group, &xs[..nt], &mut buf[..GROUP * nt]);
+        for (j, &(_, out_row)) in run.iter().enumerate() {
+            // SAFETY: forwarded to the caller.
+            unsafe { sink.write(out_row * n + g * GROUP, &buf[j * GROUP..j * GROUP + live]) };
+        }
     }
 }
 

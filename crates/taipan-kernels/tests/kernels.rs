@@ -446,9 +446,19 @@ proptest! {
             let mut out = vec![f32::NAN; total * n];
             let mut scratch = MatmulScratch::default();
             scratch.prompt_rows = roles;
+            let roles = scratch.prompt_rows.clone();
             c.matmul_rows(&mut out, &x, x_rows, &products, &mut scratch);
             for (i, rows) in row_sets.iter().enumerate() {
                 for (j, &xr) in rows.iter().enumerate() {
+                    // The same row alone, in a product of its own role: a step mixing prompt and
+                    // sampled rows computes each as it would be computed by itself.
+                    let mut alone = vec![f32::NAN; n];
+                    let mut one = MatmulScratch::default();
+                    one.prompt_rows = vec![roles.get(xr).copied().unwrap_or(false)];
+                    c.matmul(&mut alone, &x[xr * cols..(xr + 1) * cols], 1, &mats[i], &mut one);
+                    let row = &out[(out_first[i] + j) * n..(out_first[i] + j + 1) * n];
+                    prop_assert!(alone.iter().zip(row).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype} {:?} product {i} row {j} differs from itself alone", kern.isa);
                     for r in 0..n {
                         let w = &w32s[i][r * cols..(r + 1) * cols];
                         let xv = &x[xr * cols..(xr + 1) * cols];
