@@ -108,6 +108,44 @@ impl<T: Zeroed> std::fmt::Debug for HugeBuf<T> {
     }
 }
 
+/// Whether the system gives huge pages to the buffers here: Linux's transparent-huge-page mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HugePages {
+    /// `always` or `madvise`: advised buffers get 2 MiB pages.
+    Given,
+    /// `never`: everything stays on small pages.
+    Off,
+    /// Not Linux, or the mode could not be read.
+    Unknown,
+}
+
+/// The system's transparent-huge-page mode, as `/sys/kernel/mm/transparent_hugepage/enabled`
+/// shows it (the bracketed word).
+pub fn huge_pages() -> HugePages {
+    match std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled") {
+        Ok(text) => mode_of(&text),
+        Err(_) => HugePages::Unknown,
+    }
+}
+
+/// The mode in the sysfs file's form, e.g. `always [madvise] never`.
+fn mode_of(text: &str) -> HugePages {
+    match text.split('[').nth(1).and_then(|m| m.split(']').next()) {
+        Some("always" | "madvise") => HugePages::Given,
+        Some("never") => HugePages::Off,
+        _ => HugePages::Unknown,
+    }
+}
+
+/// Bytes of this process's memory on transparent huge pages (`AnonHugePages`), where the system
+/// says.
+pub fn resident_on_huge_pages() -> Option<usize> {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
 /// Address space one arena reserves at a time: only the pages written become memory, so this
 /// need not fit in memory (a reservation the system refuses is retried at half the size).
 const ARENA_RESERVE: usize = 64 << 30;
@@ -356,5 +394,13 @@ mod tests {
             assert_eq!(last.as_ptr() as usize, after.as_ptr() as usize + HUGE_PAGE);
         }
         assert_eq!((small[9], big[3 * HUGE_PAGE - 1], after[0], last[HUGE_PAGE - 1]), (1, 2, 3, 4));
+    }
+
+    #[test]
+    fn the_huge_page_mode_is_the_bracketed_word() {
+        assert_eq!(mode_of("always [madvise] never\n"), HugePages::Given);
+        assert_eq!(mode_of("[always] madvise never\n"), HugePages::Given);
+        assert_eq!(mode_of("always madvise [never]\n"), HugePages::Off);
+        assert_eq!(mode_of("garbled"), HugePages::Unknown);
     }
 }

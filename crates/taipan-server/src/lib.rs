@@ -255,6 +255,7 @@ fn summary(
                 }
             ),
         ),
+        ("pages", pages_row(model.weight_bytes())),
         ("served as", format!("{}{aliases}", names.join(", "))),
         ("AI21 API", format!("{base}/studio/v1/chat/completions")),
         ("OpenAI API", format!("{base}/v1")),
@@ -266,6 +267,25 @@ fn summary(
         out.push_str(&format!("  {k:<11} {v}\n"));
     }
     out
+}
+
+/// Whether the weights stream from huge pages: on 4 KiB pages decode reads them markedly slower,
+/// and a system with transparent huge pages off says so here rather than quietly.
+fn pages_row(weight_bytes: usize) -> String {
+    use taipan_kernels::huge::{huge_pages, resident_on_huge_pages, HugePages};
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    match (huge_pages(), resident_on_huge_pages()) {
+        (HugePages::Given, Some(huge)) => {
+            format!("weights and caches on 2 MiB pages ({:.0} MiB resident on them)", mib(huge))
+        }
+        (HugePages::Given, None) => "weights and caches on 2 MiB pages".to_string(),
+        (HugePages::Off, _) => format!(
+            "4 KiB only: transparent huge pages are off, so the {:.0} MiB of weights stream slower \
+             (`echo madvise > /sys/kernel/mm/transparent_hugepage/enabled` turns them on)",
+            mib(weight_bytes)
+        ),
+        (HugePages::Unknown, _) => "the system's (huge pages not known here)".to_string(),
+    }
 }
 
 /// How a shutdown went.
