@@ -35,7 +35,7 @@ fn main() {
                 _ => next() as u8,
             };
         }
-        Matrix::from_stored_in(&arena, DType::Q8_0, &data, n, k, MatmulMode::Fast).expect("a Q8_0 matrix")
+        Matrix::from_stored(&arena, DType::Q8_0, &data, n, k, MatmulMode::Fast).expect("a Q8_0 matrix")
     };
     // Several layers, so that the weights do not stay in cache between steps.
     let gate_up: Vec<Vec<Matrix>> = (0..layers).map(|_| (0..experts).map(|_| matrix(2 * f, h)).collect()).collect();

@@ -3,6 +3,7 @@
 //! against sampled rows (the integer kernels).
 //! `cargo run --release -p taipan-kernels --example tile_speed -- [threads]`.
 use std::time::Instant;
+use taipan_kernels::huge::WeightArena;
 use taipan_kernels::{Compute, DType, Kernels, MatmulMode, MatmulScratch, Matrix};
 
 fn main() {
@@ -34,7 +35,7 @@ fn main() {
                     _ => next() as u8,
                 };
             }
-            let Ok(m) = Matrix::from_stored(dtype, &data, n, k, MatmulMode::Fast) else {
+            let Ok(m) = Matrix::from_stored(&WeightArena::new(), dtype, &data, n, k, MatmulMode::Fast) else {
                 eprintln!("{dtype}: not a matrix");
                 return;
             };
@@ -64,7 +65,7 @@ fn main() {
             _ => next() as u8,
         };
     }
-    let Ok(m) = Matrix::from_stored(DType::Q4_1, &data, n, k, MatmulMode::Fast) else {
+    let Ok(m) = Matrix::from_stored(&WeightArena::new(), DType::Q4_1, &data, n, k, MatmulMode::Fast) else {
         return;
     };
     for rows in [1usize, 2, 4, 8, 16, 32, 64, 128] {

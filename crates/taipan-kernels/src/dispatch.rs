@@ -318,6 +318,7 @@ impl Kernels {
 mod tests {
     use super::*;
     use crate::formats::DType;
+    use crate::huge::WeightArena;
     use crate::packed::{PackedMatrix, GROUP};
     use crate::quant::QuantizedActs;
 
@@ -330,7 +331,7 @@ mod tests {
         for b in data.chunks_exact_mut(34) {
             b[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
         }
-        let m = PackedMatrix::from_blocks(DType::Q8_0, &data, rows, cols).unwrap().unwrap();
+        let m = PackedMatrix::from_blocks(&WeightArena::new(), DType::Q8_0, &data, rows, cols).unwrap().unwrap();
         let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
         let mut acts = QuantizedActs::new();
         acts.quantize(&x, tokens, cols);

@@ -55,21 +55,9 @@ pub struct StackedMatrix {
 }
 
 impl Matrix {
-    /// Builds a matrix from `rows` rows of `cols` elements stored as `dtype`.
-    /// A packed matrix's bytes get a buffer of their own; a model's matrices take theirs from
-    /// one arena ([`Matrix::from_stored_in`]).
+    /// Builds a matrix from `rows` rows of `cols` elements stored as `dtype`; a packed one takes
+    /// its bytes from `arena` (a model's matrices share one, end to end on huge pages).
     pub fn from_stored(
-        dtype: DType,
-        data: &[u8],
-        rows: usize,
-        cols: usize,
-        mode: MatmulMode,
-    ) -> Result<Matrix, SizeMismatch> {
-        Self::build(None, dtype, data, rows, cols, mode)
-    }
-
-    /// [`Matrix::from_stored`], packed bytes taken from `arena`.
-    pub fn from_stored_in(
         arena: &WeightArena,
         dtype: DType,
         data: &[u8],
@@ -77,23 +65,8 @@ impl Matrix {
         cols: usize,
         mode: MatmulMode,
     ) -> Result<Matrix, SizeMismatch> {
-        Self::build(Some(arena), dtype, data, rows, cols, mode)
-    }
-
-    fn build(
-        arena: Option<&WeightArena>,
-        dtype: DType,
-        data: &[u8],
-        rows: usize,
-        cols: usize,
-        mode: MatmulMode,
-    ) -> Result<Matrix, SizeMismatch> {
         if mode == MatmulMode::Fast {
-            let packed = match arena {
-                Some(a) => PackedMatrix::from_blocks_in(a, dtype, data, rows, cols),
-                None => PackedMatrix::from_blocks(dtype, data, rows, cols),
-            };
-            if let Some(packed) = packed {
+            if let Some(packed) = PackedMatrix::from_blocks(arena, dtype, data, rows, cols) {
                 return packed.map(Matrix::Packed);
             }
         }

@@ -130,43 +130,26 @@ impl PackedMatrix {
         dtype.block_elems() > 1
     }
 
-    /// Packs a row-major matrix stored in `dtype`, in the form this CPU's kernels want.
-    /// Returns `None` for formats that cannot be packed.
-    /// Its bytes get a buffer of their own; a model's matrices take theirs from one arena
-    /// ([`PackedMatrix::from_blocks_in`]).
-    pub fn from_blocks(dtype: DType, data: &[u8], rows: usize, cols: usize) -> Option<Result<Self, SizeMismatch>> {
-        Self::pack(dtype, data, rows, cols, LegacyForm::for_this_cpu(), None)
-    }
-
-    /// [`PackedMatrix::from_blocks`] with the packed bytes taken from `arena`.
-    pub fn from_blocks_in(
+    /// Packs a row-major matrix stored in `dtype`, in the form this CPU's kernels want, into
+    /// bytes from `arena`. Returns `None` for formats that cannot be packed.
+    pub fn from_blocks(
         arena: &WeightArena,
         dtype: DType,
         data: &[u8],
         rows: usize,
         cols: usize,
     ) -> Option<Result<Self, SizeMismatch>> {
-        Self::pack(dtype, data, rows, cols, LegacyForm::for_this_cpu(), Some(arena))
+        Self::from_blocks_as(arena, dtype, data, rows, cols, LegacyForm::for_this_cpu())
     }
 
     /// [`PackedMatrix::from_blocks`] with the form of 32-element formats chosen by the caller.
     pub fn from_blocks_as(
+        arena: &WeightArena,
         dtype: DType,
         data: &[u8],
         rows: usize,
         cols: usize,
         form: LegacyForm,
-    ) -> Option<Result<Self, SizeMismatch>> {
-        Self::pack(dtype, data, rows, cols, form, None)
-    }
-
-    fn pack(
-        dtype: DType,
-        data: &[u8],
-        rows: usize,
-        cols: usize,
-        form: LegacyForm,
-        arena: Option<&WeightArena>,
     ) -> Option<Result<Self, SizeMismatch>> {
         if !Self::supports(dtype) {
             return None;
@@ -195,11 +178,7 @@ impl PackedMatrix {
         };
         let stride = padded_len(cols);
         let mut out = PackedMatrix { rows, cols, stride, width, data: WeightBytes::zeroed(0), source: dtype, layout };
-        let bytes = out.groups() * out.group_bytes();
-        out.data = match arena {
-            Some(a) => a.zeroed(bytes),
-            None => WeightBytes::zeroed(bytes),
-        };
+        out.data = arena.zeroed(out.groups() * out.group_bytes());
         if let Layout::K(k) = layout {
             debug_assert_eq!(stride, cols, "K rows are whole 256-element super-blocks");
             kpacked::pack_rows(k, data, rows, cols, &mut out.data);

@@ -3,6 +3,7 @@
 use half::f16;
 use proptest::prelude::*;
 use taipan_kernels::formats::{dequantize, dot_ref, kquants, legacy, DType};
+use taipan_kernels::huge::WeightArena;
 use taipan_kernels::packed::{dot_packed_ref, ActRow, LegacyForm, PackedMatrix, GROUP};
 use taipan_kernels::quant::QuantizedActs;
 use taipan_kernels::{tiles, Compute, Isa, Kernels, MatmulMode, MatmulScratch, Matrix, RowsProduct};
@@ -269,7 +270,7 @@ proptest! {
         for (dtype, form) in ALL.into_iter().filter(|d| d.block_elems() > 1).flat_map(|d| FORMS.map(|f| (d, f))) {
             let cols = if dtype.block_elems() == 256 { 256 * kblocks.div_ceil(4) } else { 32 * kblocks };
             let data = random_stored(dtype, rows * cols, &mut rng);
-            let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, form).unwrap().unwrap();
+            let m = PackedMatrix::from_blocks_as(&WeightArena::new(), dtype, &data, rows, cols, form).unwrap().unwrap();
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit() * 3.0).collect();
             let mut acts = QuantizedActs::new();
             acts.quantize(&x, tokens, cols);
@@ -327,7 +328,7 @@ proptest! {
         for (dtype, form) in ALL.into_iter().filter(|d| d.block_elems() > 1).flat_map(|d| FORMS.map(|f| (d, f))) {
             let cols = if dtype.block_elems() == 256 { 256 * kblocks.div_ceil(4) } else { 32 * kblocks };
             let data = random_stored(dtype, rows * cols, &mut rng);
-            let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, form).unwrap().unwrap();
+            let m = PackedMatrix::from_blocks_as(&WeightArena::new(), dtype, &data, rows, cols, form).unwrap().unwrap();
             let kp = m.stride;
             let plen = tiles::panel_len(kp);
             let mut panels = vec![0u16; 3 * plen];
@@ -379,7 +380,7 @@ proptest! {
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit()).collect();
             let mut w32 = vec![0f32; n * cols];
             dequantize(dtype, &data, &mut w32).unwrap();
-            let m = Matrix::from_stored(dtype, &data, n, cols, MatmulMode::Fast).unwrap();
+            let m = Matrix::from_stored(&WeightArena::new(), dtype, &data, n, cols, MatmulMode::Fast).unwrap();
             let c = Compute::with_kernels(2, kern);
             let roles: Vec<bool> = (0..tokens).map(|t| !mixed || !(t * 7 + seed as usize).is_multiple_of(3)).collect();
             let mut scratch = MatmulScratch::default();
@@ -425,7 +426,7 @@ proptest! {
             let data = random_stored(dtype, n * cols, &mut rng);
             let mut w32 = vec![0f32; n * cols];
             dequantize(dtype, &data, &mut w32).unwrap();
-            mats.push(Matrix::from_stored(dtype, &data, n, cols, MatmulMode::Fast).unwrap());
+            mats.push(Matrix::from_stored(&WeightArena::new(), dtype, &data, n, cols, MatmulMode::Fast).unwrap());
             w32s.push(w32);
             row_sets.push((0..count).map(|_| (rng.next() % x_rows as u64) as usize).collect::<Vec<_>>());
         }
@@ -483,7 +484,7 @@ proptest! {
             let mut w32 = vec![0f32; n * cols];
             dequantize(dtype, &data, &mut w32).unwrap();
             for mode in [MatmulMode::Exact, MatmulMode::Fast] {
-                let m = Matrix::from_stored(dtype, &data, n, cols, mode).unwrap();
+                let m = Matrix::from_stored(&WeightArena::new(), dtype, &data, n, cols, mode).unwrap();
                 for kern in Kernels::available() {
                     let c = Compute::with_kernels(2, kern);
                     let mut out = vec![0f32; tokens * n];
@@ -517,7 +518,7 @@ fn stacked_parts_of_different_formats_multiply_like_their_parts() {
             chosen.iter().map(|&&(d, r)| (d, r, random_stored(d, r * cols, &mut rng))).collect();
         let parts: Vec<Matrix> = stored
             .iter()
-            .map(|(d, r, data)| Matrix::from_stored(*d, data, *r, cols, MatmulMode::Fast).unwrap())
+            .map(|(d, r, data)| Matrix::from_stored(&WeightArena::new(), *d, data, *r, cols, MatmulMode::Fast).unwrap())
             .collect();
         let stacked = Matrix::stack(parts.clone());
         assert!(matches!(stacked, Matrix::Stacked(_)));
@@ -558,7 +559,7 @@ fn tile_products_in_wide_blocks_match_their_parts_and_rows() {
             [37, 1100, 20].iter().map(|&r| (r, random_stored(dtype, r * cols, &mut rng))).collect();
         let parts: Vec<Matrix> = stored
             .iter()
-            .map(|(r, data)| Matrix::from_stored(dtype, data, *r, cols, MatmulMode::Fast).unwrap())
+            .map(|(r, data)| Matrix::from_stored(&WeightArena::new(), dtype, data, *r, cols, MatmulMode::Fast).unwrap())
             .collect();
         let stacked = Matrix::stack(parts.clone());
         let n: usize = stored.iter().map(|(r, _)| r).sum();
@@ -613,7 +614,7 @@ fn packed_rows_dequantize_to_the_stored_values() {
         let mut want = vec![0f32; rows * cols];
         dequantize(dtype, &data, &mut want).unwrap();
         for form in FORMS {
-            let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, form).unwrap().unwrap();
+            let m = PackedMatrix::from_blocks_as(&WeightArena::new(), dtype, &data, rows, cols, form).unwrap().unwrap();
             let mut row = vec![0f32; cols];
             for r in 0..rows {
                 m.dequantize_row(r, &mut row);
@@ -636,7 +637,9 @@ fn compact_forms_hold_about_the_files_bytes() {
     for dtype in ALL.into_iter().filter(|d| d.block_elems() > 1) {
         let file = dtype.row_bytes(cols).unwrap() * rows;
         let data = vec![0u8; file];
-        let m = PackedMatrix::from_blocks_as(dtype, &data, rows, cols, LegacyForm::Compact).unwrap().unwrap();
+        let m = PackedMatrix::from_blocks_as(&WeightArena::new(), dtype, &data, rows, cols, LegacyForm::Compact)
+            .unwrap()
+            .unwrap();
         let ratio = m.memory_bytes() as f64 / file as f64;
         let bound = match dtype {
             DType::Q2K => 1.96,
@@ -655,10 +658,10 @@ fn wrong_sizes_are_errors_not_panics() {
     let mut out = vec![0f32; 32];
     assert!(dequantize(DType::Q4_0, &[0u8; 17], &mut out).is_err());
     assert!(dequantize(DType::Q4K, &[0u8; 144], &mut out).is_err());
-    assert!(PackedMatrix::from_blocks(DType::Q4_1, &[0u8; 20], 2, 32).unwrap().is_err());
-    assert!(PackedMatrix::from_blocks(DType::Q6K, &[0u8; 209], 1, 256).unwrap().is_err());
-    assert!(PackedMatrix::from_blocks(DType::Q6K, &[0u8; 210], 1, 256).unwrap().is_ok());
-    assert!(PackedMatrix::from_blocks(DType::F16, &[0u8; 64], 1, 32).is_none());
+    assert!(PackedMatrix::from_blocks(&WeightArena::new(), DType::Q4_1, &[0u8; 20], 2, 32).unwrap().is_err());
+    assert!(PackedMatrix::from_blocks(&WeightArena::new(), DType::Q6K, &[0u8; 209], 1, 256).unwrap().is_err());
+    assert!(PackedMatrix::from_blocks(&WeightArena::new(), DType::Q6K, &[0u8; 210], 1, 256).unwrap().is_ok());
+    assert!(PackedMatrix::from_blocks(&WeightArena::new(), DType::F16, &[0u8; 64], 1, 32).is_none());
     assert_eq!(DType::from_ggml_id(99), None);
     for d in ALL {
         assert_eq!(DType::from_ggml_id(d.ggml_id()), Some(d));

@@ -416,12 +416,12 @@ fn load_stacked(
         for t in &infos {
             bytes.extend_from_slice(f.tensor_data(t));
         }
-        Matrix::from_stored_in(arena, infos[0].dtype, &bytes, rows, cols, mode)
+        Matrix::from_stored(arena, infos[0].dtype, &bytes, rows, cols, mode)
     } else {
         // Parts in different formats stay apart, each in its own packed form.
         let mut parts = Vec::with_capacity(infos.len());
         for (t, (name, r)) in infos.iter().zip(names) {
-            let part = Matrix::from_stored_in(arena, t.dtype, f.tensor_data(t), *r, cols, mode)
+            let part = Matrix::from_stored(arena, t.dtype, f.tensor_data(t), *r, cols, mode)
                 .map_err(|e| ModelError::tensor(f, name, e.to_string()))?;
             parts.push(part);
         }

@@ -59,9 +59,9 @@ impl Build<'_> {
             let mut f = vec![0f32; rows * cols];
             formats::dequantize(dtype, data, &mut f)?;
             let q = formats::legacy::quantize_q8_0(&f);
-            return Matrix::from_stored_in(self.arena, DType::Q8_0, &q, rows, cols, self.mode);
+            return Matrix::from_stored(self.arena, DType::Q8_0, &q, rows, cols, self.mode);
         }
-        Matrix::from_stored_in(self.arena, dtype, data, rows, cols, self.mode)
+        Matrix::from_stored(self.arena, dtype, data, rows, cols, self.mode)
     }
 }
 
