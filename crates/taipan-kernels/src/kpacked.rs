@@ -8,7 +8,7 @@
 //!
 //! The integer sums stay exact: against 8-bit activations a 32-element block contributes
 //! `d·da·(sc_lo·Σ_lo level·qa + sc_hi·Σ_hi level·qa) − dmin·da·(mn_lo·S_lo + mn_hi·S_hi)`, where
-//! `S_lo`/`S_hi` are the activation block's half sums ([`QuantizedActs::compute_half_sums`]).
+//! `S_lo`/`S_hi` are the activation block's half sums ([`crate::quant::QuantizedActs::compute_half_sums`]).
 //! Formats without mins (Q3_K, Q6_K) store signed levels; they are shifted by a bias to be
 //! unsigned, which turns into the min term `bias·sc` with `dmin = d`, derived in the kernel and
 //! not stored.
