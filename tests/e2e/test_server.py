@@ -268,6 +268,8 @@ def test_prompt_longer_than_context(http):
 def test_body_too_large_and_unknown_route(http):
     r = http.post("/v1/chat/completions", content=b"x" * (11 << 20), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.headers["content-type"].startswith("application/json")
+    # The unread body ends the connection; the response says so, so the client opens a new one.
+    assert r.headers.get("connection") == "close"
     r = http.get("/studio/v1/library/files")
     assert r.status_code == 404 and "detail" in r.json()
 

@@ -47,6 +47,12 @@ impl IntoResponse for HttpError {
         if self.error.kind == ErrorKind::Unauthorized {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if self.error.kind == ErrorKind::PayloadTooLarge {
+            // The rest of the body is never read, so the connection cannot carry another
+            // request: say so, or a keep-alive client sends its next request into a closed
+            // socket (it did, about one run in eight of the e2e suite).
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }
