@@ -24,7 +24,7 @@ PROMPTS = [
 GENERATE = 32
 # llama.cpp's figures move with its build (its kernels' activation rounding): say where they came
 # from (the peer built as bench/kquants.sh describes: clang-16, GGML_NATIVE).
-CPUINFO = open("/proc/cpuinfo").read()
+CPUINFO = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
 BUILD = ("llama.cpp from llama-cpp-python 0.3.36, clang-16, GGML_NATIVE; recorded on "
          + next((l.split(":", 1)[1].strip() for l in CPUINFO.splitlines() if l.startswith("model name")), "an unknown CPU")
          + (" with AMX" if " amx_int8" in CPUINFO else ""))
