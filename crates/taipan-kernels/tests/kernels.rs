@@ -316,6 +316,42 @@ proptest! {
         }
     }
 
+    /// The AMX table's int8 tiles give every activation row exactly what the VNNI kernel gives
+    /// it alone, whatever the row count, and rows that do not lie evenly apart (which the tiles
+    /// cannot load) take the VNNI kernel: a sequence's logits do not depend on its batch.
+    #[test]
+    fn amx_int8_tiles_equal_vnni_bit_for_bit(seed in any::<u64>(), rows in 1usize..40, tokens in 1usize..40, kblocks in 1usize..12) {
+        if !Kernels::testable(Isa::Amx) {
+            return Ok(());
+        }
+        let amx = Kernels::for_isa(Isa::Amx).expect("the AMX table");
+        let vnni = Kernels::for_isa(Isa::Avx512Vnni).expect("AMX machines have VNNI");
+        let mut rng = Lcg(seed);
+        let cols = 32 * kblocks;
+        let data = random_stored(DType::Q8_0, rows * cols, &mut rng);
+        let m = PackedMatrix::from_blocks_as(&WeightArena::new(), DType::Q8_0, &data, rows, cols, LegacyForm::Compact).unwrap().unwrap();
+        let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit() * 3.0).collect();
+        let mut acts = QuantizedActs::new();
+        acts.quantize(&x, tokens, cols);
+        let in_order: Vec<_> = (0..tokens).map(|t| ActRow::of(&acts, t)).collect();
+        let shuffled: Vec<_> = (0..tokens).map(|t| ActRow::of(&acts, (t * 7 + 3) % tokens)).collect();
+        for g in 0..m.groups() {
+            let group = m.group(g);
+            for ts in [&in_order, &shuffled] {
+                let mut all = vec![0f32; GROUP * tokens];
+                (amx.packed_tile)(&group, ts, &mut all);
+                for (t, row) in ts.iter().enumerate() {
+                    let mut alone = vec![0f32; GROUP];
+                    (vnni.packed_tile)(&group, std::slice::from_ref(row), &mut alone);
+                    for r in 0..GROUP.min(rows - g * GROUP) {
+                        let (v, w) = (all[t * GROUP + r], alone[r]);
+                        prop_assert!(v.to_bits() == w.to_bits(), "{tokens} rows, row {t}, column {r}: {v} vs {w} alone");
+                    }
+                }
+            }
+        }
+    }
+
     /// AMX panels are bit-identical to their scalar twin for every packed format, and the tile
     /// product equals the scalar one over the same bf16 values.
     #[test]

@@ -15,7 +15,7 @@
 //! The layouts and the scalar twins are in `crate::tiles`.
 
 use crate::kpacked::{KLayout, BLOCKS_PER_SUPER};
-use crate::packed::{Compact, Layout, LevelWidth, PackedGroup, GROUP};
+use crate::packed::{ActRow, Compact, Layout, LevelWidth, PackedGroup, GROUP};
 use crate::quant::QBLOCK;
 use crate::tiles::{panel_len, K_STEP, TILE_TOKENS};
 use std::arch::asm;
@@ -288,6 +288,23 @@ impl TileConfig {
     }
 }
 
+thread_local! {
+    /// The int8 tile shapes this thread last configured ([`int8_config`]'s row count), if
+    /// nothing configured the tiles since: they can then stay configured between calls.
+    static INT8_ROWS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Loads a tile configuration; `int8_rows` names [`int8_config`] shapes, which later calls may
+/// then keep (a configuration load costs about a tenth of a group's int8 product).
+///
+/// # Safety
+/// [`usable`] must have returned true.
+unsafe fn load_config(cfg: &TileConfig, int8_rows: Option<usize>) {
+    INT8_ROWS.set(int8_rows);
+    // SAFETY: tile use was granted; the configuration is 64 readable bytes.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+}
+
 macro_rules! tile_load {
     ($tmm:literal, $ptr:expr, $stride:expr) => {
         asm!(concat!("tileloadd tmm", $tmm, ", [{p} + {s}*1]"), p = in(reg) $ptr, s = in(reg) $stride,
@@ -335,7 +352,7 @@ pub unsafe fn gemm(acts: &[u16], kp: usize, tokens: usize, panels: &[&[u16]], ou
     // SAFETY: tile use was granted (`usable`); every load reads 16 rows of 64 bytes inside the
     // asserted `acts` and panel lengths, and every store writes 16 rows of 64 bytes inside `out`.
     unsafe {
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        load_config(&cfg, None);
         let mut tt = 0;
         while tt < tiles {
             let two_tokens = tt + 1 < tiles;
@@ -448,7 +465,7 @@ pub unsafe fn attend_tiles(
     unsafe {
         split_to_bf16(&q[..rows * hd], &mut s.q_hi, &mut s.q_lo);
         let cfg = TileConfig::uniform();
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        load_config(&cfg, None);
         let (qh, ql) = (s.q_hi.as_ptr(), s.q_lo.as_ptr());
         let (kh, kl, v) = (kv.k_hi.as_ptr(), kv.k_lo.as_ptr(), kv.v.as_ptr());
         let (q_stride, b_stride, score_stride) = (hd * 2, 64usize, nk * 4);
@@ -514,4 +531,150 @@ pub unsafe fn attend_tiles(
         asm!("tilerelease", options(nostack, nomem));
     }
     out.copy_from_slice(&s.out[..rows * hd]);
+}
+
+/// Whether this CPU also has int8 tile products (and this process may use tiles).
+pub fn int8_usable() -> bool {
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    *USABLE.get_or_init(|| usable() && __cpuid_count(7, 0).edx >> 25 & 1 == 1)
+}
+
+/// Fewest activation rows the int8 tiles take. Below, the VNNI kernel's eight dot products per
+/// row and block cost less than a tile product with its store and reload of 16 × 16 sums.
+pub const INT8_MIN_ROWS: usize = 5;
+
+/// Tile shapes of [`dot_group_bytes`] for `rows` activation rows: C in tmm0–1 (`rows` × 16 i32),
+/// the activations in tmm2–3 (`rows` × one block of 32 i8), the levels in tmm4–5 (8 rows of 16
+/// columns × 4 u8: a block's eight level vectors as they are packed).
+fn int8_config(rows: usize) -> TileConfig {
+    let mut c = [0u8; 64];
+    c[0] = 1; // palette 1
+    let shapes = [(64u16, rows), (64, rows), (32, rows), (32, rows), (64, 8), (64, 8)];
+    for (t, (colsb, r)) in shapes.into_iter().enumerate() {
+        c[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
+        c[48 + t] = r as u8;
+    }
+    TileConfig(c)
+}
+
+/// The packed tile of byte-level 32-element groups (the compact form of Q8_0 and the like) for
+/// 1–16 activation rows whose quantized values lie `qs_stride` bytes apart.
+///
+/// One `tdpbsud` per block gives every row's 16 integer sums (the VNNI kernel needs eight dot
+/// products per row for them); the sums go through memory to the VNNI kernel's per-block
+/// scaling, operation for operation, so each row's result is bit for bit what
+/// `avx512::dot_group_packed` gives it (tested): a sequence's logits do not depend on how many
+/// others share its step. Block `b`'s sums are scaled while block `b + 1`'s product runs, and
+/// the next group is prefetched into L2 as the VNNI kernel does for several rows.
+///
+/// # Safety
+/// [`int8_usable`] must have returned true. `acts[t].qs` must start `t · qs_stride` bytes after
+/// `acts[0].qs`. Shapes are asserted.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn dot_group_bytes(
+    w: &PackedGroup<'_>,
+    form: Compact,
+    acts: &[ActRow<'_>],
+    qs_stride: usize,
+    out: &mut [f32],
+) {
+    let n = acts.len();
+    assert!((1..=GROUP).contains(&n) && out.len() >= GROUP * n, "int8 tile: {n} rows");
+    assert!(w.width == LevelWidth::Byte && !form.plane, "int8 tile: byte levels only");
+    // SAFETY: forwarded contract; the match only picks a monomorphized size.
+    unsafe {
+        match n {
+            1..=8 => bytes_tile::<8>(w, form, acts, qs_stride, out),
+            9..=12 => bytes_tile::<12>(w, form, acts, qs_stride, out),
+            _ => bytes_tile::<16>(w, form, acts, qs_stride, out),
+        }
+    }
+}
+
+/// [`dot_group_bytes`] with room for `T` rows' accumulators.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn bytes_tile<const T: usize>(
+    w: &PackedGroup<'_>,
+    form: Compact,
+    acts: &[ActRow<'_>],
+    qs_stride: usize,
+    out: &mut [f32],
+) {
+    let (n, nb, stride) = (acts.len(), w.blocks, w.block_stride());
+    assert!(n <= T, "int8 tile: {n} rows for {T}");
+    let scales_at = form.scales_at(w.width);
+    assert!(w.data.len() >= nb * stride, "packed group too short");
+    for (t, a) in acts.iter().enumerate() {
+        assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb && a.s.len() >= nb, "int8 tile: activation row short");
+        assert_eq!(a.qs.as_ptr() as usize, acts[0].qs.as_ptr() as usize + t * qs_stride, "int8 tile: row stride");
+    }
+    #[repr(C, align(64))]
+    struct Sums([[i32; GROUP * GROUP]; 2]);
+    let mut sums = Sums([[0; GROUP * GROUP]; 2]);
+    let (s0, s1) = (sums.0[0].as_mut_ptr(), sums.0[1].as_mut_ptr());
+    let neg_bias = _mm512_set1_ps(-(form.bias as f32));
+    let base = w.data.as_ptr();
+    let qs = acts[0].qs.as_ptr();
+    // The next group's lines, an equal share per block.
+    let next_lines = (nb * stride).div_ceil(64).div_ceil(nb);
+    let mut acc = [_mm512_setzero_ps(); T];
+    // Adds block `b`'s sums, stored at `sums` by a finished tile, to the accumulators.
+    let mut scale = |b: usize, sums: *const i32| {
+        // SAFETY: b < nb (lengths asserted above); `sums` holds n rows of 16 sums.
+        unsafe {
+            let blk = base.add(b * stride);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at) as *const __m256i));
+            let m = if form.stored_m {
+                _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at + 2 * GROUP) as *const __m256i))
+            } else {
+                _mm512_mul_ps(d, neg_bias)
+            };
+            for t in 0..n {
+                let isum = _mm512_load_si512(sums.add(t * GROUP) as *const _);
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*acts[t].d.get_unchecked(b)));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
+                acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(*acts[t].s.get_unchecked(b)), acc[t]);
+            }
+        }
+    };
+    // SAFETY: tile use was granted; each block's loads read `n` activation rows of 32 bytes
+    // `qs_stride` apart and eight 64-byte level vectors inside the asserted lengths; each store
+    // writes `n` rows of 64 bytes into `sums`. Prefetches may point past the group: harmless.
+    unsafe {
+        if INT8_ROWS.get() != Some(n) {
+            load_config(&int8_config(n), Some(n));
+        }
+        macro_rules! product {
+            ($c:literal, $a:literal, $w:literal, $b:expr, $dst:expr) => {{
+                let b: usize = $b;
+                let at = base.wrapping_add(nb * stride + b * next_lines * 64);
+                for line in 0..next_lines {
+                    _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(line * 64) as *const i8);
+                }
+                tile_load!($a, qs.add(32 * b), qs_stride);
+                tile_load!($w, base.add(b * stride), 64usize);
+                tile_zero!($c);
+                asm!(concat!("tdpbsud tmm", $c, ", tmm", $a, ", tmm", $w), options(nostack, nomem));
+                tile_store!($c, $dst, 64usize);
+            }};
+        }
+        product!(0, 2, 4, 0, s0);
+        let mut b = 1;
+        while b < nb {
+            product!(1, 3, 5, b, s1);
+            scale(b - 1, s0);
+            if b + 1 < nb {
+                product!(0, 2, 4, b + 1, s0);
+            }
+            scale(b, s1);
+            b += 2;
+        }
+        if nb % 2 == 1 {
+            scale(nb - 1, s0);
+        }
+    }
+    for (t, a) in acc.iter().enumerate().take(n) {
+        // SAFETY: `out` holds GROUP floats per activation row (asserted on entry).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(t * GROUP), *a) };
+    }
 }
