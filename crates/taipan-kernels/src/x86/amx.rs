@@ -1,13 +1,18 @@
-//! Intel AMX tile kernels: bf16 products and attention for the rows of prompt tokens.
+//! Intel AMX tile kernels: bf16 products and attention for the rows of prompt tokens, and int8
+//! products for runs of sampled rows.
 //!
-//! Why bf16 tiles rather than int8 ones: an int8 tile sums 32 columns under one block scale,
-//! so every 32 columns each output tile has to be stored and rescaled with AVX-512 — the
-//! per-block work that already bounds the VNNI kernels (int8 tiles done that way, bit-identical
-//! to VNNI, measured slower; see BENCHMARKS.md). A bf16 tile accumulates in f32 across a whole
-//! row. A group's 16 weight rows are dequantized once per product into a bf16 *panel*, which
-//! then serves every activation row. Both operands round to bf16 (8 significant bits, relative
-//! error ≤ 2⁻⁹), finer than the 8-bit activations of the VNNI kernels but different: which rows
-//! take tiles is decided by their role (see `crate::dispatch::TileKernels`).
+//! Why bf16 tiles for prompt rows: an int8 tile sums 32 columns under one block scale, so every
+//! 32 columns each output tile has to be stored and rescaled with AVX-512 — the per-block work
+//! that also bounds the VNNI kernels. A bf16 tile accumulates in f32 across a whole row. A
+//! group's 16 weight rows are dequantized once per product into a bf16 *panel*, which then
+//! serves every activation row. Both operands round to bf16 (8 significant bits, relative error
+//! ≤ 2⁻⁹), finer than the 8-bit activations of the VNNI kernels but different: which rows take
+//! tiles is decided by their role (see `crate::dispatch::TileKernels`).
+//!
+//! Sampled rows keep the VNNI kernels' 8-bit maths; where a step has five or more of them
+//! against one group (a batch's dense and Mamba projections), int8 tiles compute their integer
+//! sums and the VNNI kernel's scaling follows, so the results are the VNNI kernel's bit for bit
+//! ([`dot_group_bytes`]).
 //!
 //! Rust's AMX intrinsics are not stable, so the tile instructions are inline assembly. Linux
 //! hands out the tile-data register state only on request ([`usable`] asks once per process).
