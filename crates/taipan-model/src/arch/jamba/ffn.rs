@@ -38,6 +38,15 @@ pub(super) struct FfnScratch {
     rows_out: Vec<f32>,
 }
 
+/// `act[r] = silu(gate[r]) ⊙ up[r]` for every row of `gate_up` (`[rows, 2F]`, gate then up),
+/// rows over the pool: at 16 sequences a MoE layer's 32 routed rows took ~60 µs alone.
+fn swiglu_rows(compute: &Compute, act: &mut [f32], gate_up: &[f32], f: usize) {
+    compute.pool.for_rows_mut(act, f, &|r, a| {
+        let (g, u) = gate_up[r * 2 * f..(r + 1) * 2 * f].split_at(f);
+        ops::swiglu_into(a, g, u);
+    });
+}
+
 impl Mlp {
     fn weight_bytes(&self) -> usize {
         self.gate_up.memory_bytes() + self.down.memory_bytes()
@@ -56,10 +65,7 @@ impl Mlp {
         let gu = resize(&mut s.gate_up, rows * 2 * f);
         compute.matmul(gu, x, rows, &self.gate_up, mm);
         let act = resize(&mut s.act, rows * f);
-        for (a, g_u) in act.chunks_exact_mut(f).zip(gu.chunks_exact(2 * f)) {
-            let (g, u) = g_u.split_at(f);
-            ops::swiglu_into(a, g, u);
-        }
+        swiglu_rows(compute, act, gu, f);
         compute.matmul(out, act, rows, &self.down, mm);
     }
 }
@@ -127,10 +133,7 @@ impl Ffn {
         let gu = resize(&mut s.gate_up, total * 2 * f);
         compute.matmul_rows(gu, x, rows, &gate_up, mm);
         let act = resize(&mut s.act, total * f);
-        for (a, g_u) in act.chunks_exact_mut(f).zip(gu.chunks_exact(2 * f)) {
-            let (g, u) = g_u.split_at(f);
-            ops::swiglu_into(a, g, u);
-        }
+        swiglu_rows(compute, act, gu, f);
         let down: Vec<RowsProduct<'_>> = used()
             .map(|(e, (expert, route))| RowsProduct {
                 w: &expert.down,
