@@ -314,6 +314,11 @@ pub unsafe fn selective_scan(y: &mut [f32], i: &crate::ssm::ScanInputs<'_>, h: &
     i.check(y, h, s);
     for t in 0..t_n {
         for jj in 0..m {
+            if t == 0 && jj % 16 == 0 {
+                // Two blocks of 16 channels ahead, as the AVX-512 scan (261 → 219 µs a decode layer at
+                // 16 sequences with these kernels on an Intel Xeon).
+                super::prefetch_state(h.as_ptr().wrapping_add((jj + 32) * n), 16 * n);
+            }
             let k = s.first + jj;
             let (dtv, xv) = (i.dt[t * ch + k], i.x[t * ch + k]);
             // SAFETY: all offsets are inside the checked lengths (n is a multiple of 8).
