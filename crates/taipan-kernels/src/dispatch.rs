@@ -152,10 +152,12 @@ mod x86_entry {
         for t0 in (0..acts.len()).step_by(g) {
             let rows = &acts[t0..(t0 + g).min(acts.len())];
             let out = &mut out[t0 * g..(t0 + rows.len()) * g];
-            let start = rows[0].qs.as_ptr() as usize;
-            let stride = rows.get(1).map_or(0, |r| (r.qs.as_ptr() as usize).wrapping_sub(start));
-            let even = rows.iter().enumerate().all(|(t, r)| r.qs.as_ptr() as usize == start.wrapping_add(t * stride));
-            if tiles_take(rows.len()) && even {
+            // Tiles load rows at one stride: rows in increasing order, evenly apart.
+            let at = |t: usize| rows[t].qs.as_ptr() as usize;
+            let stride = (rows.len() > 1).then(|| at(1).checked_sub(at(0))).flatten().filter(|&s| {
+                (0..rows.len()).all(|t| t.checked_mul(s).and_then(|o| o.checked_add(at(0))) == Some(at(t)))
+            });
+            if let (Some(stride), true) = (stride, tiles_take(rows.len())) {
                 // SAFETY: `int8_usable` returned true; the rows lie `stride` bytes apart (checked).
                 unsafe { amx::dot_group_bytes(w, form, rows, stride, out) }
             } else {

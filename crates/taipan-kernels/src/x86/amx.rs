@@ -611,7 +611,8 @@ unsafe fn bytes_tile<const T: usize>(
     assert!(w.data.len() >= nb * stride, "packed group too short");
     for (t, a) in acts.iter().enumerate() {
         assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb && a.s.len() >= nb, "int8 tile: activation row short");
-        assert_eq!(a.qs.as_ptr() as usize, acts[0].qs.as_ptr() as usize + t * qs_stride, "int8 tile: row stride");
+        let at = t.checked_mul(qs_stride).and_then(|o| o.checked_add(acts[0].qs.as_ptr() as usize));
+        assert_eq!(Some(a.qs.as_ptr() as usize), at, "int8 tile: row stride");
     }
     #[repr(C, align(64))]
     struct Sums([[i32; GROUP * GROUP]; 2]);
