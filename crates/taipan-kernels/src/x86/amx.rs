@@ -23,6 +23,7 @@ use crate::kpacked::{KLayout, BLOCKS_PER_SUPER};
 use crate::packed::{ActRow, Compact, Layout, LevelWidth, PackedGroup, GROUP};
 use crate::quant::QBLOCK;
 use crate::tiles::{panel_len, K_STEP, TILE_TOKENS};
+use crate::x86::avx512;
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -618,7 +619,6 @@ unsafe fn bytes_tile<const T: usize>(
     struct Sums([[i32; GROUP * GROUP]; 2]);
     let mut sums = Sums([[0; GROUP * GROUP]; 2]);
     let (s0, s1) = (sums.0[0].as_mut_ptr(), sums.0[1].as_mut_ptr());
-    let neg_bias = _mm512_set1_ps(-(form.bias as f32));
     let base = w.data.as_ptr();
     let qs = acts[0].qs.as_ptr();
     // The next group's lines, an equal share per block.
@@ -628,18 +628,11 @@ unsafe fn bytes_tile<const T: usize>(
     let mut scale = |b: usize, sums: *const i32| {
         // SAFETY: b < nb (lengths asserted above); `sums` holds n rows of 16 sums.
         unsafe {
-            let blk = base.add(b * stride);
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at) as *const __m256i));
-            let m = if form.stored_m {
-                _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at + 2 * GROUP) as *const __m256i))
-            } else {
-                _mm512_mul_ps(d, neg_bias)
-            };
+            let (d, m) = avx512::compact_scales(base.add(b * stride), form, scales_at);
             for t in 0..n {
                 let isum = _mm512_load_si512(sums.add(t * GROUP) as *const _);
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*acts[t].d.get_unchecked(b)));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
-                acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(*acts[t].s.get_unchecked(b)), acc[t]);
+                acc[t] =
+                    avx512::add_block(acc[t], isum, d, m, *acts[t].d.get_unchecked(b), *acts[t].s.get_unchecked(b));
             }
         }
     };
@@ -653,10 +646,7 @@ unsafe fn bytes_tile<const T: usize>(
         macro_rules! product {
             ($c:literal, $a:literal, $w:literal, $b:expr, $dst:expr) => {{
                 let b: usize = $b;
-                let at = base.wrapping_add(nb * stride + b * next_lines * 64);
-                for line in 0..next_lines {
-                    _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(line * 64) as *const i8);
-                }
+                super::prefetch_lines_l2(base.wrapping_add(nb * stride + b * next_lines * 64), next_lines);
                 tile_load!($a, qs.add(32 * b), qs_stride);
                 tile_load!($w, base.add(b * stride), 64usize);
                 tile_zero!($c);

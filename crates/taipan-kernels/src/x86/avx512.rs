@@ -95,23 +95,35 @@ const PREFETCH_BLOCKS: usize = 16;
 /// tile is compute-bound, and prefetching within the group measured twice as slow there.)
 #[inline(always)]
 pub(crate) fn prefetch_ahead(blk: *const u8, block_bytes: usize) {
-    let ahead = blk.wrapping_add(PREFETCH_BLOCKS * block_bytes);
-    let mut line = 0;
-    while line < block_bytes {
-        // SAFETY: a prefetch never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8) };
-        line += 64;
+    super::prefetch_lines_l2(blk.wrapping_add(PREFETCH_BLOCKS * block_bytes), block_bytes.div_ceil(64));
+}
+
+/// A compact block's 16 row scales `d` and offsets `m` (stored, or `−bias·d`), from its bytes at
+/// `blk` (`scales_at` past the levels). Shared with the int8 tiles, which must scale exactly so.
+///
+/// # Safety
+/// The block's scales (and offsets, where stored) must lie inside the readable bytes at `blk`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn compact_scales(blk: *const u8, form: Compact, scales_at: usize) -> (__m512, __m512) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at) as *const __m256i));
+        let m = if form.stored_m {
+            _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at + 2 * GROUP) as *const __m256i))
+        } else {
+            _mm512_mul_ps(d, _mm512_set1_ps(-(form.bias as f32)))
+        };
+        (d, m)
     }
 }
 
-/// Prefetches `count` lines from `at` into L2. The address may lie past the matrix, which is
-/// harmless.
-#[inline(always)]
-fn prefetch_lines_l2(at: *const u8, count: usize) {
-    for line in 0..count {
-        // SAFETY: a prefetch never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(line * 64) as *const i8) };
-    }
+/// Adds one block's integer sums for one activation row (16 weight rows, one lane each) to its
+/// accumulator: `acc + isum·(d·da) + m·sa`, with `da` the row's block scale and `sa` its block sum.
+/// The VNNI kernel and the int8 tiles both scale through here, so their results agree bit for bit.
+#[target_feature(enable = "avx512f")]
+pub(crate) fn add_block(acc: __m512, isum: __m512i, d: __m512, m: __m512, da: f32, sa: f32) -> __m512 {
+    let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(da)), acc);
+    _mm512_fmadd_ps(m, _mm512_set1_ps(sa), acc)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -133,7 +145,6 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, co
     }
     let low4 = _mm512_set1_epi8(0x0F);
     let bit4 = _mm512_set1_epi8(0x10);
-    let neg_bias = _mm512_set1_ps(-(form.bias as f32));
     let base = w.data.as_ptr();
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
@@ -147,7 +158,7 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, co
                     let lines = (nb * stride).div_ceil(64);
                     let per_block = lines.div_ceil(nb * passes);
                     let first = (pass * nb + b) * per_block;
-                    prefetch_lines_l2(
+                    super::prefetch_lines_l2(
                         base.wrapping_add(nb * stride + first * 64),
                         per_block.min(lines.saturating_sub(first)),
                     );
@@ -185,18 +196,10 @@ unsafe fn group_tile<const T: usize, const NIBBLE: bool, const COMPACT: bool, co
             let (d, m) = if !COMPACT {
                 (_mm512_loadu_ps(blk.add(lvl) as *const f32), _mm512_loadu_ps(blk.add(lvl + 64) as *const f32))
             } else {
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at) as *const __m256i));
-                let m = if form.stored_m {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales_at + 2 * GROUP) as *const __m256i))
-                } else {
-                    _mm512_mul_ps(d, neg_bias)
-                };
-                (d, m)
+                compact_scales(blk, form, scales_at)
             };
             for t in 0..T {
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*acts[t].d.get_unchecked(b)));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), scale, acc[t]);
-                acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(*acts[t].s.get_unchecked(b)), acc[t]);
+                acc[t] = add_block(acc[t], isum[t], d, m, *acts[t].d.get_unchecked(b), *acts[t].s.get_unchecked(b));
             }
         }
     }
