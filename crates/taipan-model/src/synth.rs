@@ -43,6 +43,12 @@ impl SynthJamba {
             ..Default::default()
         }
     }
+
+    /// Jamba Reasoning 3B's form at hidden 256: no experts (every MLP dense) and one KV head
+    /// shared by all four query heads.
+    pub fn dense_one_kv_head_256() -> Self {
+        SynthJamba { kv_heads: 1, experts: 1, ..Self::hidden_256() }
+    }
 }
 
 impl Default for SynthJamba {

@@ -58,6 +58,24 @@ fn missing_tensor_is_named() {
     );
 }
 
+/// A config and its tensors that disagree on which layers are mixtures of experts: the router
+/// that does not belong (or is missing) is named, never silently used or skipped.
+#[test]
+fn expert_layers_must_match_the_config() {
+    let dir = variant("dense-config", |c| c["num_experts"] = serde_json::json!(1), |_| {});
+    let msg = load_err(&dir);
+    assert!(msg.contains("blk.1.ffn_gate_inp.weight") && msg.contains("dense MLP"), "{msg}");
+    let dir = variant(
+        "no-router",
+        |_| {},
+        |t| {
+            t.remove("model.layers.3.feed_forward.router.weight");
+        },
+    );
+    let msg = load_err(&dir);
+    assert!(msg.contains("blk.3.ffn_gate_inp.weight") && msg.contains("missing"), "{msg}");
+}
+
 #[test]
 fn wrong_shape_is_named() {
     let dir = variant(

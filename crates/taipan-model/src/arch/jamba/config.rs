@@ -20,6 +20,9 @@ pub struct JambaConfig {
     pub context: usize,
     /// Per layer: attention (true) or Mamba.
     pub attention: Vec<bool>,
+    /// Per layer: a mixture of experts (true) or one dense MLP. A dense Jamba (Reasoning 3B's
+    /// form) has none.
+    pub moe: Vec<bool>,
     pub experts: usize,
     pub experts_per_token: usize,
     pub d_state: usize,
@@ -75,6 +78,10 @@ impl JambaConfig {
             }
         };
         let experts = int("num_experts")?.or(int("num_local_experts")?).unwrap_or(16);
+        // As transformers builds it: a layer at an expert position with more than one expert is a
+        // mixture; every other layer (all of them when `num_experts` is 1, or when the period
+        // reaches past the last layer) is a dense MLP.
+        let moe = (0..layers).map(|i| experts > 1 && i % e_period == e_offset).collect();
         let c = JambaConfig {
             vocab: int("vocab_size")?.unwrap_or(65536),
             hidden,
@@ -86,8 +93,10 @@ impl JambaConfig {
             rms_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
             context: int("max_position_embeddings")?.or(int("n_ctx")?).unwrap_or(262144),
             attention: (0..layers).map(|i| i % period == offset).collect(),
+            moe,
             experts,
-            experts_per_token: int("num_experts_per_tok")?.unwrap_or(2),
+            // Only a mixture routes: a dense model's count (often 2 by default) means nothing.
+            experts_per_token: if experts > 1 { int("num_experts_per_tok")?.unwrap_or(2) } else { 1 },
             d_state: int("mamba_d_state")?.unwrap_or(16),
             d_conv: int("mamba_d_conv")?.unwrap_or(4),
             d_inner: int("mamba_expand")?
@@ -121,6 +130,19 @@ impl JambaConfig {
             return Err(cfg_err(&f.path, "jamba.attention.head_count_kv", "needs one entry per layer"));
         }
         let kv_heads = kv.iter().copied().find(|&n| n > 0).unwrap_or(heads);
+        if kv.iter().any(|&n| n > 0 && n != kv_heads) {
+            return Err(cfg_err(
+                &f.path,
+                "jamba.attention.head_count_kv",
+                "attention layers with different KV-head counts are not supported",
+            ));
+        }
+        // As llama.cpp loads it: a layer is a mixture of experts where its router is stored.
+        let moe: Vec<bool> = (0..layers).map(|i| f.has_tensor(&format!("blk.{i}.ffn_gate_inp.weight"))).collect();
+        // A dense file may say 0 or 1 experts (and any used count): they mean nothing there.
+        let dense = !moe.contains(&true);
+        let experts = f.get_opt_u64(&k("expert_count"))?.unwrap_or(1) as usize;
+        let experts_per_token = f.get_opt_u64(&k("expert_used_count"))?.unwrap_or(1) as usize;
         let c = JambaConfig {
             vocab: f.get_array("tokenizer.ggml.tokens").map(|a| a.len())?,
             hidden,
@@ -132,8 +154,9 @@ impl JambaConfig {
             rms_eps: f.get_opt_f64(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6) as f32,
             context: f.get_opt_u64(&k("context_length"))?.unwrap_or(262144) as usize,
             attention: kv.iter().map(|&n| n > 0).collect(),
-            experts: f.get_opt_u64(&k("expert_count"))?.unwrap_or(1) as usize,
-            experts_per_token: f.get_opt_u64(&k("expert_used_count"))?.unwrap_or(1) as usize,
+            moe,
+            experts: if dense { experts.max(1) } else { experts },
+            experts_per_token: if dense { 1 } else { experts_per_token },
             d_state: f.get_u64(&k("ssm.state_size"))? as usize,
             d_conv: f.get_u64(&k("ssm.conv_kernel"))? as usize,
             d_inner: f.get_u64(&k("ssm.inner_size"))? as usize,
@@ -177,6 +200,11 @@ impl JambaConfig {
                 self.experts_per_token >= 1 && self.experts_per_token <= self.experts.max(1),
                 "num_experts_per_tok",
                 "must be between 1 and num_experts",
+            ),
+            (
+                !self.moe.contains(&true) || self.experts >= 2,
+                "num_experts",
+                "a mixture-of-experts layer needs at least 2 experts",
             ),
             (self.vocab > 0, "vocab_size", "must be positive"),
         ];

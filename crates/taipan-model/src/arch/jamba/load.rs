@@ -208,7 +208,17 @@ impl Jamba {
                 mamba_slots += 1;
                 Mixer::Mamba(Box::new(m))
             };
-            let ffn = if src.has(&name("ffn_gate_inp.weight")) {
+            let router = name("ffn_gate_inp.weight");
+            if src.has(&router) != c.moe[i] {
+                let message = if c.moe[i] {
+                    "missing: the config makes this layer a mixture of experts".to_string()
+                } else {
+                    "present, but the config makes this layer a dense MLP (check num_experts and the expert layer period)"
+                        .to_string()
+                };
+                return Err(tensor_err(src, &router, message));
+            }
+            let ffn = if c.moe[i] {
                 let e_n = c.experts;
                 let mut experts = Vec::with_capacity(e_n);
                 for e in 0..e_n {
