@@ -107,6 +107,13 @@ fn tiny_jamba_batched_rows_equal_single_sequence_rows() {
 }
 
 #[test]
+fn dense_tiny_jamba_batched_rows_equal_single_sequence_rows() {
+    let exact = LoadOptions { mode: MatmulMode::Exact, quantize: None };
+    let m = Model::load(&fixtures().join("jamba-tiny-dense"), exact).expect("jamba-tiny-dense loads");
+    check(&m, "jamba-tiny-dense (f32, one KV head, no experts)");
+}
+
+#[test]
 fn synthetic_jamba_batched_rows_equal_single_sequence_rows() {
     let out = std::env::temp_dir().join(format!("taipan-synth-batched-{}.gguf", std::process::id()));
     let spec = taipan_model::synth::SynthJamba::hidden_256();
@@ -114,6 +121,17 @@ fn synthetic_jamba_batched_rows_equal_single_sequence_rows() {
     let m = Model::load(&out, LoadOptions::default()).unwrap();
     let _ = std::fs::remove_file(&out);
     check(&m, "synthetic Jamba, hidden 256 (Q8_0, packed int8 kernels)");
+}
+
+#[test]
+fn dense_single_kv_head_jamba_batched_rows_equal_single_sequence_rows() {
+    let out = std::env::temp_dir().join(format!("taipan-synth-dense-{}.gguf", std::process::id()));
+    let spec = taipan_model::synth::SynthJamba::dense_one_kv_head_256();
+    taipan_model::synth::write_synthetic_jamba(&out, &fixtures().join("jamba-tiny-a.gguf"), &spec).unwrap();
+    // The file says 1 expert and 2 used per token, as a converter writes a dense config.
+    let m = Model::load(&out, LoadOptions::default()).expect("a dense Jamba with one KV head loads");
+    let _ = std::fs::remove_file(&out);
+    check(&m, "dense synthetic Jamba, one KV head, hidden 256 (Q8_0)");
 }
 
 #[test]
