@@ -5,8 +5,9 @@
 //! compiles Lark grammars — which may embed JSON schemas with `%json {...}` — into a
 //! [`Grammar`], checked when the request arrives so that an unsupported schema is the client's
 //! error and not a failure mid-generation. A [`Constraint`] applies a grammar either from the
-//! first generated token or lazily: generation runs free until the text contains a trigger (a
-//! tool call's opening tag), and the grammar governs everything after it.
+//! first generated token or lazily: generation runs free until the text contains its triggers in
+//! order (the end of a thinking block, a tool call's opening tag), and the grammar governs
+//! everything after the last one.
 
 use crate::sampler::Sampler;
 use llguidance::api::TopLevelGrammar;
@@ -237,9 +238,10 @@ impl std::fmt::Debug for Grammar {
 #[derive(Debug, Clone)]
 pub struct Constraint {
     pub grammar: Arc<Grammar>,
-    /// `None`: from the first token. `Some(tag)`: free text until `tag` appears; the grammar
-    /// then governs the text after it.
-    pub trigger: Option<String>,
+    /// Empty: from the first token. Else free text until each trigger has appeared, in order
+    /// (`["</think>", "<tool_call>"]`: a call the model starts after its thinking); the grammar
+    /// then governs the text after the last one.
+    pub triggers: Vec<String>,
     pub compiler: Arc<GrammarCompiler>,
 }
 
@@ -261,9 +263,11 @@ pub struct GrammarFailure(pub String);
 /// One sequence's position in its constraint.
 pub(crate) struct Guide {
     constraint: Constraint,
-    /// Active once the trigger was seen (at once without one).
+    /// Active once the triggers were seen (at once without any).
     matcher: Option<Matcher>,
-    /// Text generated while waiting for the trigger.
+    /// Triggers seen so far.
+    triggered: usize,
+    /// Text generated since the last trigger seen, while waiting for the next.
     seen: String,
     /// The budget is nearly spent: every token now comes from the closing path.
     closing: bool,
@@ -321,10 +325,11 @@ fn closing_path_len(compiler: &GrammarCompiler, m: &Matcher, limit: usize) -> Op
 
 impl Guide {
     pub(crate) fn new(constraint: &Constraint) -> Self {
-        let matcher = constraint.trigger.is_none().then(|| constraint.grammar.matcher.deep_clone());
+        let matcher = constraint.triggers.is_empty().then(|| constraint.grammar.matcher.deep_clone());
         Guide {
             constraint: constraint.clone(),
             matcher,
+            triggered: 0,
             seen: String::new(),
             closing: false,
             last_mask: None,
@@ -456,19 +461,24 @@ impl Guide {
                 Err(e) => Err(GrammarFailure(format!("the grammar refused token {token}: {e}"))),
             };
         }
-        let Some(trigger) = self.constraint.trigger.as_deref() else { return Ok(Progress::Continue) };
         self.seen.push_str(text);
-        let Some(at) = self.seen.find(trigger) else {
-            // Only a tail shorter than the trigger can still become part of it.
-            let mut keep = self.seen.len().saturating_sub(trigger.len());
-            while !self.seen.is_char_boundary(keep) {
-                keep -= 1;
-            }
-            self.seen.drain(..keep);
-            return Ok(Progress::Continue);
-        };
+        // One token's text may complete more than one trigger.
+        while let Some(trigger) = self.constraint.triggers.get(self.triggered) {
+            let Some(at) = self.seen.find(trigger.as_str()) else {
+                // Only a tail shorter than the trigger can still become part of it.
+                let mut keep = self.seen.len().saturating_sub(trigger.len());
+                while !self.seen.is_char_boundary(keep) {
+                    keep -= 1;
+                }
+                self.seen.drain(..keep);
+                return Ok(Progress::Continue);
+            };
+            self.seen.drain(..at + trigger.len());
+            self.triggered += 1;
+        }
+        let trigger = self.constraint.triggers.last().map(String::as_str).unwrap_or_default();
         let mut m = self.constraint.grammar.matcher.deep_clone();
-        let rest = &self.seen[at + trigger.len()..];
+        let rest = self.seen.as_str();
         if !rest.is_empty() {
             // The token that completed the trigger was drawn unconstrained: what it carries
             // past the trigger must already fit the grammar.

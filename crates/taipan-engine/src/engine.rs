@@ -50,6 +50,8 @@ pub struct GenRequest {
     pub constraint: Option<Constraint>,
     /// Decode special tokens as their text (a tool-call tag may be one).
     pub special_text: bool,
+    /// The prompt opened a thinking block that must close within this budget.
+    pub thinking_budget: Option<crate::output::ThinkingBudget>,
     /// A fault to inject while this request runs (tests of the engine's isolation only; the
     /// server honours it only when started with fault injection enabled).
     #[doc(hidden)]
@@ -83,6 +85,7 @@ impl GenRequest {
             snapshot_at: vec![],
             constraint: None,
             special_text: false,
+            thinking_budget: None,
             fault: None,
         }
     }
@@ -366,6 +369,7 @@ impl Engine {
             logprobs: r.logprobs,
             special_text: r.special_text,
             constraint: r.constraint.clone(),
+            thinking_budget: r.thinking_budget,
         };
         let entry =
             SeqEntry { req, choice, output: SeqOutput::new(params), prompt_logprobs: Vec::new(), last_token_at: None };

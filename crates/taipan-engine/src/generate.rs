@@ -71,6 +71,7 @@ pub fn generate(
         logprobs: None,
         special_text: false,
         constraint: params.constraint.clone(),
+        thinking_budget: None,
     });
     let t0 = Instant::now();
     model.forward(compute, prompt, &mut state, &mut scratch, false)?;

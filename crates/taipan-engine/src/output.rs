@@ -1,7 +1,7 @@
 //! Output processing of one sequence: from a row of logits to the next token and the text a
-//! client may see. Grammar mask, `min_tokens`, sampling, log-probabilities, incremental
-//! detokenization, stop strings and the length limit, in that order — one path for the engine
-//! and the single-stream CLI alike.
+//! client may see. Thinking budget, grammar mask, `min_tokens`, sampling, log-probabilities,
+//! incremental detokenization, stop strings and the length limit, in that order — one path for
+//! the engine and the single-stream CLI alike.
 
 use crate::constraint::{Constraint, GrammarFailure, Guide, Progress};
 use crate::detokenizer::IncrementalDecoder;
@@ -49,6 +49,16 @@ pub struct OutputParams {
     /// Decode special tokens as their text.
     pub special_text: bool,
     pub constraint: Option<Constraint>,
+    /// The prompt opened a thinking block that must close within a budget.
+    pub thinking_budget: Option<ThinkingBudget>,
+}
+
+/// At most `tokens` tokens of thinking: then the closing token `close` is the next token, whatever
+/// the model prefers (a sequence that closes its thinking itself is not touched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThinkingBudget {
+    pub tokens: usize,
+    pub close: u32,
 }
 
 /// What one token produced.
@@ -74,6 +84,8 @@ pub struct SeqOutput {
     detok: IncrementalDecoder,
     stops: StopMatcher,
     generated: usize,
+    /// Inside the thinking block the prompt opened, under a budget.
+    thinking: bool,
     /// Log-probability buffer (vocabulary-sized).
     lp: Vec<f32>,
 }
@@ -86,6 +98,7 @@ impl SeqOutput {
             detok: IncrementalDecoder::new(!params.special_text),
             stops: StopMatcher::new(params.stop.clone()),
             generated: 0,
+            thinking: params.thinking_budget.is_some(),
             lp: Vec::new(),
             params,
         }
@@ -117,6 +130,13 @@ impl SeqOutput {
                 }
             }
         }
+        if let Some(budget) = p.thinking_budget.filter(|b| self.thinking && self.generated >= b.tokens) {
+            let kept = logits.get(budget.close as usize).copied().filter(|l| l.is_finite()).unwrap_or(0.0);
+            logits.fill(f32::NEG_INFINITY);
+            if let Some(l) = logits.get_mut(budget.close as usize) {
+                *l = kept;
+            }
+        }
         let left = (p.max_tokens - self.generated).min(room);
         let next = match self.guide.as_mut() {
             None => self.sampler.sample(logits),
@@ -126,6 +146,9 @@ impl SeqOutput {
             },
         };
         self.generated += 1;
+        if self.params.thinking_budget.is_some_and(|b| b.close == next) {
+            self.thinking = false;
+        }
         let mut out = Emitted { token: Some(next), ..Default::default() };
         if let Some(top) = self.params.logprobs {
             self.lp.resize(logits.len(), 0.0);

@@ -37,11 +37,11 @@ fn engine() -> EngineHandle {
     .expect("engine starts")
 }
 
-fn constraint(lark: &str, trigger: Option<&str>) -> Constraint {
+fn constraint(lark: &str, triggers: &[&str]) -> Constraint {
     let c = compiler();
     Constraint {
         grammar: Arc::new(c.compile(lark).expect("grammar compiles")),
-        trigger: trigger.map(String::from),
+        triggers: triggers.iter().map(|t| t.to_string()).collect(),
         compiler: c,
     }
 }
@@ -96,7 +96,7 @@ const OBJECT: &str = r#"start: %json {"x-guidance": {"whitespace_flexible": fals
 #[test]
 fn sampled_json_objects_always_parse() {
     let e = engine();
-    let c = constraint(OBJECT, None);
+    let c = constraint(OBJECT, &[]);
     let prompts = ["Describe a cat.", "Give me a user profile.", "What is the weather like?", "List two fruits."];
     let budgets = [12, 24, 40, 64, 200];
     let rxs: Vec<_> = (0..20)
@@ -127,14 +127,29 @@ fn lazy_constraint_starts_at_its_trigger() {
     };
     // The first word ends where a token ends (the next one starts with its space).
     let first_word = &free[..free.find(' ').expect("several words")];
-    let c = constraint(r#"start: " Atlantis, of course.""#, Some(first_word));
-    let mut req = GenRequest::new(prompt, 40);
+    let c = constraint(r#"start: " Atlantis, of course.""#, &[first_word]);
+    let mut req = GenRequest::new(prompt.clone(), 40);
     req.constraint = Some(c);
     let (tx, rx) = mpsc::channel();
     e.submit(req, Box::new(tx)).unwrap();
     let (text, finish) = collect(rx);
     assert_eq!(text, format!("{first_word} Atlantis, of course."));
     assert_eq!(finish, FinishReason::Stop);
+
+    // Two triggers are waited for in order (as `</think>` and then a tool call's tag are): the
+    // grammar starts after the second word; asked for in the other order, it never starts.
+    let second_word = free[first_word.len() + 1..].split(' ').next().expect("a second word");
+    let run = |triggers: &[&str], max_tokens| {
+        let mut req = GenRequest::new(prompt.clone(), max_tokens);
+        req.constraint = Some(constraint(r#"start: " Atlantis, of course.""#, triggers));
+        let (tx, rx) = mpsc::channel();
+        e.submit(req, Box::new(tx)).unwrap();
+        collect(rx)
+    };
+    let (text, finish) = run(&[first_word, second_word], 40);
+    assert_eq!(text, format!("{first_word} {second_word} Atlantis, of course."));
+    assert_eq!(finish, FinishReason::Stop);
+    assert_eq!(run(&[second_word, first_word], 12).0, free, "out of order, the text stays free");
 }
 
 /// Text after a lazy grammar's trigger that does not fit the grammar ends the sequence with an
@@ -154,7 +169,8 @@ fn output_that_breaks_its_grammar_fails_loudly() {
         stop: vec![],
         logprobs: None,
         special_text: false,
-        constraint: Some(constraint(r#"start: /[0-9]+/"#, Some("("))),
+        constraint: Some(constraint(r#"start: /[0-9]+/"#, &["("])),
+        thinking_budget: None,
     });
     let mut logits = vec![0f32; m.vocab_size()];
     logits[ids[0] as usize] = 50.0;
