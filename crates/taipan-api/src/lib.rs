@@ -14,6 +14,7 @@ pub mod error;
 mod fields;
 pub mod guided;
 pub mod pyjson;
+pub mod reasoning;
 pub mod response;
 pub mod tools;
 

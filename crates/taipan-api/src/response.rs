@@ -56,6 +56,8 @@ pub struct ChoiceOut {
     pub tool_calls: Vec<ToolCall>,
     pub finish_reason: String,
     pub logprobs: Option<Vec<LogprobEntry>>,
+    /// A thinking model's thinking, kept apart from `content` (shown only when set).
+    pub reasoning_content: Option<String>,
 }
 
 impl ChoiceOut {
@@ -67,6 +69,14 @@ impl ChoiceOut {
             Value::Array(self.tool_calls.iter().map(ToolCall::to_json).collect())
         }
     }
+
+    /// The message, with `reasoning_content` after the other keys when there is thinking.
+    fn message(&self, mut message: Value) -> Value {
+        if let (Some(r), Some(m)) = (&self.reasoning_content, message.as_object_mut()) {
+            m.insert("reasoning_content".into(), Value::from(r.as_str()));
+        }
+        message
+    }
 }
 
 /// AI21 non-streaming response; keys in the order of the captured exchange.
@@ -75,7 +85,7 @@ pub fn ai21_chat_response(id: &str, choices: &[ChoiceOut], usage: Usage) -> Stri
         .iter()
         .map(|c| {
             json!({"index": c.index,
-                   "message": {"role": "assistant", "content": c.content, "tool_calls": c.tool_calls_json()},
+                   "message": c.message(json!({"role": "assistant", "content": c.content, "tool_calls": c.tool_calls_json()})),
                    "logprobs": null, "finish_reason": c.finish_reason})
         })
         .collect();
@@ -103,8 +113,8 @@ pub fn openai_chat_response(id: &str, created: u64, model: &str, choices: &[Choi
                 .as_ref()
                 .map(|l| json!({"content": l.iter().map(openai_logprob).collect::<Vec<_>>(), "refusal": null}));
             json!({"index": c.index,
-                   "message": {"role": "assistant", "content": c.content, "refusal": null,
-                               "tool_calls": c.tool_calls_json()},
+                   "message": c.message(json!({"role": "assistant", "content": c.content, "refusal": null,
+                               "tool_calls": c.tool_calls_json()})),
                    "logprobs": logprobs, "finish_reason": c.finish_reason})
         })
         .collect();
@@ -240,6 +250,7 @@ mod tests {
             tool_calls: vec![],
             finish_reason: "stop".into(),
             logprobs: None,
+            reasoning_content: None,
         };
         let s =
             ai21_chat_response("chat-0123", &[c], Usage { prompt_tokens: 40, completion_tokens: 2, cached_tokens: 0 });

@@ -4,7 +4,9 @@
 //!
 //! A tool call is written as `OPEN [{"name": ..., "arguments": {...}}, ...] CLOSE`, where the tags
 //! are the model family's: Jamba's `<tool_calls>`/`</tool_calls>`, or `<tool_call>`/`</tool_call>`
-//! for models whose template knows no tools (the fallback format SmolLM2 was trained on).
+//! for models whose template knows no tools (the fallback format SmolLM2 was trained on) — or,
+//! Hermes-style (Jamba Reasoning 3B, Qwen), each call in its own tags:
+//! `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one block after another.
 //! Grammars are Lark text for `llguidance`, with JSON schemas embedded as `%json {...}`; JSON is
 //! written compactly with Python's separators (`", "`, `": "`), which is how the templates render
 //! tool calls, so what the model writes is exactly what a later prompt shows it.
@@ -80,17 +82,25 @@ pub struct ToolSyntax {
     pub close: String,
     /// The tags are single special tokens of the vocabulary (written `<tag>` unquoted in Lark).
     pub special_tags: bool,
+    /// Each call in its own tags, one object each (Hermes); else one list of calls in one pair.
+    pub per_call: bool,
 }
 
 impl ToolSyntax {
     /// Jamba's `<tool_calls>[...]</tool_calls>`.
     pub fn jamba(special_tags: bool) -> Self {
-        ToolSyntax { open: "<tool_calls>".into(), close: "</tool_calls>".into(), special_tags }
+        ToolSyntax { open: "<tool_calls>".into(), close: "</tool_calls>".into(), special_tags, per_call: false }
     }
 
     /// The fallback for templates without tool support: `<tool_call>[...]</tool_call>`.
     pub fn generic(special_tags: bool) -> Self {
-        ToolSyntax { open: "<tool_call>".into(), close: "</tool_call>".into(), special_tags }
+        ToolSyntax { open: "<tool_call>".into(), close: "</tool_call>".into(), special_tags, per_call: false }
+    }
+
+    /// Hermes-style calls, for templates that write them: `<tool_call>\n{...}\n</tool_call>` per
+    /// call.
+    pub fn hermes(special_tags: bool) -> Self {
+        ToolSyntax { per_call: true, ..Self::generic(special_tags) }
     }
 
     fn lark_tag(&self, tag: &str) -> String {
@@ -128,14 +138,26 @@ pub fn tool_call_grammar(
         })
         .collect();
     let call = with_json_options(&json!({"anyOf": variants}));
+    let (open_tag, close_tag) = (syntax.lark_tag(&syntax.open), syntax.lark_tag(&syntax.close));
+    if syntax.per_call {
+        // As the template writes them: the object on its own line between the tags, blocks one
+        // line apart (any short run of blanks is accepted where a newline is written).
+        let more = if parallel { format!(" (SPACE {open_tag} SPACE call SPACE {close_tag})*") } else { String::new() };
+        let open = if with_open { format!("SPACE {open_tag} ") } else { String::new() };
+        return format!(
+            "start: {open}SPACE call SPACE {close_tag}{more}\n\
+             call: %json {call}\n\
+             SPACE: /[ \\n]{{0,8}}/\n"
+        );
+    }
     let more = if parallel { " (\",\" SPACE call)*" } else { "" };
-    let open = if with_open { format!("\" \"? {} ", syntax.lark_tag(&syntax.open)) } else { String::new() };
+    let open = if with_open { format!("\" \"? {open_tag} ") } else { String::new() };
     format!(
         "start: {open}calls {close}\n\
          calls: \"[\" SPACE call{more} SPACE \"]\"\n\
          call: %json {call}\n\
          SPACE: /[ \\n]{{0,8}}/\n",
-        close = syntax.lark_tag(&syntax.close),
+        close = close_tag,
     )
 }
 
@@ -218,7 +240,14 @@ pub fn parse_answer(
     new_id: &mut dyn FnMut() -> String,
 ) -> ParsedAnswer {
     let as_text = || ParsedAnswer { content: Some(text.to_string()), calls: vec![] };
-    if let Some(at) = text.find(&syntax.open) {
+    if syntax.per_call {
+        if let Some(at) = text.find(&syntax.open) {
+            return match per_call_blocks(&text[at..], syntax, tools, new_id) {
+                Some(calls) => ParsedAnswer { content: content_before(&text[..at]), calls },
+                None => as_text(),
+            };
+        }
+    } else if let Some(at) = text.find(&syntax.open) {
         let body = &text[at + syntax.open.len()..];
         let body = close_at(body, &syntax.close).map_or(body, |end| &body[..end]);
         return match calls_from(body, tools, new_id) {
@@ -233,6 +262,32 @@ pub fn parse_answer(
         }
     }
     as_text()
+}
+
+/// Hermes blocks from the first opening tag on: one call object in each `OPEN ... CLOSE` (the last
+/// one's closing tag may be missing at the very end), blocks separated by blanks only. `None` if
+/// any block is not a call of a declared tool, or text other than blanks sits between blocks.
+fn per_call_blocks(
+    mut rest: &str,
+    syntax: &ToolSyntax,
+    tools: &[Value],
+    new_id: &mut dyn FnMut() -> String,
+) -> Option<Vec<ToolCall>> {
+    let mut calls = Vec::new();
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            break;
+        }
+        let body = rest.strip_prefix(syntax.open.as_str())?;
+        let (object, after) = match close_at(body, &syntax.close) {
+            Some(end) => (&body[..end], &body[end + syntax.close.len()..]),
+            None => (body, ""),
+        };
+        calls.push(call_from(object.trim(), tools, new_id)?);
+        rest = after;
+    }
+    (!calls.is_empty()).then_some(calls)
 }
 
 /// What a stream sends next for an answer that may contain tool calls.
@@ -334,8 +389,15 @@ impl ToolStream {
 
     /// Sends what the call objects after the tag make known: names once complete, then arguments.
     fn scan_calls(&mut self, out: &mut Vec<StreamPiece>, new_id: &mut dyn FnMut() -> String) {
-        let body = close_at(&self.pending, &self.syntax.close).map_or(self.pending.as_str(), |e| &self.pending[..e]);
-        for (k, (start, end)) in top_level_objects(body).into_iter().enumerate().skip(self.finished) {
+        let (body, nesting) = if self.syntax.per_call {
+            (self.pending.as_str(), 0)
+        } else {
+            let body =
+                close_at(&self.pending, &self.syntax.close).map_or(self.pending.as_str(), |e| &self.pending[..e]);
+            // A list of calls, or (as the whole-answer parser also takes it) a single call.
+            (body, usize::from(!body.trim_start().starts_with('{')))
+        };
+        for (k, (start, end)) in call_objects(body, nesting).into_iter().enumerate().skip(self.finished) {
             let slice = &body[start..end.unwrap_or(body.len())];
             let members = object_members(slice);
             let member = |keys: &[&str]| members.iter().find(|m| keys.contains(&m.key.as_str()));
@@ -538,22 +600,23 @@ fn partial_suffix(text: &str, tag: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Byte spans of the objects directly inside the top-level array of `body` (the last one may be
-/// unfinished: end `None`).
-fn top_level_objects(body: &str) -> Vec<(usize, Option<usize>)> {
+/// Byte spans of the call objects in `body` (the last one may be unfinished: end `None`): the
+/// objects directly inside its top-level array (`nesting` 1), or its top-level objects themselves
+/// (`nesting` 0, Hermes blocks, whose tags hold no brackets).
+fn call_objects(body: &str, nesting: usize) -> Vec<(usize, Option<usize>)> {
     let mut out: Vec<(usize, Option<usize>)> = Vec::new();
     let mut depth = 0usize;
     for (i, b) in outside_strings(body.as_bytes(), 0) {
         match b {
             b'[' | b'{' => {
-                if depth == 1 && b == b'{' {
+                if depth == nesting && b == b'{' {
                     out.push((i, None));
                 }
                 depth += 1;
             }
             b']' | b'}' => {
                 depth = depth.saturating_sub(1);
-                if depth == 1 && b == b'}' {
+                if depth == nesting && b == b'}' {
                     if let Some(last) = out.last_mut() {
                         last.1 = Some(i + 1);
                     }
@@ -661,6 +724,44 @@ mod tests {
         }
     }
 
+    /// Hermes blocks, one call each, parse and stream to the same calls; a bad block, or text
+    /// between blocks, leaves the whole answer as text.
+    #[test]
+    fn hermes_blocks_parse_and_stream_alike() {
+        let syntax = ToolSyntax::hermes(false);
+        let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"a}</tool_call>\\\"b\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n</tool_call>";
+        let whole = parse_answer(text, &syntax, &tools(), &mut ids());
+        assert_eq!(whole.content.as_deref(), Some("Let me check.\n"));
+        let names: Vec<&str> = whole.calls.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["get_weather", "add"]);
+        assert_eq!(whole.calls[0].arguments, r#"{"city": "a}</tool_call>\"b"}"#);
+        assert_eq!(whole.calls[1].arguments, r#"{"a": 1, "b": 2}"#);
+        for step in 1..7 {
+            let mut stream = ToolStream::new(syntax.clone(), tools());
+            let mut id = ids();
+            let mut pieces = Vec::new();
+            let chars: Vec<char> = text.chars().collect();
+            for chunk in chars.chunks(step) {
+                pieces.extend(stream.push(&chunk.iter().collect::<String>(), &mut id));
+            }
+            pieces.extend(stream.finish(&mut id));
+            let (content, calls) = reassemble(pieces).expect("pieces in order");
+            assert_eq!(Some(content), whole.content, "step {step}");
+            assert_eq!(calls, whole.calls, "step {step}");
+        }
+        // The last block may end without its closing tag; the JSON-list form is not Hermes.
+        let open_end =
+            parse_answer("<tool_call>\n{\"name\": \"add\", \"arguments\": {}}", &syntax, &tools(), &mut ids());
+        assert_eq!((open_end.content, open_end.calls.len()), (None, 1));
+        for bad in [
+            "<tool_call>\n{\"name\": \"nope\", \"arguments\": {}}\n</tool_call>",
+            "<tool_call>{\"name\": \"add\", \"arguments\": {}}</tool_call> and then <tool_call>{\"name\": \"add\"}</tool_call>",
+        ] {
+            let p = parse_answer(bad, &syntax, &tools(), &mut ids());
+            assert_eq!((p.content.as_deref(), p.calls.len()), (Some(bad), 0), "{bad}");
+        }
+    }
+
     #[test]
     fn calls_written_without_tags_stream_as_calls_as_they_parse_whole() {
         let s = ToolSyntax::generic(false);
@@ -755,5 +856,12 @@ mod tests {
         let special = tool_call_grammar(&tools(), None, true, &ToolSyntax::jamba(true), false);
         assert!(special.starts_with("start: calls </tool_calls>"), "{special}");
         assert!(crate::guided::OutputShape::Json(None).lark().contains(r#""type":"object""#));
+        let hermes = tool_call_grammar(&tools(), None, true, &ToolSyntax::hermes(false), true);
+        assert!(
+            hermes.starts_with(
+                "start: SPACE \"<tool_call>\" SPACE call SPACE \"</tool_call>\" (SPACE \"<tool_call>\" SPACE call SPACE \"</tool_call>\")*"
+            ),
+            "{hermes}"
+        );
     }
 }

@@ -199,11 +199,13 @@ fn tools() -> Vec<Value> {
 /// had already sent calls when a later one turned out malformed).
 pub fn tool_stream(data: &[u8]) {
     let Some((&choice, rest)) = data.split_first() else { return };
-    let syntax = match choice % 4 {
+    let syntax = match choice % 6 {
         0 => ToolSyntax::jamba(false),
         1 => ToolSyntax::jamba(true),
         2 => ToolSyntax::generic(false),
-        _ => ToolSyntax::generic(true),
+        3 => ToolSyntax::generic(true),
+        4 => ToolSyntax::hermes(false),
+        _ => ToolSyntax::hermes(true),
     };
     let text = String::from_utf8_lossy(rest).into_owned();
     let counter = std::cell::Cell::new(0);

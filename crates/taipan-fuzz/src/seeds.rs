@@ -122,6 +122,8 @@ pub fn small(target: &str) -> Vec<Vec<u8>> {
             "\u{2}{\"name\": \"add\", \"arguments\": \"{\\\"a\\\":1}\"}",
             "\u{0}a <tool box> b <tool_calls>[]</tool_calls>",
             "\u{1} plain answer with no call",
+            "\u{4}Checking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"a}</tool_call>\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1}}\n</tool_call>",
+            "\u{5}<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1}}</tool_call> trailing <tool_call>{",
         ]),
         _ => vec![],
     }
