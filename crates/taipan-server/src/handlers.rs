@@ -15,9 +15,11 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use taipan_api::chat::{ChatRequest, AI21_MAX_TOKENS};
+use taipan_api::reasoning::{split_reasoning, ReasoningPiece, ReasoningStream};
 use taipan_api::response::{self, ChoiceOut, LogprobEntry, OpenAiStream, Usage};
 use taipan_api::tools::{parse_answer, StreamPiece, ToolStream};
 use taipan_api::{parse_chat, parse_completion, ApiError, Dialect, ErrorKind, PromptInput};
+use taipan_engine::output::ThinkingBudget;
 use taipan_engine::{
     EngineHandle, Event, EventSink, Fault, FinishReason, GenRequest, SamplingParams, SubmitError, TokenLogprob,
 };
@@ -236,7 +238,7 @@ async fn chat(
         let (model, req, state) = (Arc::clone(&model), Arc::clone(&req), Arc::clone(state));
         tokio::task::spawn_blocking(move || {
             let ids = chat_prompt(&model, &req)?;
-            let plan = plan_output(&model, &req, || state.grammar_compiler())?;
+            let plan = plan_output(&model, &req, state.config.reasoning_format, || state.grammar_compiler())?;
             // Recurrent models can only resume where a state was saved: at message boundaries.
             let bounds =
                 if model.cache_spec().is_recurrent() { message_boundaries(&model, &req, &ids) } else { vec![] };
@@ -268,6 +270,7 @@ async fn chat(
         snapshot_at,
         constraint: plan.constraint.clone(),
         special_text: plan.special_text,
+        thinking_budget: thinking_budget(&model, &plan, state.config.reasoning_budget),
         fault,
     };
     let rx = submit(&eng, gen, dialect, &client)?;
@@ -279,6 +282,14 @@ async fn chat(
         return Ok(sse_response(out, guard));
     }
     let (mut choices, cached_tokens) = collect_choices(rx, req.n, &model, dialect).await?;
+    if let Some(thinking) = &plan.thinking {
+        for (c, _) in choices.iter_mut() {
+            // Thinking cut off by the budget leaves no answer, not the half-thought as one.
+            let split = split_reasoning(c.content.as_deref().unwrap_or_default(), thinking);
+            c.reasoning_content = split.reasoning;
+            c.content = Some(split.answer);
+        }
+    }
     if let Some(syntax) = &plan.tool_syntax {
         for (c, _) in choices.iter_mut() {
             let answer = parse_answer(c.content.as_deref().unwrap_or_default(), syntax, &req.tools, &mut new_tool_id);
@@ -297,6 +308,13 @@ async fn chat(
     }))
 }
 
+/// The server's thinking budget, for thinking the prompt opened and a closing tag that is one
+/// token.
+fn thinking_budget(model: &Model, plan: &OutputPlan, budget: Option<usize>) -> Option<ThinkingBudget> {
+    let thinking = plan.thinking.as_ref().filter(|t| t.opened_by_prompt)?;
+    Some(ThinkingBudget { tokens: budget?, close: model.tokenizer.token_id(&thinking.close)? })
+}
+
 /// Waits for every choice; returns each with its completion-token count, and the prompt tokens
 /// served from the cache.
 async fn collect_choices(
@@ -313,6 +331,7 @@ async fn collect_choices(
                 tool_calls: vec![],
                 finish_reason: String::new(),
                 logprobs: None,
+                reasoning_content: None,
             };
             (c, 0)
         })
@@ -364,6 +383,22 @@ fn piece_delta(piece: StreamPiece, dialect: Dialect) -> Value {
     }
 }
 
+/// Stream deltas for pieces of an answer: thinking as `reasoning_content`, the answer through the
+/// tool-call parser when calls may come, else as `content`.
+fn answer_deltas(pieces: Vec<ReasoningPiece>, mut tools: Option<&mut ToolStream>, dialect: Dialect) -> Vec<Value> {
+    let mut out = Vec::new();
+    for piece in pieces {
+        match (piece, tools.as_deref_mut()) {
+            (ReasoningPiece::Thinking(t), _) => out.push(json!({"reasoning_content": t})),
+            (ReasoningPiece::Answer(a), Some(ts)) => {
+                out.extend(ts.push(&a, &mut new_tool_id).into_iter().map(|p| piece_delta(p, dialect)))
+            }
+            (ReasoningPiece::Answer(a), None) => out.push(json!({"content": a})),
+        }
+    }
+    out
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stream_chat(
     mut rx: mpsc::UnboundedReceiver<Event>,
@@ -388,9 +423,12 @@ async fn stream_chat(
             return;
         }
     }
-    // Answers that may hold tool calls go through a parser per choice.
+    // Answers that may hold tool calls go through a parser per choice, after the thinking is
+    // split off (a splitter per choice too).
     let mut tool_streams: Vec<Option<ToolStream>> =
         (0..req.n).map(|_| plan.tool_syntax.as_ref().map(|s| ToolStream::new(s.clone(), req.tools.clone()))).collect();
+    let mut thinking: Vec<Option<ReasoningStream>> =
+        (0..req.n).map(|_| plan.thinking.clone().map(ReasoningStream::new)).collect();
     let mut completion_tokens = 0;
     let mut cached_tokens = 0;
     let mut done = 0;
@@ -398,10 +436,11 @@ async fn stream_chat(
         let mut payloads: Vec<String> = Vec::new();
         match rx.recv().await {
             Some(Event::Delta { choice, text, logprobs }) => {
-                let deltas: Vec<Value> = match tool_streams.get_mut(choice).and_then(Option::as_mut) {
-                    Some(ts) => ts.push(&text, &mut new_tool_id).into_iter().map(|p| piece_delta(p, dialect)).collect(),
-                    None => vec![json!({"content": text})],
+                let pieces = match thinking.get_mut(choice).and_then(Option::as_mut) {
+                    Some(rs) => rs.push(&text),
+                    None => vec![ReasoningPiece::Answer(text)],
                 };
+                let deltas = answer_deltas(pieces, tool_streams.get_mut(choice).and_then(Option::as_mut), dialect);
                 match dialect {
                     Dialect::Ai21 => payloads.extend(
                         deltas
@@ -426,17 +465,19 @@ async fn stream_chat(
                 cached_tokens = hit;
                 done += 1;
                 let mut finish = finish_str(finish);
+                let held = thinking.get_mut(choice).and_then(Option::as_mut).map(|rs| rs.finish()).unwrap_or_default();
+                let mut tail = answer_deltas(held, tool_streams.get_mut(choice).and_then(Option::as_mut), dialect);
                 if let Some(ts) = tool_streams.get_mut(choice).and_then(Option::as_mut) {
-                    for p in ts.finish(&mut new_tool_id) {
-                        let d = piece_delta(p, dialect);
-                        payloads.push(match dialect {
-                            Dialect::Ai21 => response::ai21_chat_chunk(&id, d, None, None),
-                            Dialect::OpenAi => oa.chat_chunk(choice, d, None, None),
-                        });
-                    }
+                    tail.extend(ts.finish(&mut new_tool_id).into_iter().map(|p| piece_delta(p, dialect)));
                     if ts.has_calls() {
                         finish = "tool_calls";
                     }
+                }
+                for d in tail {
+                    payloads.push(match dialect {
+                        Dialect::Ai21 => response::ai21_chat_chunk(&id, d, None, None),
+                        Dialect::OpenAi => oa.chat_chunk(choice, d, None, None),
+                    });
                 }
                 payloads.push(match dialect {
                     Dialect::Ai21 => response::ai21_chat_chunk(
@@ -566,6 +607,8 @@ async fn completions_inner(
                     snapshot_at: vec![],
                     constraint: constraint.clone(),
                     special_text: false,
+                    // A raw prompt opens no thinking of ours to budget.
+                    thinking_budget: None,
                     fault,
                 };
                 let mut rx = submit(&eng, gen, d, &client)?;

@@ -19,6 +19,7 @@ mod state;
 mod structured;
 
 pub use state::{AppState, ServerConfig};
+pub use structured::{thinking_syntax, ReasoningFormat};
 
 use axum::body::Body;
 use axum::http::{Request, Uri};

@@ -42,6 +42,10 @@ pub struct ServerConfig {
     pub engine: taipan_engine::EngineConfig,
     /// Honour the `x-taipan-fault` header (tests of failure handling only; off in production).
     pub fault_injection: bool,
+    /// Whether a thinking model's thinking is kept apart from its answer.
+    pub reasoning_format: crate::structured::ReasoningFormat,
+    /// Tokens of thinking a request may spend before `</think>` is forced (none: no limit).
+    pub reasoning_budget: Option<usize>,
 }
 
 impl ServerConfig {

@@ -1,24 +1,71 @@
 //! What a chat request's output must look like, turned into a decoding constraint: JSON mode and
 //! JSON schemas from the first token, a forced tool call (`required` or a named function) from
-//! the first token, and with `auto` a tool call constrained from its opening tag on.
+//! the first token, and with `auto` a tool call constrained from its opening tag on. For a model
+//! that thinks first (its generation prompt opens `<think>`), "the first token" is the first
+//! after its thinking: structured output constrains the answer, never the thinking.
 
 use crate::prompt::tools_offered;
 use serde_json::Value;
 use std::sync::Arc;
 use taipan_api::chat::ChatRequest;
+use taipan_api::reasoning::ThinkingSyntax;
 use taipan_api::tools::{tool_call_grammar, ToolChoice, ToolSyntax};
 use taipan_api::{ApiError, ErrorKind, Guided};
 use taipan_engine::{Constraint, GrammarCompiler};
-use taipan_model::Model;
+use taipan_model::{ChatMessage, Model, RenderOptions};
 
-/// The tool-call syntax of a model: Jamba's when its template writes `<tool_calls>`, else the
-/// fallback `<tool_call>` one. Tags that are single special tokens are matched as such.
+/// What the server does with a thinking model's thinking (`--reasoning-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReasoningFormat {
+    /// Kept apart from the answer (`reasoning_content`) when the model thinks in `<think>` tags.
+    #[default]
+    Auto,
+    /// Left in the answer as the model wrote it, tags included.
+    None,
+    /// As `Auto`, and a model without thinking tags is refused at start-up.
+    Separate,
+}
+
+impl std::str::FromStr for ReasoningFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ReasoningFormat::Auto),
+            "none" => Ok(ReasoningFormat::None),
+            "separate" => Ok(ReasoningFormat::Separate),
+            other => Err(format!("unknown reasoning format {other:?} (expected auto, none or separate)")),
+        }
+    }
+}
+
+/// The thinking tags of a model whose template and vocabulary have `<think>` and `</think>`;
+/// whether its generation prompt opens the block is read from a rendering.
+pub fn thinking_syntax(model: &Model) -> Option<ThinkingSyntax> {
+    let template = model.template.as_ref()?;
+    let syntax = ThinkingSyntax::think(false);
+    let in_vocabulary = |tag: &str| model.tokenizer.token_id(tag).is_some();
+    if !(template.source.contains(&syntax.close) && in_vocabulary(&syntax.open) && in_vocabulary(&syntax.close)) {
+        return None;
+    }
+    let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+    let probe = template.render(&[ChatMessage::new("user", "Hi")], &opts).ok()?;
+    Some(ThinkingSyntax::think(probe.trim_end().ends_with(&syntax.open)))
+}
+
+/// The tool-call syntax of a model: Jamba's when its template writes `<tool_calls>`; Hermes'
+/// (one `<tool_call>` block per call) when a template that reads `tools` writes `<tool_call>`
+/// (Jamba Reasoning 3B, Qwen); else the fallback `<tool_call>[...]` one. Tags that are single
+/// special tokens are matched as such.
 pub fn tool_syntax(model: &Model) -> ToolSyntax {
-    let jamba = model.template.as_ref().is_some_and(|t| t.source.contains("<tool_calls>"));
+    let template = model.template.as_ref();
+    let jamba = template.is_some_and(|t| t.source.contains("<tool_calls>"));
+    let hermes = !jamba && template.is_some_and(|t| t.reads("tools") && t.source.contains("<tool_call>"));
     let tag = if jamba { "<tool_calls>" } else { "<tool_call>" };
     let special = model.tokenizer.token_id(tag).is_some_and(|id| model.tokenizer.is_special(id));
     if jamba {
         ToolSyntax::jamba(special)
+    } else if hermes {
+        ToolSyntax::hermes(special)
     } else {
         ToolSyntax::generic(special)
     }
@@ -32,6 +79,8 @@ pub struct OutputPlan {
     pub tool_syntax: Option<ToolSyntax>,
     /// Special-token tags must reach the parser as text.
     pub special_text: bool,
+    /// Set when the answer starts with thinking to keep apart: its tags.
+    pub thinking: Option<ThinkingSyntax>,
 }
 
 /// A constraint from a Lark grammar; a grammar that does not compile is the client's error in
@@ -40,12 +89,12 @@ fn constraint_from(
     compiler: &Arc<GrammarCompiler>,
     lark: &str,
     field: &str,
-    trigger: Option<String>,
+    triggers: Vec<String>,
 ) -> Result<Constraint, ApiError> {
     let grammar = compiler
         .compile(lark)
         .map_err(|e| ApiError::invalid(field, format!("cannot be used for constrained decoding: {e}")))?;
-    Ok(Constraint { grammar: Arc::new(grammar), trigger, compiler: Arc::clone(compiler) })
+    Ok(Constraint { grammar: Arc::new(grammar), triggers, compiler: Arc::clone(compiler) })
 }
 
 /// The constraint for an output shape alone (legacy completions).
@@ -54,14 +103,35 @@ pub fn shape_constraint(
     compiler: impl FnOnce() -> Result<Arc<GrammarCompiler>, String>,
 ) -> Result<Constraint, ApiError> {
     let compiler = compiler().map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
-    constraint_from(&compiler, &guided.shape.lark(), &guided.field, None)
+    constraint_from(&compiler, &guided.shape.lark(), &guided.field, vec![])
 }
 
 /// Decides the constraint for `req`. `compiler` is only asked for when a grammar is needed.
 pub fn plan_output(
     model: &Model,
     req: &ChatRequest,
+    reasoning: ReasoningFormat,
     compiler: impl FnOnce() -> Result<Arc<GrammarCompiler>, String>,
+) -> Result<OutputPlan, ApiError> {
+    let thinking = match reasoning {
+        ReasoningFormat::None => None,
+        ReasoningFormat::Auto | ReasoningFormat::Separate => thinking_syntax(model),
+    };
+    let special = |tag: &str| model.tokenizer.token_id(tag).is_some_and(|id| model.tokenizer.is_special(id));
+    let thinking_special = thinking.as_ref().is_some_and(|t| special(&t.open) || special(&t.close));
+    // A grammar waits for the end of thinking the prompt opened. (A model that opens its own
+    // thinking is constrained from its first token, so under a grammar it answers at once.)
+    let after_thinking: Vec<String> = thinking.iter().filter(|t| t.opened_by_prompt).map(|t| t.close.clone()).collect();
+    let plan = plan_answer(model, req, compiler, &after_thinking)?;
+    Ok(OutputPlan { special_text: plan.special_text || thinking_special, thinking, ..plan })
+}
+
+/// The constraint and tool syntax of the answer, which starts after `after_thinking`'s tags.
+fn plan_answer(
+    model: &Model,
+    req: &ChatRequest,
+    compiler: impl FnOnce() -> Result<Arc<GrammarCompiler>, String>,
+    after_thinking: &[String],
 ) -> Result<OutputPlan, ApiError> {
     let tools = tools_offered(req);
     let forced_tool = match &req.tool_choice {
@@ -75,22 +145,36 @@ pub fn plan_output(
     let compiler = compiler().map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
     let syntax = tool_syntax(model);
     let special_text = tools && syntax.special_tags;
-    let constraint = |lark: String, field: &str, trigger| constraint_from(&compiler, &lark, field, trigger);
+    let constraint = |lark: String, field: &str, then: Option<&str>| {
+        let triggers = after_thinking.iter().map(String::as_str).chain(then).map(String::from).collect();
+        constraint_from(&compiler, &lark, field, triggers)
+    };
     let tools_list: &[Value] = &req.tools;
     let plan = if let Some(only) = forced_tool {
         let g = tool_call_grammar(tools_list, only, req.parallel_tool_calls && only.is_none(), &syntax, true);
-        OutputPlan { constraint: Some(constraint(g, "tools", None)?), tool_syntax: Some(syntax), special_text }
+        OutputPlan {
+            constraint: Some(constraint(g, "tools", None)?),
+            tool_syntax: Some(syntax),
+            special_text,
+            thinking: None,
+        }
     } else if let Some(guided) = &req.guided {
         // A demanded shape wins over optional tool calls: the answer must be that shape.
         OutputPlan {
             constraint: Some(constraint(guided.shape.lark(), &guided.field, None)?),
             tool_syntax: None,
             special_text: false,
+            thinking: None,
         }
     } else {
         let g = tool_call_grammar(tools_list, None, req.parallel_tool_calls, &syntax, false);
-        let trigger = Some(syntax.open.clone());
-        OutputPlan { constraint: Some(constraint(g, "tools", trigger)?), tool_syntax: Some(syntax), special_text }
+        let open = syntax.open.clone();
+        OutputPlan {
+            constraint: Some(constraint(g, "tools", Some(&open))?),
+            tool_syntax: Some(syntax),
+            special_text,
+            thinking: None,
+        }
     };
     Ok(plan)
 }
@@ -206,7 +290,7 @@ mod tests {
         assert!(system.ends_with("Answer with a single JSON object and nothing else."), "{text}");
         assert!(text.contains("<|im_start|>assistant\n<tool_call>[{\"name\": \"get_current_weather\", \"arguments\": {\"location\": \"Paris\"}}]</tool_call><|im_end|>"), "{text}");
         assert!(text.contains("<|im_start|>tool\n18 C<|im_end|>"), "{text}");
-        let plan = plan_output(&m, &req, compiler_for(&m)).unwrap();
+        let plan = plan_output(&m, &req, ReasoningFormat::Auto, compiler_for(&m)).unwrap();
         assert!(plan.constraint.is_some() && plan.tool_syntax.is_none(), "JSON mode wins over optional calls");
         // `none` keeps the tools out of the prompt.
         let mut none = req.clone();
@@ -251,7 +335,7 @@ mod tests {
         let body = json!({"model": "m", "tools": [weather], "tool_choice": "required",
             "messages": [{"role": "user", "content": "Weather in Paris?"}]});
         let req = parse_chat(body.to_string().as_bytes(), Dialect::OpenAi).unwrap();
-        let plan = plan_output(&m, &req, compiler_for(&m)).unwrap();
+        let plan = plan_output(&m, &req, ReasoningFormat::Auto, compiler_for(&m)).unwrap();
         assert_eq!(plan.tool_syntax, Some(ToolSyntax::jamba(false)));
         let prompt = chat_prompt(&m, &req).unwrap();
         for (budget, seed) in [(80, 1), (120, 2), (200, 3), (400, 4)] {
@@ -272,6 +356,33 @@ mod tests {
         }
     }
 
+    /// Jamba Reasoning 3B's form (jamba-tiny-dense): Hermes calls and thinking the prompt opens,
+    /// both read from the template and vocabulary; a grammar then waits for `</think>` (and, for
+    /// optional calls, the call's tag after it). `--reasoning-format none` turns the split off.
+    #[test]
+    fn a_thinking_hermes_model_is_recognised_and_planned_for() {
+        let m = Model::load(&fixture("jamba-tiny-dense.gguf"), LoadOptions::default()).expect("loads");
+        assert_eq!(tool_syntax(&m), ToolSyntax::hermes(false));
+        assert_eq!(thinking_syntax(&m), Some(ThinkingSyntax::think(true)));
+        assert_eq!(tool_syntax(&jamba()), ToolSyntax::jamba(false));
+        assert_eq!(thinking_syntax(&jamba()), None);
+        let weather: Value = serde_json::from_str(WEATHER).unwrap();
+        let triggers = |choice: Value, format: ReasoningFormat| {
+            let body = json!({"model": "m", "tools": [weather.clone()], "tool_choice": choice,
+                "messages": [{"role": "user", "content": "Weather in Paris?"}]});
+            let req = parse_chat(body.to_string().as_bytes(), Dialect::OpenAi).unwrap();
+            let plan = plan_output(&m, &req, format, compiler_for(&m)).unwrap();
+            (plan.constraint.expect("constrained").triggers, plan.thinking.is_some())
+        };
+        assert_eq!(triggers(json!("required"), ReasoningFormat::Auto), (vec!["</think>".to_string()], true));
+        assert_eq!(
+            triggers(json!("auto"), ReasoningFormat::Auto),
+            (vec!["</think>".to_string(), "<tool_call>".to_string()], true)
+        );
+        assert_eq!(triggers(json!("required"), ReasoningFormat::None), (vec![], false));
+        assert_eq!(triggers(json!("auto"), ReasoningFormat::None), (vec!["<tool_call>".to_string()], false));
+    }
+
     #[test]
     fn unsupported_schemas_are_the_clients_error() {
         let m = jamba();
@@ -279,7 +390,7 @@ mod tests {
             "response_format": {"type": "json_schema", "json_schema": {"name": "s",
                 "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}});
         let req = parse_chat(body.to_string().as_bytes(), Dialect::OpenAi).unwrap();
-        let err = plan_output(&m, &req, compiler_for(&m)).unwrap_err();
+        let err = plan_output(&m, &req, ReasoningFormat::Auto, compiler_for(&m)).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("response_format.json_schema.schema"));
         assert_eq!(err.kind, ErrorKind::Invalid);
     }

@@ -119,7 +119,7 @@ struct ServeArgs {
     max_running: Option<usize>,
     /// A TOML file with any of: model, offline, host, port, api_keys, api_key_file, aliases, threads,
     /// max_queue, max_body_bytes, shutdown_grace_secs, kv_cache_mb, max_batch_tokens, max_running,
-    /// chat_template.
+    /// chat_template, reasoning_format, reasoning_budget.
     #[arg(long, env = "TAIPAN_CONFIG")]
     config: Option<PathBuf>,
     #[arg(long)]
@@ -130,6 +130,16 @@ struct ServeArgs {
     /// A Jinja chat template file to use instead of the model's own.
     #[arg(long, env = "TAIPAN_CHAT_TEMPLATE")]
     chat_template: Option<PathBuf>,
+    /// A thinking model's thinking: `auto` (default) returns it apart from the answer, as
+    /// `reasoning_content`, when the template and vocabulary have `<think>` tags; `separate` does
+    /// the same and refuses a model without them; `none` leaves it in the answer, tags included.
+    #[arg(long, env = "TAIPAN_REASONING_FORMAT")]
+    reasoning_format: Option<String>,
+    /// Tokens a thinking model may think before `</think>` is forced and it must answer
+    /// (default: no limit; 0 answers at once). Applies where the generation prompt opens the
+    /// thinking.
+    #[arg(long, env = "TAIPAN_REASONING_BUDGET")]
+    reasoning_budget: Option<usize>,
 }
 
 /// The optional TOML configuration file.
@@ -151,6 +161,8 @@ struct FileConfig {
     max_batch_tokens: Option<usize>,
     max_running: Option<usize>,
     chat_template: Option<PathBuf>,
+    reasoning_format: Option<String>,
+    reasoning_budget: Option<usize>,
 }
 
 fn read_keys(path: &Path) -> Result<Vec<String>> {
@@ -202,7 +214,15 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         },
         // Only the test suite sets this: it lets a request inject a panic into the engine.
         fault_injection: std::env::var_os("TAIPAN_FAULT_INJECTION").is_some_and(|v| v == "1"),
+        reasoning_format: a
+            .reasoning_format
+            .or(file.reasoning_format)
+            .map(|f| f.parse().map_err(|e: String| anyhow::anyhow!("--reasoning-format: {e}")))
+            .transpose()?
+            .unwrap_or_default(),
+        reasoning_budget: a.reasoning_budget.or(file.reasoning_budget),
     };
+    let reasoning_format = config.reasoning_format;
     let mode = if a.exact { MatmulMode::Exact } else { MatmulMode::Fast };
     let quantize = parse_quantize(a.quantize.as_deref())?;
     let template = match a.chat_template.as_ref().or(file.chat_template.as_ref()) {
@@ -229,6 +249,19 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
                 load_announced(&model_path, LoadOptions { mode, quantize }).map_err(|e| format!("{e:#}"))?;
             if let Some(src) = &template {
                 model.set_chat_template(src).map_err(|e| format!("--chat-template: {e}"))?;
+            }
+            let thinking = taipan_server::thinking_syntax(&model);
+            match (reasoning_format, &thinking) {
+                (taipan_server::ReasoningFormat::Separate, None) => {
+                    return Err("--reasoning-format separate: the model's chat template and vocabulary have no \
+                                <think>...</think> tags"
+                        .into())
+                }
+                (taipan_server::ReasoningFormat::None, _) | (_, None) => {}
+                (_, Some(t)) => tracing::info!(
+                    "thinking in <think> tags ({}) is returned apart from the answer, as reasoning_content",
+                    if t.opened_by_prompt { "opened by the generation prompt" } else { "when the model opens it" }
+                ),
             }
             Ok(model)
         },
@@ -628,7 +661,7 @@ fn output_constraint(model: &Model, a: &GenerateArgs) -> Result<Option<Constrain
     };
     let compiler = Arc::new(GrammarCompiler::new(&model.tokenizer, model.vocab_size())?);
     let grammar = Arc::new(compiler.compile(&shape.lark())?);
-    Ok(Some(Constraint { grammar, trigger: None, compiler }))
+    Ok(Some(Constraint { grammar, triggers: vec![], compiler }))
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
