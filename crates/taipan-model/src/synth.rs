@@ -26,6 +26,9 @@ pub struct SynthJamba {
     pub dt_rank: usize,
     pub attn_period: usize,
     pub attn_offset: usize,
+    /// Vocabulary size; the donor's tokens are padded with unused ones up to it (`None`: the
+    /// donor's own).
+    pub vocab: Option<usize>,
     pub seed: u64,
 }
 
@@ -49,6 +52,38 @@ impl SynthJamba {
     pub fn dense_one_kv_head_256() -> Self {
         SynthJamba { kv_heads: 1, experts: 1, ..Self::hidden_256() }
     }
+
+    /// Jamba Reasoning 3B's shape as far as it is public (28 layers, 2 of them attention, 20
+    /// query heads sharing one KV head of 128, a dense MLP, a 64K vocabulary); the attention
+    /// layers' places, the MLP width and the untied output are estimates. ≈3.2 B parameters.
+    pub fn reasoning_3b() -> Self {
+        SynthJamba {
+            hidden: 2560,
+            layers: 28,
+            heads: 20,
+            kv_heads: 1,
+            intermediate: 8192,
+            experts: 1,
+            experts_per_token: 1,
+            dt_rank: 160,
+            attn_period: 14,
+            attn_offset: 7,
+            vocab: Some(65536),
+            ..Default::default()
+        }
+    }
+
+    /// The shapes `taipan synth-jamba --shape` knows.
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "mini-scaled" => Some(Self::default()),
+            "reasoning-3b" => Some(Self::reasoning_3b()),
+            "hidden-256" => Some(Self::hidden_256()),
+            _ => None,
+        }
+    }
+
+    pub const NAMES: [&'static str; 3] = ["mini-scaled", "reasoning-3b", "hidden-256"];
 }
 
 impl Default for SynthJamba {
@@ -67,6 +102,7 @@ impl Default for SynthJamba {
             dt_rank: 64,
             attn_period: 8,
             attn_offset: 4,
+            vocab: None,
             seed: 1,
         }
     }
@@ -112,7 +148,11 @@ fn q8_matrix(rng: &mut Rng, name: String, dims: Vec<u64>, cols: usize) -> Tensor
 /// Writes a synthetic Jamba GGUF to `out`, taking the tokenizer from `donor` (a Jamba GGUF).
 pub fn write_synthetic_jamba(out: &Path, donor: &Path, s: &SynthJamba) -> Result<u64, ModelError> {
     let donor = GgufFile::open(donor)?;
-    let vocab = donor.get_array("tokenizer.ggml.tokens")?.len();
+    let donor_vocab = donor.get_array("tokenizer.ggml.tokens")?.len();
+    let vocab = s.vocab.unwrap_or(donor_vocab);
+    if vocab < donor_vocab {
+        return Err(ModelError::Input(format!("a vocabulary of {vocab} is smaller than the donor's {donor_vocab}")));
+    }
     let (h, f, e) = (s.hidden, s.intermediate, s.experts);
     let di = 2 * h;
     let (hd, n, r, k) = (h / s.heads, s.d_state, s.dt_rank, s.d_conv);
@@ -142,9 +182,28 @@ pub fn write_synthetic_jamba(out: &Path, donor: &Path, s: &SynthJamba) -> Result
         ("jamba.expert_used_count".into(), Value::U32(s.experts_per_token as u32)),
     ];
     for (key, v) in &donor.metadata {
-        if key.starts_with("tokenizer.") {
-            md.push((key.clone(), v.clone()));
+        if !key.starts_with("tokenizer.") {
+            continue;
         }
+        // Padding the vocabulary: unused tokens (llama.cpp's type 5) that text never maps to.
+        let pad = |f: &dyn Fn(usize) -> Value| -> Value {
+            match v {
+                Value::Array(a) if a.len() == donor_vocab => {
+                    Value::Array(a.iter().cloned().chain((a.len()..vocab).map(f)).collect())
+                }
+                other => other.clone(),
+            }
+        };
+        let padded = match key.as_str() {
+            "tokenizer.ggml.tokens" => pad(&|i| Value::String(format!("<unused_{i}>"))),
+            "tokenizer.ggml.scores" => pad(&|_| Value::F32(-1e9)),
+            "tokenizer.ggml.token_type" => match v {
+                Value::Array(a) if matches!(a.first(), Some(Value::U32(_))) => pad(&|_| Value::U32(5)),
+                _ => pad(&|_| Value::I32(5)),
+            },
+            _ => v.clone(),
+        };
+        md.push((key.clone(), padded));
     }
     let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let ones = |name: String, len: usize| f32_tensor(name, vec![u(len)], std::iter::repeat_n(1.0, len));

@@ -176,3 +176,33 @@ fn chat_template_renders_as_transformers() {
         }
     }
 }
+
+/// Every way a config says "dense" loads the same model: one expert (the fixture's own form),
+/// or many experts with an expert period that reaches past the last layer.
+#[test]
+fn dense_config_forms_load_the_same_model() {
+    let src = fixtures().join("jamba-tiny-dense");
+    let dir = std::env::temp_dir().join(format!("taipan-dense-forms-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap().flatten() {
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["num_experts"] = 16.into();
+    config["expert_layer_period"] = 64.into();
+    config["expert_layer_offset"] = 40.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let m = Model::load(&dir, exact()).expect("a period past the last layer is dense");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_, _, prompt) = prompts().into_iter().find(|p| p.0 == "p40").unwrap();
+    let logits = |m: &Model| {
+        let mut st = m.new_state();
+        let mut sc = Scratch::default();
+        m.forward(compute(), &prompt, &mut st, &mut sc, true).unwrap();
+        sc.logits().to_vec()
+    };
+    assert_eq!(logits(&m), logits(hf()));
+}

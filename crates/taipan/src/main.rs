@@ -40,14 +40,20 @@ enum Command {
     },
     /// Measure prefill and decode speed.
     Bench(BenchArgs),
-    /// Write a synthetic Jamba GGUF with random weights (hidden 1024, 8 layers, 16 experts by
-    /// default: Jamba-1.5-Mini's proportions scaled down), for benchmarks.
+    /// Write a synthetic Jamba GGUF (Q8_0) with random weights, for benchmarks: by default
+    /// hidden 1024, 8 layers, 16 experts (Jamba-1.5-Mini's proportions scaled down); `--shape
+    /// reasoning-3b` is Jamba Reasoning 3B's shape (dense, one KV head; see BENCHMARKS.md).
     SynthJamba {
         /// Output file.
         out: PathBuf,
-        /// A Jamba GGUF whose tokenizer to copy (e.g. the jamba-tiny-a fixture).
+        /// A Jamba GGUF whose tokenizer (and chat template) to copy, e.g. the jamba-tiny-a or
+        /// jamba-tiny-dense fixture.
         #[arg(long)]
         tokenizer_from: PathBuf,
+        /// A named shape: mini-scaled (default), reasoning-3b, hidden-256. The size flags below
+        /// apply to the default shape only.
+        #[arg(long)]
+        shape: Option<String>,
         #[arg(long, default_value_t = 1024)]
         hidden: usize,
         #[arg(long, default_value_t = 8)]
@@ -574,16 +580,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
         Command::Inspect { file, tensors } => cmd_inspect(&file, tensors),
-        Command::SynthJamba { out, tokenizer_from, hidden, layers, experts, intermediate } => {
-            let spec = taipan_model::synth::SynthJamba {
-                hidden,
-                layers,
-                experts,
-                intermediate,
-                heads: (hidden / 64).max(1),
-                kv_heads: (hidden / 256).max(1),
-                dt_rank: hidden.div_ceil(16),
-                ..Default::default()
+        Command::SynthJamba { out, tokenizer_from, shape, hidden, layers, experts, intermediate } => {
+            use taipan_model::synth::SynthJamba;
+            let spec = match shape.as_deref() {
+                Some(name) => SynthJamba::named(name)
+                    .with_context(|| format!("--shape {name:?} is not one of {}", SynthJamba::NAMES.join(", ")))?,
+                None => SynthJamba {
+                    hidden,
+                    layers,
+                    experts,
+                    intermediate,
+                    heads: (hidden / 64).max(1),
+                    kv_heads: (hidden / 256).max(1),
+                    dt_rank: hidden.div_ceil(16),
+                    ..Default::default()
+                },
             };
             let params = taipan_model::synth::write_synthetic_jamba(&out, &tokenizer_from, &spec)?;
             println!("wrote {} ({params} parameters)", out.display());
