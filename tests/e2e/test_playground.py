@@ -291,3 +291,22 @@ def test_a_thinking_block_streams_open_then_folds_away(browser, server):
     assert states[0] == [True, "Thinking…", True, ""]
     assert states[1] == [False, "Thinking", True, "Take the boat."]
     assert states[2] == [True, "Thinking", True, "Take the boat. Now."]
+    # The server's own split (reasoning_content beside content) renders the same way.
+    split = browser.execute_script("""
+        const box = document.createElement('div');
+        document.body.append(box);
+        const seen = [];
+        const show = (choice) => {
+          renderChoice(box, {toolCalls: [], ...choice});
+          const d = box.querySelector('details.thinking');
+          seen.push([d.open, d.querySelector('summary').textContent, d.textContent.includes('weigh'),
+                     box.querySelector('.answer').textContent]);
+        };
+        show({content: '', reasoning: 'I weigh the options'});
+        show({content: 'Take the boat.', reasoning: 'I weigh the options'});
+        show({content: '', reasoning: 'I weigh the options', done: true});
+        return seen;
+    """)
+    assert split[0] == [True, "Thinking…", True, ""]
+    assert split[1] == [False, "Thinking", True, "Take the boat."]
+    assert split[2] == [False, "Thinking", True, ""]

@@ -133,23 +133,25 @@ def test_ai21_sdk_answer_only_with_thinking_alongside(server):
     """The AI21 dialect's `content` is the answer alone; the thinking rides along as
     `reasoning_content`, which the SDK keeps as an extra field of the message and the delta."""
     client = ai21_client(server)
-    kw = dict(model="jamba-mini", messages=[UserMessage(content="Weather in Rome?")], tools=TOOLS[:1],
-              tool_choice="required", temperature=1.0, max_tokens=120, seed=5)
-    full = client.chat.completions.create(**kw)
-    choice = full.choices[0]
-    assert choice.finish_reason == "tool_calls" and not choice.message.content
-    (call,) = choice.message.tool_calls
-    check_call(call, TOOLS)
-    assert choice.message.reasoning_content
-    reasoning, args, finish = "", "", None
-    for chunk in client.chat.completions.create(stream=True, **kw):
-        delta = chunk.choices[0].delta
-        reasoning += getattr(delta, "reasoning_content", None) or ""
-        for tc in getattr(delta, "tool_calls", None) or []:
-            tc = tc if isinstance(tc, dict) else tc.model_dump()
-            args += tc["function"].get("arguments", "")
-        finish = chunk.choices[0].finish_reason or finish
-    assert (reasoning, args, finish) == (choice.message.reasoning_content, call.function.arguments, "tool_calls")
+    for tool_choice, tools in [("required", TOOLS[:1]), ({"type": "function", "function": {"name": "add"}}, TOOLS)]:
+        kw = dict(model="jamba-mini", messages=[UserMessage(content="Weather in Rome?")], tools=tools,
+                  tool_choice=tool_choice, parallel_tool_calls=False, temperature=1.0, max_tokens=120, seed=5)
+        full = client.chat.completions.create(**kw)
+        choice = full.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        (call,) = choice.message.tool_calls
+        check_call(call, TOOLS)
+        assert call.function.name == tools[-1]["function"]["name"]
+        assert choice.message.reasoning_content
+        reasoning, args, finish = "", "", None
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            delta = chunk.choices[0].delta
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            for tc in getattr(delta, "tool_calls", None) or []:
+                tc = tc if isinstance(tc, dict) else tc.model_dump()
+                args += tc["function"].get("arguments", "")
+            finish = chunk.choices[0].finish_reason or finish
+        assert (reasoning, args, finish) == (choice.message.reasoning_content, call.function.arguments, "tool_calls")
 
     plain = client.chat.completions.create(model="jamba-mini", messages=[UserMessage(content="Hi")],
                                            temperature=1.0, max_tokens=20, seed=2)

@@ -707,8 +707,13 @@ mod tests {
     fn stream_adds_up_to_the_parsed_answer() {
         let text = "Sure.<tool_calls>[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"a}\\\"b\"}}, {\"name\": \"add\", \"arguments\": {\"a\": 1}}]</tool_calls>";
         let syntax = ToolSyntax::jamba(false);
-        let whole = parse_answer(text, &syntax, &tools(), &mut ids());
-        // Every split into pieces of 1..7 bytes gives the same result.
+        streams_like_whole(text, &syntax);
+    }
+
+    /// Every split of `text` into pieces of 1..7 characters streams to the answer parsed whole;
+    /// returns that answer.
+    fn streams_like_whole(text: &str, syntax: &ToolSyntax) -> ParsedAnswer {
+        let whole = parse_answer(text, syntax, &tools(), &mut ids());
         for step in 1..7 {
             let mut stream = ToolStream::new(syntax.clone(), tools());
             let mut id = ids();
@@ -722,6 +727,7 @@ mod tests {
             assert_eq!(Some(content), whole.content, "step {step}");
             assert_eq!(calls, whole.calls, "step {step}");
         }
+        whole
     }
 
     /// Hermes blocks, one call each, parse and stream to the same calls; a bad block, or text
@@ -730,25 +736,12 @@ mod tests {
     fn hermes_blocks_parse_and_stream_alike() {
         let syntax = ToolSyntax::hermes(false);
         let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"a}</tool_call>\\\"b\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n</tool_call>";
-        let whole = parse_answer(text, &syntax, &tools(), &mut ids());
+        let whole = streams_like_whole(text, &syntax);
         assert_eq!(whole.content.as_deref(), Some("Let me check.\n"));
         let names: Vec<&str> = whole.calls.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["get_weather", "add"]);
         assert_eq!(whole.calls[0].arguments, r#"{"city": "a}</tool_call>\"b"}"#);
         assert_eq!(whole.calls[1].arguments, r#"{"a": 1, "b": 2}"#);
-        for step in 1..7 {
-            let mut stream = ToolStream::new(syntax.clone(), tools());
-            let mut id = ids();
-            let mut pieces = Vec::new();
-            let chars: Vec<char> = text.chars().collect();
-            for chunk in chars.chunks(step) {
-                pieces.extend(stream.push(&chunk.iter().collect::<String>(), &mut id));
-            }
-            pieces.extend(stream.finish(&mut id));
-            let (content, calls) = reassemble(pieces).expect("pieces in order");
-            assert_eq!(Some(content), whole.content, "step {step}");
-            assert_eq!(calls, whole.calls, "step {step}");
-        }
         // The last block may end without its closing tag; the JSON-list form is not Hermes.
         let open_end =
             parse_answer("<tool_call>\n{\"name\": \"add\", \"arguments\": {}}", &syntax, &tools(), &mut ids());

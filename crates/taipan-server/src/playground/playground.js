@@ -130,7 +130,15 @@ function addBubble(kind, label) {
   return li;
 }
 
-// Splits a leading <think>…</think> block (reasoning models) from the answer.
+// The thinking of a reasoning model: the server's reasoning_content, or (with
+// --reasoning-format none) a leading <think>…</think> block split from the answer here.
+function thinkingOf(choice) {
+  if (choice.reasoning) {
+    return { thinking: choice.reasoning, answer: choice.content || "", open: !choice.content && !choice.done };
+  }
+  return splitThinking(choice.content || "");
+}
+
 function splitThinking(text) {
   const m = /^\s*<think>([\s\S]*?)(<\/think>|$)/.exec(text);
   if (!m) return { thinking: null, answer: text, open: false };
@@ -144,7 +152,7 @@ function renderChoice(box, choice, label) {
   const userOpened = Boolean(prior && prior.open && !prior.dataset.auto);
   box.replaceChildren();
   if (label) box.append(el("span", "choice-label", label));
-  const { thinking, answer, open } = splitThinking(choice.content || "");
+  const { thinking, answer, open } = thinkingOf(choice);
   if (thinking !== null) {
     const details = el("details", "thinking");
     details.append(el("summary", null, open ? "Thinking…" : "Thinking"), el("div", null, thinking));
@@ -287,9 +295,15 @@ async function send_(draft) {
         const c = chunk.choices?.[0];
         if (!c) continue;
         if (c.delta?.content) choices[0].content += c.delta.content;
+        if (c.delta?.reasoning_content) choices[0].reasoning = (choices[0].reasoning || "") + c.delta.reasoning_content;
         if (c.delta?.tool_calls) mergeToolDeltas(choices[0].toolCalls, c.delta.tool_calls);
-        if (firstAt === undefined && (c.delta?.content || c.delta?.tool_calls)) firstAt = performance.now();
-        if (c.finish_reason) stats.finish = c.finish_reason;
+        if (firstAt === undefined && (c.delta?.content || c.delta?.reasoning_content || c.delta?.tool_calls)) {
+          firstAt = performance.now();
+        }
+        if (c.finish_reason) {
+          stats.finish = c.finish_reason;
+          choices[0].done = true;
+        }
         if (chunk.usage) stats.tokens = chunk.usage.completion_tokens;
         renderChoice(box, choices[0]);
       }
@@ -299,6 +313,8 @@ async function send_(draft) {
       result.choices.forEach((c, i) => {
         const box = choiceBox(i);
         choices[i].content = c.message.content || "";
+        choices[i].reasoning = c.message.reasoning_content || "";
+        choices[i].done = true;
         choices[i].toolCalls = c.message.tool_calls || [];
         renderChoice(box, choices[i], result.choices.length > 1 ? "answer " + (i + 1) : null);
       });
