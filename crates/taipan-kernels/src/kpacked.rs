@@ -3,8 +3,10 @@
 //! Every K super-block reads as `x = d·sc·level − dmin·mn` per 16-element sub-block
 //! ([`KSuper`]): unsigned integer levels, small integer scales and mins, and two f16 floats per
 //! 256 elements. The packed form keeps exactly that: levels as nibbles plus, for 5- and 6-bit
-//! formats, one or two planes of high bits; scales and mins as bytes; `d` and `dmin` as f16. So
-//! Q6_K takes the file's 6.56 bits per weight, Q5_K 6.1 (file 5.5), Q4_K 5.1 (file 4.5).
+//! formats, one or two planes of high bits; scales and mins as bytes, one per 16 elements where
+//! the format has that many (Q2_K, Q3_K, Q6_K) and one per 32-element block where it has one per
+//! 32 (Q4_K, Q5_K); `d` and `dmin` as f16. So Q6_K takes the file's 6.56 bits per weight, Q5_K
+//! 5.63 (file 5.5), Q4_K 4.63 (file 4.5): weights stream at the file's size.
 //!
 //! The integer sums stay exact: against 8-bit activations a 32-element block contributes
 //! `d·da·(sc_lo·Σ_lo level·qa + sc_hi·Σ_hi level·qa) − dmin·da·(mn_lo·S_lo + mn_hi·S_hi)`, where
@@ -22,8 +24,9 @@
 //!     `k` of a byte is bit 4 of the low-nibble element of vector `k` and bit `4+k` that of the
 //!     high-nibble one; with two planes, the first holds bits 4–5 of low-nibble elements at bits
 //!     `2k..2k+2` and the second those of high-nibble elements;
-//!   - the rows' scales as (first 16 elements, last 16) i8 pairs, 32 bytes;
-//!   - the rows' mins as u8 pairs, 32 bytes (formats with mins only).
+//!   - the rows' scales as (first 16 elements, last 16) i8 pairs, 32 bytes — or, for formats
+//!     with one scale per 32 elements ([`KLayout::paired`] false), one i8 per row, 16 bytes;
+//!   - the rows' mins likewise, u8 (formats with mins only).
 
 use crate::formats::{kquants, kquants::KSuper, DType};
 use crate::packed::{ActRow, PackedGroup, GROUP};
@@ -45,19 +48,22 @@ pub struct KLayout {
     pub bias: Option<u8>,
     /// Largest level (bounds the kernels' 16-bit partial sums).
     pub max_level: u8,
+    /// A scale (and min) per 16-element half of each block; else one per block, both halves
+    /// sharing it (the kernels read it as a pair of equal halves).
+    pub paired: bool,
 }
 
 impl KLayout {
     pub fn of(dtype: DType) -> Option<KLayout> {
-        let (high_planes, bias, max_level) = match dtype {
-            DType::Q2K => (0, None, 3),
-            DType::Q3K => (0, Some(4), 7),
-            DType::Q4K => (0, None, 15),
-            DType::Q5K => (1, None, 31),
-            DType::Q6K => (2, Some(32), 63),
+        let (high_planes, bias, max_level, paired) = match dtype {
+            DType::Q2K => (0, None, 3, true),
+            DType::Q3K => (0, Some(4), 7, true),
+            DType::Q4K => (0, None, 15, false),
+            DType::Q5K => (1, None, 31, false),
+            DType::Q6K => (2, Some(32), 63, true),
             _ => return None,
         };
-        Some(KLayout { dtype, high_planes, bias, max_level })
+        Some(KLayout { dtype, high_planes, bias, max_level, paired })
     }
 
     pub fn has_mins(&self) -> bool {
@@ -81,14 +87,32 @@ impl KLayout {
         Self::PLANES_AT + 64 * self.high_planes
     }
 
-    /// Offset of the min pairs inside a block.
+    /// Bytes of a block's scales (and of its mins): a pair per row, or one byte.
+    pub fn scale_bytes(&self) -> usize {
+        if self.paired {
+            2 * GROUP
+        } else {
+            GROUP
+        }
+    }
+
+    /// Offset of the mins inside a block.
     pub fn mins_at(&self) -> usize {
-        self.scales_at() + 2 * GROUP
+        self.scales_at() + self.scale_bytes()
     }
 
     /// Bytes of one 32-column block of a group.
     pub fn block_bytes(&self) -> usize {
-        self.mins_at() + if self.has_mins() { 2 * GROUP } else { 0 }
+        self.mins_at() + if self.has_mins() { self.scale_bytes() } else { 0 }
+    }
+
+    /// Where row `r`'s scale (or min) of half `h` sits past `scales_at` (or `mins_at`).
+    fn scale_offset(&self, r: usize, h: usize) -> usize {
+        if self.paired {
+            2 * r + h
+        } else {
+            r
+        }
     }
 
     /// Bytes of one super-block of a group.
@@ -142,10 +166,13 @@ pub(crate) fn pack_rows(layout: KLayout, src: &[u8], rows: usize, cols: usize, d
                     }
                 }
                 for half in 0..2 {
-                    blk[layout.scales_at() + 2 * ri + half] = k.sc[2 * b + half] as u8;
+                    // One byte per block is all a format with 32-element sub-blocks has.
+                    debug_assert!(layout.paired || (k.sc[2 * b] == k.sc[2 * b + 1] && k.mn[2 * b] == k.mn[2 * b + 1]));
+                    let at = layout.scale_offset(ri, half);
+                    blk[layout.scales_at() + at] = k.sc[2 * b + half] as u8;
                     if layout.has_mins() {
                         // Stored mins are 4- or 6-bit unsigned values.
-                        blk[layout.mins_at() + 2 * ri + half] = k.mn[2 * b + half] as u8;
+                        blk[layout.mins_at() + at] = k.mn[2 * b + half] as u8;
                     }
                 }
             }
@@ -177,14 +204,14 @@ impl PackedGroup<'_> {
 
     /// Scale of half `h` (first or last 16 elements) of block `b` of row `r`.
     pub fn k_scale(&self, k: &KLayout, r: usize, b: usize, h: usize) -> i32 {
-        self.data[self.k_block(k, b) + k.scales_at() + 2 * r + h] as i8 as i32
+        self.data[self.k_block(k, b) + k.scales_at() + k.scale_offset(r, h)] as i8 as i32
     }
 
     /// Min of half `h` of block `b` of row `r` (`bias·scale` for formats without mins).
     pub fn k_min(&self, k: &KLayout, r: usize, b: usize, h: usize) -> i32 {
         match k.bias {
             Some(bias) => bias as i32 * self.k_scale(k, r, b, h),
-            None => self.data[self.k_block(k, b) + k.mins_at() + 2 * r + h] as i32,
+            None => self.data[self.k_block(k, b) + k.mins_at() + k.scale_offset(r, h)] as i32,
         }
     }
 

@@ -82,11 +82,12 @@ pub unsafe fn panel_from_group(w: &PackedGroup<'_>, panel: &mut [u16]) {
             assert!(w.data.len() >= nb / BLOCKS_PER_SUPER * k.super_bytes(), "packed group too short");
             // SAFETY: lengths asserted above; the layout picks a monomorphized reader.
             unsafe {
-                match (k.high_planes, k.has_mins()) {
-                    (0, true) => k_panel::<0, true>(w, &k, dst),
-                    (0, false) => k_panel::<0, false>(w, &k, dst),
-                    (1, true) => k_panel::<1, true>(w, &k, dst),
-                    (2, false) => k_panel::<2, false>(w, &k, dst),
+                match (k.high_planes, k.has_mins(), k.paired) {
+                    (0, true, true) => k_panel::<0, true, true>(w, &k, dst),
+                    (0, true, false) => k_panel::<0, true, false>(w, &k, dst),
+                    (0, false, true) => k_panel::<0, false, true>(w, &k, dst),
+                    (1, true, false) => k_panel::<1, true, false>(w, &k, dst),
+                    (2, false, true) => k_panel::<2, false, true>(w, &k, dst),
                     other => panic!("no AMX panel for K layout {other:?}"),
                 }
             }
@@ -186,7 +187,11 @@ unsafe fn legacy_panel(w: &PackedGroup<'_>, dst: *mut u16) {
 
 /// Panels of the K formats: `value = d·sc·level − dmin·mn` per 16-column half.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn k_panel<const PLANES: usize, const MINS: bool>(w: &PackedGroup<'_>, k: &KLayout, dst: *mut u16) {
+unsafe fn k_panel<const PLANES: usize, const MINS: bool, const PAIRED: bool>(
+    w: &PackedGroup<'_>,
+    k: &KLayout,
+    dst: *mut u16,
+) {
     let (header, block_bytes, super_bytes) = (k.header_bytes(), k.block_bytes(), k.super_bytes());
     let (scales_at, mins_at) = (k.scales_at(), k.mins_at());
     let neg_bias = _mm512_set1_ps(-(k.bias.unwrap_or(0) as f32));
@@ -208,12 +213,12 @@ unsafe fn k_panel<const PLANES: usize, const MINS: bool>(w: &PackedGroup<'_>, k:
             for bi in 0..BLOCKS_PER_SUPER {
                 let blk = sb.add(header + bi * block_bytes);
                 // Row r's (scale_lo, scale_hi) i8 pair as the two i16 halves of lane r.
-                let pairs = _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(scales_at) as *const __m256i));
+                let pairs = _mm512_cvtepi8_epi16(super::avx512_kquant::half_pairs::<PAIRED>(blk.add(scales_at)));
                 let sc_lo = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(pairs));
                 let sc_hi = _mm512_srai_epi32::<16>(pairs);
                 let scale = [_mm512_mul_ps(d, _mm512_cvtepi32_ps(sc_lo)), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc_hi))];
                 let offset = if MINS {
-                    let mins = _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk.add(mins_at) as *const __m256i));
+                    let mins = _mm512_cvtepu8_epi16(super::avx512_kquant::half_pairs::<PAIRED>(blk.add(mins_at)));
                     let mn_lo = _mm512_and_si512(mins, _mm512_set1_epi32(0xFFFF));
                     let mn_hi = _mm512_srli_epi32::<16>(mins);
                     // Negated by its sign bit, as the scalar twin's `-dmin`: `0 − dmin` would

@@ -32,11 +32,12 @@ pub unsafe fn dot_group_kpacked(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow
         let part = &acts[t0..t0 + nt];
         macro_rules! tile {
             ($nt:literal) => {
-                match (k.high_planes, k.has_mins(), k.max_level > 31) {
-                    (0, true, _) => k_tile::<$nt, 0, true, false>(w, k, part, out, t0),
-                    (0, false, _) => k_tile::<$nt, 0, false, false>(w, k, part, out, t0),
-                    (1, true, _) => k_tile::<$nt, 1, true, false>(w, k, part, out, t0),
-                    (2, false, true) => k_tile::<$nt, 2, false, true>(w, k, part, out, t0),
+                match (k.high_planes, k.has_mins(), k.max_level > 31, k.paired) {
+                    (0, true, _, true) => k_tile::<$nt, 0, true, false, true>(w, k, part, out, t0),
+                    (0, true, _, false) => k_tile::<$nt, 0, true, false, false>(w, k, part, out, t0),
+                    (0, false, _, true) => k_tile::<$nt, 0, false, false, true>(w, k, part, out, t0),
+                    (1, true, _, false) => k_tile::<$nt, 1, true, false, false>(w, k, part, out, t0),
+                    (2, false, true, true) => k_tile::<$nt, 2, false, true, true>(w, k, part, out, t0),
                     other => panic!("no AVX2 kernel for K layout {other:?}"),
                 }
             };
@@ -54,6 +55,25 @@ pub unsafe fn dot_group_kpacked(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow
     }
 }
 
+/// Eight rows' (half `half` of the group) per-half bytes (scales or mins) at `at` as (first
+/// half, last half) byte pairs: stored as pairs, or one byte per row standing for both halves.
+///
+/// # Safety
+/// The group's 32 bytes (paired) or 16 must be readable at `at`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn half_pairs<const PAIRED: bool>(at: *const u8, half: usize) -> __m128i {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if PAIRED {
+            _mm_loadu_si128(at.add(16 * half) as *const __m128i)
+        } else {
+            let one = _mm_loadl_epi64(at.add(8 * half) as *const __m128i);
+            _mm_unpacklo_epi8(one, one)
+        }
+    }
+}
+
 /// `x << n` (n ≥ 0) or `x >> −n` in 16-bit lanes; `n` is a constant once the loops unroll.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -68,7 +88,7 @@ fn shift16(x: __m256i, n: i32) -> __m256i {
 /// # Safety
 /// AVX2, FMA and F16C; `dot_group_kpacked` asserted the lengths.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool, const SPLIT: bool>(
+unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool, const SPLIT: bool, const PAIRED: bool>(
     w: &PackedGroup<'_>,
     k: &KLayout,
     acts: &[ActRow<'_>],
@@ -97,11 +117,11 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool, const S
                 for bi in 0..BLOCKS_PER_SUPER {
                     let b = s * BLOCKS_PER_SUPER + bi;
                     let blk = sb.add(header + bi * block_bytes);
-                    let pairs = _mm_loadu_si128(blk.add(scales_at + 16 * half) as *const __m128i);
+                    let pairs = half_pairs::<PAIRED>(blk.add(scales_at), half);
                     let sc_lo = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(pairs, dup_lo));
                     let sc_hi = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(pairs, dup_hi));
                     let mins = if MINS {
-                        _mm256_cvtepu8_epi16(_mm_loadu_si128(blk.add(mins_at + 16 * half) as *const __m128i))
+                        _mm256_cvtepu8_epi16(half_pairs::<PAIRED>(blk.add(mins_at), half))
                     } else {
                         _mm256_mullo_epi16(_mm256_cvtepi8_epi16(pairs), bias)
                     };

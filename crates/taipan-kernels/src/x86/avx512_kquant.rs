@@ -28,11 +28,12 @@ pub unsafe fn dot_group_kpacked(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow
     }
     macro_rules! tile {
         ($nt:literal) => {
-            match (k.high_planes, k.has_mins()) {
-                (0, true) => k_tile::<$nt, 0, true>(w, k, acts, out),
-                (0, false) => k_tile::<$nt, 0, false>(w, k, acts, out),
-                (1, true) => k_tile::<$nt, 1, true>(w, k, acts, out),
-                (2, false) => k_tile::<$nt, 2, false>(w, k, acts, out),
+            match (k.high_planes, k.has_mins(), k.paired) {
+                (0, true, true) => k_tile::<$nt, 0, true, true>(w, k, acts, out),
+                (0, true, false) => k_tile::<$nt, 0, true, false>(w, k, acts, out),
+                (0, false, true) => k_tile::<$nt, 0, false, true>(w, k, acts, out),
+                (1, true, false) => k_tile::<$nt, 1, true, false>(w, k, acts, out),
+                (2, false, true) => k_tile::<$nt, 2, false, true>(w, k, acts, out),
                 other => panic!("no AVX-512 kernel for K layout {other:?}"),
             }
         };
@@ -44,6 +45,25 @@ pub unsafe fn dot_group_kpacked(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow
             2 => tile!(2),
             3 => tile!(3),
             _ => tile!(4),
+        }
+    }
+}
+
+/// The 16 rows' per-half bytes (scales or mins) at `at` as (first half, last half) byte pairs:
+/// stored as pairs, or one byte per row standing for both halves.
+///
+/// # Safety
+/// 32 bytes (paired) or 16 must be readable at `at`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn half_pairs<const PAIRED: bool>(at: *const u8) -> __m256i {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if PAIRED {
+            _mm256_loadu_si256(at as *const __m256i)
+        } else {
+            let one = _mm_loadu_si128(at as *const __m128i);
+            _mm256_set_m128i(_mm_unpackhi_epi8(one, one), _mm_unpacklo_epi8(one, one))
         }
     }
 }
@@ -62,7 +82,7 @@ pub(crate) fn shift16(x: __m512i, n: i32) -> __m512i {
 /// # Safety
 /// AVX-512 F/BW/VNNI; `dot_group_kpacked` asserted the lengths.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool>(
+unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool, const PAIRED: bool>(
     w: &PackedGroup<'_>,
     k: &KLayout,
     acts: &[ActRow<'_>],
@@ -90,11 +110,11 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool>(
                     super::avx512::prefetch_ahead(blk, block_bytes);
                 }
                 // Row r's (scale_lo, scale_hi) as i16 lanes 2r and 2r + 1.
-                let pairs = _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(scales_at) as *const __m256i));
+                let pairs = _mm512_cvtepi8_epi16(half_pairs::<PAIRED>(blk.add(scales_at)));
                 let sc_lo = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(pairs));
                 let sc_hi = _mm512_srai_epi32::<16>(pairs);
                 let mins = if MINS {
-                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk.add(mins_at) as *const __m256i))
+                    _mm512_cvtepu8_epi16(half_pairs::<PAIRED>(blk.add(mins_at)))
                 } else {
                     _mm512_mullo_epi16(pairs, bias)
                 };
@@ -132,8 +152,12 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool>(
                     }
                 }
                 for t in 0..NT {
-                    let scaled =
-                        _mm512_add_epi32(_mm512_mullo_epi32(sum_lo[t], sc_lo), _mm512_mullo_epi32(sum_hi[t], sc_hi));
+                    // One scale for both halves: one multiply (the same i32 result).
+                    let scaled = if PAIRED {
+                        _mm512_add_epi32(_mm512_mullo_epi32(sum_lo[t], sc_lo), _mm512_mullo_epi32(sum_hi[t], sc_hi))
+                    } else {
+                        _mm512_mullo_epi32(_mm512_add_epi32(sum_lo[t], sum_hi[t]), sc_lo)
+                    };
                     let min_sum = _mm512_madd_epi16(mins, _mm512_set1_epi32(*acts[t].hs.get_unchecked(b) as i32));
                     let da = _mm512_set1_ps(*acts[t].d.get_unchecked(b));
                     if MINS {
