@@ -8,6 +8,8 @@
 //! [`split_reasoning`] splits a whole answer; [`ReasoningStream`] does the same incrementally,
 //! and its pieces always join to the same two texts.
 
+use crate::tools::partial_suffix;
+
 /// The tags around a model's thinking.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThinkingSyntax {
@@ -80,14 +82,6 @@ pub struct ReasoningStream {
     sent_in_phase: bool,
     /// The thinking was opened and never closed (so far).
     open: bool,
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of `tag`.
-fn partial_suffix(text: &str, tag: &str) -> usize {
-    (1..tag.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && tag.starts_with(&text[text.len() - n..]))
-        .unwrap_or(0)
 }
 
 impl ReasoningStream {
