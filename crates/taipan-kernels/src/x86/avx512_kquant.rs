@@ -30,7 +30,7 @@ pub unsafe fn dot_group_kpacked(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow
         ($nt:literal) => {
             match (k.high_planes, k.has_mins(), k.paired) {
                 (0, true, true) => k_tile::<$nt, 0, true, true>(w, k, acts, out),
-                (0, true, false) => k_tile::<$nt, 0, true, false>(w, k, acts, out),
+                (0, true, false) => q4k_tile::<$nt>(w, k, acts, out),
                 (0, false, true) => k_tile::<$nt, 0, false, true>(w, k, acts, out),
                 (1, true, false) => k_tile::<$nt, 1, true, false>(w, k, acts, out),
                 (2, false, true) => k_tile::<$nt, 2, false, true>(w, k, acts, out),
@@ -176,3 +176,78 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool, const P
         unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(t * GROUP), *a) };
     }
 }
+
+/// The Q4_K form (nibble levels, one scale and one min per 32-element block): [`k_tile`] with
+/// fewer steps per block, as its decode streams at the speed its arithmetic allows. The high
+/// nibbles are multiplied in place, 16 times their value (masked, not shifted), and the block's
+/// two sums joined with one shift; the scale and min widen straight to one i32 lane per row;
+/// the block's min term is one `madd` with the whole block's activation sum; `d` and `dmin`
+/// apply once per super-block to sums already scaled by each block's `da`.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI; `dot_group_kpacked` asserted the lengths.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn q4k_tile<const NT: usize>(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow<'_>], out: &mut [f32]) {
+    debug_assert!(k.high_planes == 0 && k.has_mins() && !k.paired);
+    let supers = w.blocks / BLOCKS_PER_SUPER;
+    let (header, block_bytes, super_bytes) = (k.header_bytes(), k.block_bytes(), k.super_bytes());
+    let (scales_at, mins_at) = (k.scales_at(), k.mins_at());
+    let low4 = _mm512_set1_epi8(0x0F);
+    let base = w.data.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for s in 0..supers {
+        // SAFETY: every read below stays inside the asserted group and activation lengths;
+        // prefetches may point past it, which is harmless.
+        unsafe {
+            let sb = base.add(s * super_bytes);
+            let mut scaled_acc = [_mm512_setzero_ps(); NT];
+            let mut min_acc = [_mm512_setzero_ps(); NT];
+            for bi in 0..BLOCKS_PER_SUPER {
+                let b = s * BLOCKS_PER_SUPER + bi;
+                let blk = sb.add(header + bi * block_bytes);
+                if NT <= 2 {
+                    super::avx512::prefetch_ahead(blk, block_bytes);
+                }
+                let scale = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(scales_at) as *const __m128i));
+                // Each row's min in the low i16 of its lane, zero above: `madd` with the block's
+                // whole sum in the low i16 of every lane multiplies it once.
+                let mins = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(mins_at) as *const __m128i));
+                let mut sum_lo = [_mm512_setzero_si512(); NT];
+                let mut sum_hi16 = [_mm512_setzero_si512(); NT];
+                for vk in 0..4 {
+                    let raw = _mm512_loadu_si512(blk.add(64 * vk) as *const _);
+                    let lo = _mm512_and_si512(raw, low4);
+                    let hi16 = _mm512_andnot_si512(low4, raw);
+                    for t in 0..NT {
+                        let av = acts[t].qs.as_ptr().add(QBLOCK * b) as *const i32;
+                        sum_lo[t] = _mm512_dpbusd_epi32(sum_lo[t], lo, _mm512_set1_epi32(av.add(vk).read_unaligned()));
+                        sum_hi16[t] =
+                            _mm512_dpbusd_epi32(sum_hi16[t], hi16, _mm512_set1_epi32(av.add(4 + vk).read_unaligned()));
+                    }
+                }
+                for t in 0..NT {
+                    // The high sums are exact multiples of 16: the shift is exact.
+                    let sum = _mm512_add_epi32(sum_lo[t], _mm512_srai_epi32::<4>(sum_hi16[t]));
+                    let scaled = _mm512_mullo_epi32(sum, scale);
+                    let (s_lo, s_hi) = crate::quant::split_half_sums(*acts[t].hs.get_unchecked(b));
+                    let min_sum = _mm512_madd_epi16(mins, _mm512_set1_epi32(s_lo + s_hi));
+                    let da = _mm512_set1_ps(*acts[t].d.get_unchecked(b));
+                    scaled_acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled), da, scaled_acc[t]);
+                    min_acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(min_sum), da, min_acc[t]);
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sb as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(2 * GROUP) as *const __m256i));
+            for t in 0..NT {
+                acc[t] = _mm512_fmadd_ps(scaled_acc[t], d, acc[t]);
+                acc[t] = _mm512_fnmadd_ps(min_acc[t], dmin, acc[t]);
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: `out` holds GROUP floats per activation row (asserted on entry).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(t * GROUP), *a) };
+    }
+}
+
+
