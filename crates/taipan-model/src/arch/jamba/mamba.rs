@@ -137,22 +137,37 @@ impl Mamba {
         let dt = resize(&mut s.dt, rows * di);
         compute.matmul(dt, dt_low, rows, &self.dt_proj, mm);
         compute.pool.for_rows_mut(dt, di, &|_, row| ssm::softplus_bias_in_place(row, &self.dt_bias));
-        // 4. The selective scan per sequence on its own state: decode rows one task a sequence;
-        //    prompt chunks also split by channels (independent, and the same values whatever the
-        //    split), so that one long prompt's scan runs on every thread.
+        // 4. The selective scan per sequence on its own state, split by channels (independent,
+        //    and the same values whatever the split): a prompt chunk's in blocks whose outputs
+        //    are put back in rows after, so that one long prompt's scan runs on every thread;
+        //    decode rows only when there are fewer sequences than threads, straight into their
+        //    output rows — a token's scan reads its layer's state and `A` cold, hundreds of KiB,
+        //    which one thread alone waits for.
         let decode_only = seqs.iter().all(|q| q.tokens <= 1);
-        let width = if decode_only { di } else { SCAN_CHANNELS.min(di) };
+        let width = if decode_only {
+            let parts = compute.pool.threads().div_ceil(seqs.len().max(1));
+            di.div_ceil(parts).next_multiple_of(16).min(di)
+        } else {
+            SCAN_CHANNELS.min(di)
+        };
+        let relayout = !decode_only && width < di;
         let y = resize(&mut s.y, rows * di);
-        let parts = resize(&mut s.y_parts, if width < di { rows * di } else { 0 });
+        let parts = resize(&mut s.y_parts, if relayout { rows * di } else { 0 });
         let (x, z, dt, b, cm) = (&*xc, &*z, &*dt, &*b, &*cm);
         let mut jobs = Vec::with_capacity(seqs.len() * di.div_ceil(width));
         let (mut y_rest, mut parts_rest) = (&mut y[..], &mut parts[..]);
         for (seq, slot) in seqs.iter().zip(slots.iter_mut()) {
             let (_, mut h_rest) = slot.layer(self.state_layer);
-            let (y_seq, tail) = std::mem::take(&mut y_rest).split_at_mut(seq.tokens * di);
+            let (mut y_seq, tail) = std::mem::take(&mut y_rest).split_at_mut(seq.tokens * di);
             y_rest = tail;
-            if width == di {
-                jobs.push(Mutex::new((seq, 0, y_seq, h_rest)));
+            if !relayout {
+                for first in (0..di).step_by(width) {
+                    let count = width.min(di - first);
+                    let (h_part, h_tail) = std::mem::take(&mut h_rest).split_at_mut(count * n);
+                    let (y_part, y_tail) = std::mem::take(&mut y_seq).split_at_mut(seq.tokens * count);
+                    (h_rest, y_seq) = (h_tail, y_tail);
+                    jobs.push(Mutex::new((seq, first, y_part, h_part)));
+                }
                 continue;
             }
             // The sequence's channel blocks one after another, each `[tokens, count]`.
@@ -188,7 +203,7 @@ impl Mamba {
         };
         compute.pool.run(jobs.len(), &run);
         drop(jobs);
-        if width < di {
+        if relayout {
             let parts = &*parts;
             compute.pool.for_rows_mut(y, di, &|row, out| {
                 let seq = &seqs[seqs.partition_point(|q| q.first_row + q.tokens <= row)];
