@@ -249,5 +249,3 @@ unsafe fn q4k_tile<const NT: usize>(w: &PackedGroup<'_>, k: &KLayout, acts: &[Ac
         unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(t * GROUP), *a) };
     }
 }
-
-
