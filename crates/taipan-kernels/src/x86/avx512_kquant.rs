@@ -79,6 +79,33 @@ pub(crate) fn shift16(x: __m512i, n: i32) -> __m512i {
     }
 }
 
+/// Adds nibble vector `vk` of block `b` to every activation row's two sums: `lo` (the block's
+/// elements `4vk..4vk + 4` of the 16 rows) against the row's matching bytes, `hi` (elements
+/// `16 + 4vk..`) against its bytes 16 further on.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI; block `b` must lie inside every activation row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn nibble_products<const NT: usize>(
+    sum_lo: &mut [__m512i; NT],
+    sum_hi: &mut [__m512i; NT],
+    lo: __m512i,
+    hi: __m512i,
+    acts: &[ActRow<'_>],
+    b: usize,
+    vk: usize,
+) {
+    for t in 0..NT {
+        // SAFETY: the caller guarantees the block's 32 bytes are inside the row.
+        unsafe {
+            let av = acts[t].qs.as_ptr().add(QBLOCK * b) as *const i32;
+            sum_lo[t] = _mm512_dpbusd_epi32(sum_lo[t], lo, _mm512_set1_epi32(av.add(vk).read_unaligned()));
+            sum_hi[t] = _mm512_dpbusd_epi32(sum_hi[t], hi, _mm512_set1_epi32(av.add(4 + vk).read_unaligned()));
+        }
+    }
+}
+
 /// # Safety
 /// AVX-512 F/BW/VNNI; `dot_group_kpacked` asserted the lengths.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -144,12 +171,7 @@ unsafe fn k_tile<const NT: usize, const PLANES: usize, const MINS: bool, const P
                         lo = _mm512_or_si512(lo, _mm512_and_si512(shift16(plane0, by), plane_mask));
                         hi = _mm512_or_si512(hi, _mm512_and_si512(shift16(plane1, by), plane_mask));
                     }
-                    for t in 0..NT {
-                        let av = acts[t].qs.as_ptr().add(QBLOCK * b) as *const i32;
-                        sum_lo[t] = _mm512_dpbusd_epi32(sum_lo[t], lo, _mm512_set1_epi32(av.add(vk).read_unaligned()));
-                        sum_hi[t] =
-                            _mm512_dpbusd_epi32(sum_hi[t], hi, _mm512_set1_epi32(av.add(4 + vk).read_unaligned()));
-                    }
+                    nibble_products(&mut sum_lo, &mut sum_hi, lo, hi, acts, b, vk);
                 }
                 for t in 0..NT {
                     // One scale for both halves: one multiply (the same i32 result).
@@ -218,12 +240,7 @@ unsafe fn q4k_tile<const NT: usize>(w: &PackedGroup<'_>, k: &KLayout, acts: &[Ac
                     let raw = _mm512_loadu_si512(blk.add(64 * vk) as *const _);
                     let lo = _mm512_and_si512(raw, low4);
                     let hi16 = _mm512_andnot_si512(low4, raw);
-                    for t in 0..NT {
-                        let av = acts[t].qs.as_ptr().add(QBLOCK * b) as *const i32;
-                        sum_lo[t] = _mm512_dpbusd_epi32(sum_lo[t], lo, _mm512_set1_epi32(av.add(vk).read_unaligned()));
-                        sum_hi16[t] =
-                            _mm512_dpbusd_epi32(sum_hi16[t], hi16, _mm512_set1_epi32(av.add(4 + vk).read_unaligned()));
-                    }
+                    nibble_products(&mut sum_lo, &mut sum_hi16, lo, hi16, acts, b, vk);
                 }
                 for t in 0..NT {
                     // The high sums are exact multiples of 16: the shift is exact.

@@ -158,26 +158,23 @@ impl Mamba {
         let (mut y_rest, mut parts_rest) = (&mut y[..], &mut parts[..]);
         for (seq, slot) in seqs.iter().zip(slots.iter_mut()) {
             let (_, mut h_rest) = slot.layer(self.state_layer);
-            let (mut y_seq, tail) = std::mem::take(&mut y_rest).split_at_mut(seq.tokens * di);
+            let (y_seq, tail) = std::mem::take(&mut y_rest).split_at_mut(seq.tokens * di);
             y_rest = tail;
-            if !relayout {
-                for first in (0..di).step_by(width) {
-                    let count = width.min(di - first);
-                    let (h_part, h_tail) = std::mem::take(&mut h_rest).split_at_mut(count * n);
-                    let (y_part, y_tail) = std::mem::take(&mut y_seq).split_at_mut(seq.tokens * count);
-                    (h_rest, y_seq) = (h_tail, y_tail);
-                    jobs.push(Mutex::new((seq, first, y_part, h_part)));
-                }
-                continue;
-            }
-            // The sequence's channel blocks one after another, each `[tokens, count]`.
-            let (mut p_rest, tail) = std::mem::take(&mut parts_rest).split_at_mut(seq.tokens * di);
-            parts_rest = tail;
+            // The sequence's channel blocks one after another, each `[tokens, count]`: straight
+            // into its output rows where a block is a run of them (decode rows, or one block of
+            // every channel), else into `parts`.
+            let mut dest = if relayout {
+                let (p_seq, tail) = std::mem::take(&mut parts_rest).split_at_mut(seq.tokens * di);
+                parts_rest = tail;
+                p_seq
+            } else {
+                y_seq
+            };
             for first in (0..di).step_by(width) {
                 let count = width.min(di - first);
                 let (h_part, h_tail) = std::mem::take(&mut h_rest).split_at_mut(count * n);
-                let (y_part, p_tail) = std::mem::take(&mut p_rest).split_at_mut(seq.tokens * count);
-                (h_rest, p_rest) = (h_tail, p_tail);
+                let (y_part, dest_tail) = std::mem::take(&mut dest).split_at_mut(seq.tokens * count);
+                (h_rest, dest) = (h_tail, dest_tail);
                 jobs.push(Mutex::new((seq, first, y_part, h_part)));
             }
         }
