@@ -9,6 +9,9 @@ use std::sync::OnceLock;
 /// `out[t * GROUP + r] = row r · acts[t]` for a group's 16 rows and any number of activation
 /// rows: token-major, so each activation row's 16 results are one contiguous run.
 pub type PackedTileFn = fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]);
+/// `out[g * GROUP + r] = row r of groups[g] · act` for consecutive groups of one matrix and one
+/// activation row (a lone decoding sequence): equal, bit for bit, to [`PackedTileFn`] per group.
+pub type PackedGroupsFn = fn(&[PackedGroup<'_>], &ActRow<'_>, &mut [f32]);
 /// `out[r * xs.len() + t] = ws[r] · xs[t]`, at most 4 × 4, all slices of one length.
 pub type F32TileFn = fn(&[&[f32]], &[&[f32]], &mut [f32]);
 /// `out[j] = row j · x` for 16 rows of `x.len()` floats stored one after another in `ws`.
@@ -51,6 +54,7 @@ impl Isa {
 pub struct Kernels {
     pub isa: Isa,
     pub packed_tile: PackedTileFn,
+    pub packed_groups: PackedGroupsFn,
     pub f32_tile: F32TileFn,
     /// Short f32 rows (see `Compute::matmul_dense`) sixteen at a time, where the ISA has a
     /// kernel for it.
@@ -103,6 +107,23 @@ fn packed_tile_ref(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
     dot_group_ref(w, acts, out);
 }
 
+fn packed_groups_ref(groups: &[PackedGroup<'_>], act: &ActRow<'_>, out: &mut [f32]) {
+    groups_one_by_one(packed_tile_ref, groups, act, out);
+}
+
+/// [`PackedGroupsFn`] through a kernel that takes one group at a time.
+pub(crate) fn groups_one_by_one(
+    tile: impl Fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]),
+    groups: &[PackedGroup<'_>],
+    act: &ActRow<'_>,
+    out: &mut [f32],
+) {
+    let g = crate::packed::GROUP;
+    for (i, w) in groups.iter().enumerate() {
+        tile(w, std::slice::from_ref(act), &mut out[i * g..(i + 1) * g]);
+    }
+}
+
 /// Runs `tile`, which takes at most four activation rows, over any number of them.
 pub(crate) fn tile_in_fours(
     tile: impl Fn(&PackedGroup<'_>, &[ActRow<'_>], &mut [f32]),
@@ -134,6 +155,15 @@ mod x86_entry {
                 Layout::K(k) => tile_in_fours(|w, a, o| avx512_kquant::dot_group_kpacked(w, k, a, o), w, acts, out),
                 _ => avx512::dot_group_packed(w, acts, out),
             }
+        }
+    }
+    pub fn groups_avx512(groups: &[PackedGroup<'_>], act: &ActRow<'_>, out: &mut [f32]) {
+        match groups.first().map(|w| w.layout) {
+            // SAFETY: only installed in a table after detecting avx512f/bw/vnni.
+            Some(Layout::K(k)) if groups.iter().all(|w| w.layout == Layout::K(k)) => unsafe {
+                avx512_kquant::dot_groups_kpacked(groups, &k, act, out)
+            },
+            _ => groups_one_by_one(packed_avx512, groups, act, out),
         }
     }
     /// AVX-512's packed tile, with runs of activation rows through int8 tiles where that
@@ -196,6 +226,9 @@ mod x86_entry {
         // SAFETY: only installed after detecting avx512f.
         unsafe { avx512::dot_rows16_f32(ws, x, out) }
     }
+    pub fn groups_avx2(groups: &[PackedGroup<'_>], act: &ActRow<'_>, out: &mut [f32]) {
+        groups_one_by_one(packed_avx2, groups, act, out);
+    }
     pub fn packed_avx2(w: &PackedGroup<'_>, acts: &[ActRow<'_>], out: &mut [f32]) {
         // SAFETY: only installed after detecting avx2, fma and f16c.
         unsafe {
@@ -243,6 +276,7 @@ impl Kernels {
         Kernels {
             isa: Isa::Scalar,
             packed_tile: packed_tile_ref,
+            packed_groups: packed_groups_ref,
             f32_tile: f32_tile_ref,
             f32_rows16: None,
             attend_rows: crate::ops::attend_rows_ref,
@@ -262,6 +296,7 @@ impl Kernels {
             .then_some(Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx2,
+                packed_groups: x86_entry::groups_avx2,
                 f32_tile: x86_entry::f32_avx2,
                 f32_rows16: None,
                 attend_rows: x86_entry::attend_rows_avx2,
@@ -279,6 +314,7 @@ impl Kernels {
             .then_some(Kernels {
                 isa,
                 packed_tile: x86_entry::packed_avx512,
+                packed_groups: x86_entry::groups_avx512,
                 f32_tile: x86_entry::f32_avx512,
                 f32_rows16: Some(x86_entry::f32_rows16_avx512),
                 attend_rows: x86_entry::attend_rows_avx512,

@@ -474,15 +474,44 @@ impl Compute {
             scratch.acts.compute_half_sums();
         }
         let acts = &scratch.acts;
-        let tile = self.kernels.packed_tile;
+        let (tile, tile_groups) = (self.kernels.packed_tile, self.kernels.packed_groups);
         // Group g of the whole stack: part `p` where `starts[p] <= g < starts[p + 1]`.
         let starts = group_starts(parts);
         let total = starts[parts.len()];
+        // Decoding one sequence, a task's groups go to the kernel in runs of consecutive groups
+        // of one part (see `PackedGroupsFn`), as many at a time as the buffer holds.
+        const RUN: usize = TOKEN_BLOCK;
         self.pool.for_chunks(total, 1, &|groups| {
             // One kernel call per group and block of activation rows: the kernel walks the
             // rows four at a time itself, so the call costs little beside the products.
             let mut buf = [0f32; GROUP * TOKEN_BLOCK];
             let mut xs: Vec<ActRow<'_>> = Vec::with_capacity(TOKEN_BLOCK);
+            // The output columns of stack group `gg`: (first column, live rows).
+            let columns = |gg: usize| {
+                let p = starts.partition_point(|&s| s <= gg) - 1;
+                let (first, m) = parts[p];
+                let g = gg - starts[p];
+                (first + g * GROUP, (m.rows - g * GROUP).min(GROUP))
+            };
+            if tokens == 1 {
+                let x = ActRow::of(acts, 0);
+                let mut gg = groups.start;
+                while gg < groups.end {
+                    let p = starts.partition_point(|&s| s <= gg) - 1;
+                    let run = (groups.end.min(starts[p + 1]) - gg).min(RUN);
+                    let m = parts[p].1;
+                    let ws: [crate::packed::PackedGroup<'_>; RUN] =
+                        std::array::from_fn(|i| m.group(gg - starts[p] + i.min(run - 1)));
+                    tile_groups(&ws[..run], &x, &mut buf[..run * GROUP]);
+                    for i in 0..run {
+                        let (col, rows) = columns(gg + i);
+                        // SAFETY: these output columns belong to this group alone, in bounds.
+                        unsafe { sink.write(col, &buf[i * GROUP..i * GROUP + rows]) };
+                    }
+                    gg += run;
+                }
+                return;
+            }
             for tb in (0..tokens).step_by(TOKEN_BLOCK) {
                 let tb_end = (tb + TOKEN_BLOCK).min(tokens);
                 let nt = tb_end - tb;
@@ -490,15 +519,13 @@ impl Compute {
                 xs.extend((tb..tb_end).map(|t| ActRow::of(acts, t)));
                 for gg in groups.clone() {
                     let p = starts.partition_point(|&s| s <= gg) - 1;
-                    let (first, m) = parts[p];
-                    let g = gg - starts[p];
-                    let group = m.group(g);
-                    let rows = (m.rows - g * GROUP).min(GROUP);
+                    let group = parts[p].1.group(gg - starts[p]);
                     tile(&group, &xs, &mut buf[..GROUP * nt]);
+                    let (col, rows) = columns(gg);
                     for j in 0..nt {
-                        // SAFETY: output columns first+g·GROUP..+rows belong to this group alone
-                        // and tb+j < tokens, so the cells are in bounds and ours.
-                        unsafe { sink.write((tb + j) * n + first + g * GROUP, &buf[j * GROUP..j * GROUP + rows]) };
+                        // SAFETY: output columns col..col+rows belong to this group alone and
+                        // tb+j < tokens, so the cells are in bounds and ours.
+                        unsafe { sink.write((tb + j) * n + col, &buf[j * GROUP..j * GROUP + rows]) };
                     }
                 }
             }

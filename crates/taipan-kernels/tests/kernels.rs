@@ -316,6 +316,43 @@ proptest! {
         }
     }
 
+    /// Runs of consecutive groups against one activation row (a lone sequence's decode) give
+    /// every group exactly what the tile gives it alone, whatever the run's length and start.
+    #[test]
+    fn group_runs_equal_the_tile_bit_for_bit(seed in any::<u64>(), rows in 1usize..120, kblocks in 1usize..9) {
+        let mut rng = Lcg(seed);
+        for (dtype, form) in ALL.into_iter().filter(|d| d.block_elems() > 1).flat_map(|d| FORMS.map(|f| (d, f))) {
+            let cols = if dtype.block_elems() == 256 { 256 * kblocks.div_ceil(4) } else { 32 * kblocks };
+            let data = random_stored(dtype, rows * cols, &mut rng);
+            let m = PackedMatrix::from_blocks_as(&WeightArena::new(), dtype, &data, rows, cols, form).unwrap().unwrap();
+            let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 3.0).collect();
+            let mut acts = QuantizedActs::new();
+            acts.quantize(&x, 1, cols);
+            acts.compute_half_sums();
+            let act = ActRow::of(&acts, 0);
+            let groups: Vec<_> = (0..m.groups()).map(|g| m.group(g)).collect();
+            for k in Kernels::available() {
+                let alone: Vec<Vec<f32>> = groups.iter().map(|w| {
+                    let mut out = vec![0f32; GROUP];
+                    (k.packed_tile)(w, std::slice::from_ref(&act), &mut out);
+                    out
+                }).collect();
+                for start in 0..groups.len() {
+                    for len in 1..=(groups.len() - start).min(9) {
+                        let mut got = vec![f32::NAN; GROUP * len];
+                        (k.packed_groups)(&groups[start..start + len], &act, &mut got);
+                        for (i, want) in alone[start..start + len].iter().enumerate() {
+                            for r in 0..GROUP.min(rows - (start + i) * GROUP) {
+                                let (v, w) = (got[i * GROUP + r], want[r]);
+                                prop_assert!(v.to_bits() == w.to_bits(), "{:?} {dtype} {form:?}: groups {start}+{len}, group {i} row {r}: {v} vs {w}", k.isa);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The AMX table's int8 tiles give every activation row exactly what the VNNI kernel gives
     /// it alone, whatever the row count, and rows that do not lie evenly apart (which the tiles
     /// cannot load) take the VNNI kernel: a sequence's logits do not depend on its batch.
@@ -547,8 +584,9 @@ proptest! {
 fn stacked_parts_of_different_formats_multiply_like_their_parts() {
     let mut rng = Lcg(5);
     let cols = 512;
-    let spec = [(DType::Q5_0, 40), (DType::Q8_0, 16), (DType::Q6K, 23), (DType::F16, 8), (DType::Q4K, 17)];
-    for with_dense in [false, true] {
+    // K parts of several groups: one token's product takes them in runs (`PackedGroupsFn`).
+    let spec = [(DType::Q5_0, 40), (DType::Q8_0, 16), (DType::Q6K, 71), (DType::F16, 8), (DType::Q4K, 97)];
+    for (with_dense, tokens) in [(false, 5), (true, 5), (false, 1), (true, 1)] {
         let chosen: Vec<_> = spec.iter().filter(|(d, _)| with_dense || *d != DType::F16).collect();
         let stored: Vec<(DType, usize, Vec<u8>)> =
             chosen.iter().map(|&&(d, r)| (d, r, random_stored(d, r * cols, &mut rng))).collect();
@@ -559,7 +597,6 @@ fn stacked_parts_of_different_formats_multiply_like_their_parts() {
         let stacked = Matrix::stack(parts.clone());
         assert!(matches!(stacked, Matrix::Stacked(_)));
         let n: usize = stored.iter().map(|(_, r, _)| r).sum();
-        let tokens = 5;
         let x: Vec<f32> = (0..tokens * cols).map(|_| rng.unit()).collect();
         for kern in Kernels::available() {
             let c = Compute::with_kernels(2, kern);
