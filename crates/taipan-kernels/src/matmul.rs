@@ -481,7 +481,15 @@ impl Compute {
         // Decoding one sequence, a task's groups go to the kernel in runs of consecutive groups
         // of one part (see `PackedGroupsFn`), as many at a time as the buffer holds.
         const RUN: usize = TOKEN_BLOCK;
-        self.pool.for_chunks(total, 1, &|groups| {
+        // Tasks of at least four groups each where the product has that many per thread, so
+        // the kernel's widest form gets whole runs (a 192-row projection: two tasks of six).
+        let min_chunk = if tokens == 1 {
+            let per_thread = (total / (self.pool.threads() * 4)).clamp(1, 4);
+            total.div_ceil(self.pool.threads() * per_thread)
+        } else {
+            1
+        };
+        self.pool.for_chunks(total, min_chunk, &|groups| {
             // One kernel call per group and block of activation rows: the kernel walks the
             // rows four at a time itself, so the call costs little beside the products.
             let mut buf = [0f32; GROUP * TOKEN_BLOCK];
