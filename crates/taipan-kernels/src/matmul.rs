@@ -627,18 +627,31 @@ impl Compute {
             return;
         }
         let acts = &scratch.acts;
-        let tile = self.kernels.packed_tile;
+        let (tile, tile_groups) = (self.kernels.packed_tile, self.kernels.packed_groups);
         let groups = packed[0].groups();
         // Work units are (product, group) pairs; units of one product cost the same.
         let units = products.len() * groups;
         let chunk = units.div_ceil(self.pool.threads() * 8).max(1);
         let sink = OutPtr(out.as_mut_ptr());
         self.pool.run(units.div_ceil(chunk), &|task| {
-            for u in task * chunk..((task + 1) * chunk).min(units) {
+            let end = ((task + 1) * chunk).min(units);
+            let mut u = task * chunk;
+            while u < end {
+                let (p, g) = (u / groups, u % groups);
+                // This task's groups of product `p` from `g` on.
+                let task_groups = g..end.min((p + 1) * groups) - p * groups;
                 // SAFETY: the product's output rows are its alone (spans checked disjoint and in
-                // bounds) and the group's columns this unit's.
-                unsafe {
-                    sampled_rows_of_group(tile, acts, packed[u / groups], u % groups, &sampled[u / groups], &sink)
+                // bounds) and the groups' columns this unit's.
+                u += unsafe {
+                    match sampled[p][..] {
+                        // A product with one row (an expert one sequence chose): a run of
+                        // groups per kernel call, as a lone sequence's dense products take them.
+                        [row] => sampled_row_of_groups(tile_groups, acts, packed[p], task_groups, row, &sink),
+                        _ => {
+                            sampled_rows_of_group(tile, acts, packed[p], g, &sampled[p], &sink);
+                            1
+                        }
+                    }
                 };
             }
         });
@@ -736,6 +749,32 @@ unsafe fn sampled_rows_of_group(
             unsafe { sink.write(out_row * n + g * GROUP, &buf[j * GROUP..j * GROUP + live]) };
         }
     }
+}
+
+/// One sampled row `(activation row, output row)` times the row groups `groups` of `m`, up to
+/// [`TOKEN_BLOCK`] of them per kernel call ([`crate::dispatch::PackedGroupsFn`]); returns how
+/// many groups it took (at least one, at most that many).
+///
+/// # Safety
+/// The groups' output cells of that row must be in bounds and written by this call alone.
+unsafe fn sampled_row_of_groups(
+    tile_groups: crate::dispatch::PackedGroupsFn,
+    acts: &QuantizedActs,
+    m: &PackedMatrix,
+    groups: std::ops::Range<usize>,
+    (act_row, out_row): (usize, usize),
+    sink: &OutPtr,
+) -> usize {
+    let run = groups.len().clamp(1, TOKEN_BLOCK);
+    let first = groups.start;
+    let ws: [crate::packed::PackedGroup<'_>; TOKEN_BLOCK] = std::array::from_fn(|i| m.group(first + i.min(run - 1)));
+    let mut buf = [0f32; GROUP * TOKEN_BLOCK];
+    tile_groups(&ws[..run], &ActRow::of(acts, act_row), &mut buf[..run * GROUP]);
+    let n = m.rows;
+    let live = n - first * GROUP;
+    // SAFETY: forwarded to the caller; the run's columns end at the matrix's last row.
+    unsafe { sink.write(out_row * n + first * GROUP, &buf[..(run * GROUP).min(live)]) };
+    run
 }
 
 /// Most row groups one task of a tile product takes: 128 output columns, whose panels stay in

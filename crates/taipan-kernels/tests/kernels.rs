@@ -484,13 +484,14 @@ proptest! {
         }
     }
 
-    /// Several products over one input (a MoE layer's experts), some with enough rows for tiles
-    /// and some with few, equal each matrix's own product of its rows, for every kernel table.
+    /// Several products over one input (a MoE layer's experts), some with enough rows for tiles,
+    /// some with few and some with one (whose groups go to the kernel in runs), equal each
+    /// matrix's own product of its rows, for every kernel table.
     #[test]
-    fn matmul_rows_equals_naive_for_every_kernel_table(seed in any::<u64>(), dtype_at in 0usize..13, counts in proptest::collection::vec(0usize..70, 1..4)) {
+    fn matmul_rows_equals_naive_for_every_kernel_table(seed in any::<u64>(), dtype_at in 0usize..13, counts in proptest::collection::vec(prop_oneof![Just(1usize), 0usize..70], 1..4)) {
         let mut rng = Lcg(seed);
         let dtype = ALL[dtype_at];
-        let (n, cols, x_rows) = (40, if dtype.block_elems() == 256 { 256 } else { 96 }, 80);
+        let (n, cols, x_rows) = (100, if dtype.block_elems() == 256 { 256 } else { 96 }, 80);
         let x: Vec<f32> = (0..x_rows * cols).map(|_| rng.unit()).collect();
         let mut mats = Vec::new();
         let mut w32s = Vec::new();
