@@ -38,8 +38,8 @@ pub unsafe fn dot_group_kpacked(w: &PackedGroup<'_>, k: &KLayout, acts: &[ActRow
 /// The groups go through the tile four at a time: each activation word is broadcast once for
 /// 64 rows rather than 16, and the core streams four runs of weights at once, which this
 /// memory-bound product turns into speed (Intel Xeon, two threads, from DRAM: a 2,560 × 8,192
-/// Q4_K mat-vec 25.2 → 29.7 GB/s, 8,192 × 2,560 26.0 → 28.2; six groups measured the same, eight
-/// slower). Each group's sums are computed exactly as [`dot_group_kpacked`] computes them.
+/// Q4_K mat-vec 25.5 → 31–32 GB/s, 8,192 × 2,560 26 → 29–30, Q6_K 26 → 28–30; six groups
+/// measured the same as four, eight slower). Each group's sums are computed exactly as [`dot_group_kpacked`] computes them.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI. Shapes are asserted.
