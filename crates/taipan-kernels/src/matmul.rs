@@ -478,11 +478,9 @@ impl Compute {
         // Group g of the whole stack: part `p` where `starts[p] <= g < starts[p + 1]`.
         let starts = group_starts(parts);
         let total = starts[parts.len()];
-        // Decoding one sequence, a task's groups go to the kernel in runs of consecutive groups
-        // of one part (see `PackedGroupsFn`), as many at a time as the buffer holds.
-        const RUN: usize = TOKEN_BLOCK;
-        // Tasks of at least four groups each where the product has that many per thread, so
-        // the kernel's widest form gets whole runs (a 192-row projection: two tasks of six).
+        // Decoding one sequence, tasks of at least four groups each where the product has that
+        // many per thread, so the kernel's widest form gets whole runs (a 192-row projection:
+        // two tasks of six).
         let min_chunk = if tokens == 1 {
             let per_thread = (total / (self.pool.threads() * 4)).clamp(1, 4);
             total.div_ceil(self.pool.threads() * per_thread)
@@ -490,36 +488,22 @@ impl Compute {
             1
         };
         self.pool.for_chunks(total, min_chunk, &|groups| {
+            if tokens == 1 {
+                // Runs of consecutive groups of one part (see `PackedGroupsFn`).
+                let mut gg = groups.start;
+                while gg < groups.end {
+                    let p = starts.partition_point(|&s| s <= gg) - 1;
+                    let ((first, m), g) = (parts[p], gg - starts[p]);
+                    let part_groups = g..groups.end.min(starts[p + 1]) - starts[p];
+                    // SAFETY: these output columns belong to this task's groups alone, in bounds.
+                    gg += unsafe { row_times_groups(tile_groups, acts, 0, m, part_groups, first + g * GROUP, sink) };
+                }
+                return;
+            }
             // One kernel call per group and block of activation rows: the kernel walks the
             // rows four at a time itself, so the call costs little beside the products.
             let mut buf = [0f32; GROUP * TOKEN_BLOCK];
             let mut xs: Vec<ActRow<'_>> = Vec::with_capacity(TOKEN_BLOCK);
-            // The output columns of stack group `gg`: (first column, live rows).
-            let columns = |gg: usize| {
-                let p = starts.partition_point(|&s| s <= gg) - 1;
-                let (first, m) = parts[p];
-                let g = gg - starts[p];
-                (first + g * GROUP, (m.rows - g * GROUP).min(GROUP))
-            };
-            if tokens == 1 {
-                let x = ActRow::of(acts, 0);
-                let mut gg = groups.start;
-                while gg < groups.end {
-                    let p = starts.partition_point(|&s| s <= gg) - 1;
-                    let run = (groups.end.min(starts[p + 1]) - gg).min(RUN);
-                    let m = parts[p].1;
-                    let ws: [crate::packed::PackedGroup<'_>; RUN] =
-                        std::array::from_fn(|i| m.group(gg - starts[p] + i.min(run - 1)));
-                    tile_groups(&ws[..run], &x, &mut buf[..run * GROUP]);
-                    for i in 0..run {
-                        let (col, rows) = columns(gg + i);
-                        // SAFETY: these output columns belong to this group alone, in bounds.
-                        unsafe { sink.write(col, &buf[i * GROUP..i * GROUP + rows]) };
-                    }
-                    gg += run;
-                }
-                return;
-            }
             for tb in (0..tokens).step_by(TOKEN_BLOCK) {
                 let tb_end = (tb + TOKEN_BLOCK).min(tokens);
                 let nt = tb_end - tb;
@@ -527,13 +511,13 @@ impl Compute {
                 xs.extend((tb..tb_end).map(|t| ActRow::of(acts, t)));
                 for gg in groups.clone() {
                     let p = starts.partition_point(|&s| s <= gg) - 1;
-                    let group = parts[p].1.group(gg - starts[p]);
-                    tile(&group, &xs, &mut buf[..GROUP * nt]);
-                    let (col, rows) = columns(gg);
+                    let ((first, m), g) = (parts[p], gg - starts[p]);
+                    tile(&m.group(g), &xs, &mut buf[..GROUP * nt]);
+                    let rows = (m.rows - g * GROUP).min(GROUP);
                     for j in 0..nt {
-                        // SAFETY: output columns col..col+rows belong to this group alone and
-                        // tb+j < tokens, so the cells are in bounds and ours.
-                        unsafe { sink.write((tb + j) * n + col, &buf[j * GROUP..j * GROUP + rows]) };
+                        // SAFETY: output columns first+g·GROUP..+rows belong to this group alone
+                        // and tb+j < tokens, so the cells are in bounds and ours.
+                        unsafe { sink.write((tb + j) * n + first + g * GROUP, &buf[j * GROUP..j * GROUP + rows]) };
                     }
                 }
             }
@@ -646,7 +630,10 @@ impl Compute {
                     match sampled[p][..] {
                         // A product with one row (an expert one sequence chose): a run of
                         // groups per kernel call, as a lone sequence's dense products take them.
-                        [row] => sampled_row_of_groups(tile_groups, acts, packed[p], task_groups, row, &sink),
+                        [(act_row, out_row)] => {
+                            let out_at = out_row * n + g * GROUP;
+                            row_times_groups(tile_groups, acts, act_row, packed[p], task_groups, out_at, &sink)
+                        }
                         _ => {
                             sampled_rows_of_group(tile, acts, packed[p], g, &sampled[p], &sink);
                             1
@@ -751,18 +738,20 @@ unsafe fn sampled_rows_of_group(
     }
 }
 
-/// One sampled row `(activation row, output row)` times the row groups `groups` of `m`, up to
-/// [`TOKEN_BLOCK`] of them per kernel call ([`crate::dispatch::PackedGroupsFn`]); returns how
-/// many groups it took (at least one, at most that many).
+/// Activation row `act_row` times the row groups `groups` of `m`, up to [`TOKEN_BLOCK`] of them
+/// in one kernel call ([`crate::dispatch::PackedGroupsFn`]), their results written from output
+/// cell `out_at` on (the run's columns lie side by side); returns how many groups it took (at
+/// least one, at most that many).
 ///
 /// # Safety
-/// The groups' output cells of that row must be in bounds and written by this call alone.
-unsafe fn sampled_row_of_groups(
+/// Those output cells must be in bounds and written by this call alone.
+unsafe fn row_times_groups(
     tile_groups: crate::dispatch::PackedGroupsFn,
     acts: &QuantizedActs,
+    act_row: usize,
     m: &PackedMatrix,
     groups: std::ops::Range<usize>,
-    (act_row, out_row): (usize, usize),
+    out_at: usize,
     sink: &OutPtr,
 ) -> usize {
     let run = groups.len().clamp(1, TOKEN_BLOCK);
@@ -770,10 +759,9 @@ unsafe fn sampled_row_of_groups(
     let ws: [crate::packed::PackedGroup<'_>; TOKEN_BLOCK] = std::array::from_fn(|i| m.group(first + i.min(run - 1)));
     let mut buf = [0f32; GROUP * TOKEN_BLOCK];
     tile_groups(&ws[..run], &ActRow::of(acts, act_row), &mut buf[..run * GROUP]);
-    let n = m.rows;
-    let live = n - first * GROUP;
+    let live = m.rows - first * GROUP;
     // SAFETY: forwarded to the caller; the run's columns end at the matrix's last row.
-    unsafe { sink.write(out_row * n + first * GROUP, &buf[..(run * GROUP).min(live)]) };
+    unsafe { sink.write(out_at, &buf[..(run * GROUP).min(live)]) };
     run
 }
 
